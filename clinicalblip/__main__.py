@@ -1,0 +1,3 @@
+from clinicalblip.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,99 @@
+"""The manifest: JSON Lines, one study per line (schema in docs/DESIGN.md).
+
+    {"id", "patient_id", "split", "images": [{"path", "view"}], "indication", "history",
+     "comparison", "findings", "impression", ...extra keys preserved}
+
+Image paths are relative to the manifest's folder (absolute paths are kept as they are).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from clinicalblip.errors import UserError
+
+SPLITS = ("train", "val", "test")
+TEXT_FIELDS = ("indication", "history", "comparison", "findings", "impression")
+CORE_FIELDS = ("id", "patient_id", "split", "images") + TEXT_FIELDS
+
+
+class ManifestError(UserError):
+    """A manifest line that cannot be read; the message names the file, line and record."""
+
+
+def normalize_record(rec: dict) -> dict:
+    """Return a copy with every schema key present (missing text -> None) and extra keys kept."""
+    out = {"id": rec.get("id"), "patient_id": rec.get("patient_id"), "split": rec.get("split")}
+    images = rec.get("images") or []
+    out["images"] = [
+        {"path": im["path"], "view": im.get("view")} if isinstance(im, dict) else {"path": str(im), "view": None}
+        for im in images
+    ]
+    for key in TEXT_FIELDS:
+        value = rec.get(key)
+        out[key] = value if (value is None or isinstance(value, str)) else str(value)
+    for key, value in rec.items():
+        if key not in out:
+            out[key] = value
+    return out
+
+
+def iter_manifest(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, raw record) for each non-empty line; bad JSON raises ManifestError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest not found: {path}")
+    with open(path, encoding="utf-8", errors="strict") as fh:
+        try:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ManifestError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                if not isinstance(rec, dict):
+                    raise ManifestError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+                yield lineno, rec
+        except UnicodeDecodeError as exc:
+            raise ManifestError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+
+
+def read_manifest(path: str | os.PathLike, split: str | None = None, resolve_paths: bool = True) -> list[dict]:
+    """Read a manifest; optionally keep one split; image paths resolved against the manifest folder."""
+    path = Path(path)
+    root = path.resolve().parent
+    records = []
+    for lineno, raw in iter_manifest(path):
+        if "id" not in raw:
+            raise ManifestError(f"{path}:{lineno}: record has no 'id'")
+        rec = normalize_record(raw)
+        if split is not None and rec["split"] != split:
+            continue
+        if resolve_paths:
+            for im in rec["images"]:
+                im["path"] = resolve_image_path(root, im["path"])
+        records.append(rec)
+    return records
+
+
+def resolve_image_path(root: Path, p: str) -> str:
+    q = Path(p)
+    return str(q if q.is_absolute() else root / q)
+
+
+def write_manifest(records: Iterable[dict], path: str | os.PathLike) -> int:
+    """Write records as JSON Lines (atomically: written aside, then renamed). Returns the count."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    n = 0
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(normalize_record(rec), ensure_ascii=False) + "\n")
+            n += 1
+    os.replace(tmp, path)
+    return n
