@@ -1,23 +1,172 @@
-"""One image loader for training, generation and `data check`."""
+"""One image loader for training, generation and `data check`.
+
+`load_image(path)` returns an 8-bit RGB PIL image for:
+
+- PNG / JPEG / anything Pillow reads. 8-bit images are used as they are; images with more than 8 bits per
+  sample (16-bit PNG, 32-bit TIFF) are scaled to 8 bits by their own min..max, because such files often hold
+  10-, 12- or 14-bit data in a 16-bit container and a fixed divide-by-257 would make them near black.
+- DICOM (by `.dcm`/`.dicom` suffix or the `DICM` marker, so extension-less hospital exports work) through
+  pydicom, following the DICOM grayscale pipeline: stored values -> Modality LUT (Rescale Slope/Intercept or
+  a Modality LUT Sequence) -> VOI LUT (a VOI LUT Sequence if present, else the first Window Center/Width
+  with its VOI LUT Function LINEAR / LINEAR_EXACT / SIGMOID, else the image's own min..max) -> MONOCHROME1
+  inverted so that bone is bright -> 8 bits. Any bit depth works. Multi-frame files use the first frame.
+
+Grayscale is replicated to three channels; the processor resizes and normalises.
+"""
 
 from __future__ import annotations
 
+import os
+
+import numpy as np
 from PIL import Image
 
 from clinicalblip.errors import UserError
+
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 
 
 class ImageLoadError(UserError):
     """An image that is missing or cannot be decoded; the message names the file and the problem."""
 
 
-def load_image(path: str) -> Image.Image:
-    """Load a radiograph as an RGB PIL image (grayscale replicated to three channels)."""
+def is_dicom(path: str | os.PathLike) -> bool:
+    """A DICOM file by suffix, or by the 'DICM' marker after the 128-byte preamble."""
+    if str(path).lower().endswith(DICOM_SUFFIXES):
+        return True
     try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Load a radiograph as an 8-bit RGB PIL image (grayscale replicated to three channels)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ImageLoadError(f"image not found: {path}")
+    if os.path.isdir(path):
+        raise ImageLoadError(f"image path is a folder: {path}")
+    try:
+        if is_dicom(path):
+            arr = dicom_to_uint8(path)
+            return Image.fromarray(arr).convert("RGB")
         with Image.open(path) as im:
             im.load()
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise ImageLoadError(f"image not found: {path}") from None
-    except Exception as exc:  # PIL raises many types for corrupt files
-        raise ImageLoadError(f"cannot decode image {path}: {exc}") from None
+            return _pil_to_rgb(im)
+    except ImageLoadError:
+        raise
+    except Exception as exc:  # PIL and pydicom raise many types for corrupt or unsupported files
+        raise ImageLoadError(f"cannot decode image {path}: {type(exc).__name__}: {exc}") from None
+
+
+def _pil_to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("RGB", "L"):
+        return im.convert("RGB")
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        return Image.fromarray(_minmax_to_uint8(np.asarray(im))).convert("RGB")
+    if im.mode in ("LA", "La"):
+        return im.getchannel(0).convert("RGB")  # drop alpha: compositing on black would darken the edges
+    return im.convert("RGB")
+
+
+def _minmax_to_uint8(arr: np.ndarray) -> np.ndarray:
+    arr = np.asarray(arr, dtype=np.float64)
+    lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+    if not np.isfinite(lo) or not np.isfinite(hi) or hi <= lo:
+        return np.zeros(arr.shape, dtype=np.uint8)
+    return _unit_to_uint8((arr - lo) / (hi - lo))
+
+
+def _unit_to_uint8(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(np.nan_to_num(x) * 255.0), 0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------- DICOM
+def dicom_to_uint8(path: str | os.PathLike) -> np.ndarray:
+    """Pixel data of a DICOM file as uint8, (H, W) for grayscale or (H, W, 3) for colour."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+
+    ds = pydicom.dcmread(path, force=True)
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise ImageLoadError(f"DICOM file has no pixel data: {path}")
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:
+        tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(tsyntax, "name", tsyntax)
+        raise ImageLoadError(
+            f"cannot decode DICOM pixel data in {path} (transfer syntax {name}): {exc}. Compressed DICOM "
+            "may need a decoder plugin: pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg"
+        ) from None
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if frames > 1:
+        arr = arr[0]
+    if samples > 1:
+        # Colour (RGB, or YBR already converted to RGB by pydicom): no VOI pipeline, just scale to 8 bits.
+        return arr.astype(np.uint8) if arr.dtype == np.uint8 else _minmax_to_uint8(arr)
+    values = apply_modality_lut(arr, ds).astype(np.float64)
+    unit = _apply_voi(values, ds)
+    if photometric == "MONOCHROME1":
+        unit = 1.0 - unit
+    return _unit_to_uint8(unit)
+
+
+def _first(value) -> float | None:
+    """First value of a possibly multi-valued element (Window Center/Width may list several windows)."""
+    from pydicom.multival import MultiValue
+
+    if isinstance(value, (list, tuple, MultiValue)):
+        value = value[0] if len(value) else None
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _apply_voi(values: np.ndarray, ds) -> np.ndarray:
+    """VOI transform of modality values to [0, 1]."""
+    seq = ds.get("VOILUTSequence")
+    if seq:
+        from pydicom.pixels import apply_voi
+
+        lut = apply_voi(values, ds, index=0).astype(np.float64)
+        lo, hi = _lut_range(seq[0])
+        return np.clip((lut - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(lut)
+    center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+    if center is not None and width is not None and width > 0:
+        return window(values, center, width, str(ds.get("VOILUTFunction", "LINEAR")).upper())
+    lo, hi = float(values.min()), float(values.max())
+    return (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+
+
+def _lut_range(item) -> tuple[float, float]:
+    """Black and white of a VOI LUT: its table's min..max (robust to descriptors that claim 16 bits for an
+    8-bit table, a known vendor quirk), else 0..2**bits-1 from the LUT Descriptor."""
+    data = item.get("LUTData")
+    if data is not None and not isinstance(data, (bytes, bytearray)):
+        table = np.asarray(list(data) if not np.isscalar(data) else [data], dtype=np.float64)
+        if table.size > 1:
+            return float(table.min()), float(table.max())
+    bits = int(item.LUTDescriptor[2]) if "LUTDescriptor" in item else 16
+    return 0.0, float(2 ** bits - 1)
+
+
+def window(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """DICOM window (PS3.3 C.11.2.1.2/3) of modality values to [0, 1]."""
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+    if function == "LINEAR_EXACT":
+        return np.clip((values - (center - width / 2.0)) / width, 0.0, 1.0)
+    if width < 1:  # LINEAR requires width >= 1
+        width = 1.0
+    lo = center - 0.5 - (width - 1.0) / 2.0
+    hi = center - 0.5 + (width - 1.0) / 2.0
+    out = ((values - (center - 0.5)) / max(width - 1.0, 1e-12)) + 0.5
+    out = np.where(values <= lo, 0.0, np.where(values > hi, 1.0, out))
+    return np.clip(out, 0.0, 1.0)

@@ -97,3 +97,33 @@ def write_manifest(records: Iterable[dict], path: str | os.PathLike) -> int:
             n += 1
     os.replace(tmp, path)
     return n
+
+
+_SPLIT_ALIASES = {
+    "train": "train", "training": "train", "trn": "train",
+    "val": "val", "valid": "val", "validate": "val", "validation": "val", "dev": "val",
+    "test": "test", "testing": "test", "tst": "test",
+}
+
+
+def normalize_split(value) -> str | None:
+    """Canonical split name: "validate" / "validation" / "dev" -> "val" and so on; unknown names kept
+    (lower case) so that `data check` can point at them; blank -> None."""
+    if value is None:
+        return None
+    s = str(value).strip().lower()
+    if not s or s in ("nan", "none", "null"):
+        return None
+    return _SPLIT_ALIASES.get(s, s)
+
+
+def manifest_relative_path(image_path: str | os.PathLike, manifest_path: str | os.PathLike) -> str:
+    """An image path as the manifest stores it: relative to the manifest's folder (POSIX separators), or
+    absolute when the two share no root (another drive)."""
+    image_path = os.path.abspath(image_path)
+    root = os.path.dirname(os.path.abspath(manifest_path))
+    try:
+        rel = os.path.relpath(image_path, root)
+    except ValueError:  # different drives on Windows
+        return image_path
+    return Path(rel).as_posix()

@@ -1,0 +1,177 @@
+"""Records -> tensors: images, rendered prompt, report tokens and the loss mask.
+
+Multi-view studies: every view is its own row of `pixel_values` (and of the Q-Former instruction), and the
+LLM input of a study holds `num_views * num_query_tokens` image tokens. InstructBLIP scatters the query
+outputs into the image-token positions in order, so views land in view order, studies may have different
+numbers of views (a missing lateral just means fewer image tokens), and plain `transformers` runs the same
+inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+
+from clinicalblip.data.images import load_image
+from clinicalblip.prompts import Template, render, target_text
+
+IGNORE_INDEX = -100
+FRONTAL_VIEWS = {"PA", "AP", "FRONTAL", "AP AXIAL", "PA LLD", "AP LLD", "AP RLD", "PA RLD"}
+LATERAL_VIEWS = {"LATERAL", "LL", "RL", "LAO", "RAO", "LPO", "RPO", "XTABLE LATERAL", "SWIMMERS"}
+
+
+def _view_rank(view: str | None) -> int:
+    v = (view or "").upper()
+    return 0 if v in FRONTAL_VIEWS else 1 if v in LATERAL_VIEWS else 2
+
+
+def ordered_images(record: dict, max_views: int) -> list[dict]:
+    """Frontal views first, then lateral, then others (stable within each), at most max_views."""
+    images = sorted(record.get("images") or [], key=lambda im: _view_rank(im.get("view")))
+    return images[:max_views]
+
+
+def _clean(value):
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = " ".join(value.split())
+        return value or None
+    return value
+
+
+def clinical_context(record: dict, images: list[dict], indication: str = "real", generic_indication: str = "") -> dict:
+    """Slot values for a record. indication: 'real' | 'none' (left out) | 'generic' (replaced)."""
+    ind = _clean(record.get("indication"))
+    if indication == "none":
+        ind = None
+    elif indication == "generic":
+        ind = generic_indication
+    ctx = {
+        "indication": ind,
+        "history": _clean(record.get("history")),
+        "comparison": _clean(record.get("comparison")),
+        "views": [im["view"] for im in images if im.get("view")],
+    }
+    for key in ("age", "sex", "hints"):
+        if record.get(key) not in (None, "", []):
+            ctx[key] = record[key]
+    return ctx
+
+
+def _keep(seed: int, epoch: int, rid: str, p: float) -> bool:
+    """Deterministic per (seed, epoch, id) coin: the same draw after a resume or on another rank."""
+    if p <= 0:
+        return True
+    h = hashlib.blake2b(f"{seed}:{epoch}:{rid}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2**64 >= p
+
+
+@dataclass
+class StudyCollator:
+    """Turns a list of manifest records into a model batch.
+
+    mode="train": input + report tokens, labels only on the report (and EOS).
+    mode="generate": prompt only, left-padded for decoder-only models.
+    """
+
+    processor: object
+    template: Template
+    num_query_tokens: int
+    decoder_only: bool = True
+    mode: str = "train"
+    max_views: int = 2
+    max_report_tokens: int = 128
+    max_prompt_tokens: int = 256
+    indication: str = "real"  # real | none | generic
+    generic_indication: str = "Routine chest radiograph."
+    context_dropout: float = 0.0  # train only: probability of leaving the indication out
+    seed: int = 0
+    epoch: int = 0
+    image_cache: dict | None = field(default=None, repr=False)
+
+    def _pixels(self, paths: list[str]) -> torch.Tensor:
+        if self.image_cache is None:
+            imgs = [load_image(p) for p in paths]
+            return self.processor.image_processor(imgs, return_tensors="pt")["pixel_values"]
+        out = []
+        for p in paths:
+            t = self.image_cache.get(p)
+            if t is None:
+                t = self.processor.image_processor([load_image(p)], return_tensors="pt")["pixel_values"][0]
+                self.image_cache[p] = t
+            out.append(t)
+        return torch.stack(out)
+
+    def render(self, record: dict, images: list[dict]):
+        ind = self.indication
+        if self.mode == "train" and ind == "real" and not _keep(self.seed, self.epoch, str(record["id"]), self.context_dropout):
+            ind = "none"
+        ctx = clinical_context(record, images, indication=ind, generic_indication=self.generic_indication)
+        return render(self.template, ctx)
+
+    def __call__(self, records: list[dict]) -> dict:
+        tok = self.processor.tokenizer
+        qtok = self.processor.qformer_tokenizer
+        image_id = tok.convert_tokens_to_ids("<image>")
+        eos = tok.eos_token_id
+        pad = tok.pad_token_id
+        paths, q_texts, seqs, labels, prompts = [], [], [], [], []
+        for rec in records:
+            images = ordered_images(rec, self.max_views)
+            if not images:
+                raise ValueError(f"record {rec.get('id')}: no images")
+            rendered = self.render(rec, images)
+            prompts.append(rendered.prompt)
+            paths += [im["path"] for im in images]
+            q_texts += [rendered.qformer_prompt] * len(images)
+            prompt_ids = tok(rendered.prompt, add_special_tokens=True)["input_ids"][: self.max_prompt_tokens]
+            ids = [image_id] * (len(images) * self.num_query_tokens) + prompt_ids
+            if self.mode == "train":
+                report = target_text(self.template, rec)
+                tgt = tok(report, add_special_tokens=False)["input_ids"][: self.max_report_tokens] + [eos]
+                if self.decoder_only:
+                    seqs.append(ids + tgt)
+                    labels.append([IGNORE_INDEX] * len(ids) + tgt)
+                else:
+                    seqs.append(ids)
+                    labels.append(tgt)
+            else:
+                seqs.append(ids)
+        q = qtok(q_texts, padding=True, truncation=True, max_length=self.max_prompt_tokens, return_tensors="pt")
+        left = self.mode == "generate" and self.decoder_only
+        batch = {
+            "pixel_values": self._pixels(paths),
+            "qformer_input_ids": q["input_ids"],
+            "qformer_attention_mask": q["attention_mask"],
+        }
+        batch["input_ids"], batch["attention_mask"] = _pad(seqs, pad, left=left)
+        if self.mode == "train":
+            batch["labels"], _ = _pad(labels, IGNORE_INDEX, left=False)
+        batch["ids"] = [str(r["id"]) for r in records]
+        batch["prompts"] = prompts
+        return batch
+
+
+def _pad(seqs: list[list[int]], value: int, left: bool):
+    n = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), n), value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if left:
+            out[i, n - len(s):] = torch.tensor(s)
+            mask[i, n - len(s):] = 1
+        else:
+            out[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+    return out, mask
+
+
+MODEL_KEYS = ("pixel_values", "qformer_input_ids", "qformer_attention_mask", "input_ids", "attention_mask", "labels")
+
+
+def model_inputs(batch: dict) -> dict:
+    """The tensors the model takes (drops ids/prompts)."""
+    return {k: batch[k] for k in MODEL_KEYS if k in batch}

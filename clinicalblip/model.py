@@ -1,0 +1,77 @@
+"""Build or load InstructBLIP + processor: the tiny presets, a local checkpoint folder, or a hub id."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import InstructBlipForConditionalGeneration, InstructBlipProcessor
+
+from clinicalblip.errors import UserError
+from clinicalblip.tiny import TINY_PRESETS, build_tiny_model, build_tiny_processor
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return DTYPES[name]
+
+
+def is_tiny(base: str) -> bool:
+    return base in TINY_PRESETS
+
+
+def build_base(base: str, dtype: str = "fp32", corpus: list[str] | None = None, seed: int = 0,
+               trust_remote_code: bool = False):
+    """Return (model, processor) for a base: 'tiny'/'tiny-t5', a local folder, or a hub id."""
+    if is_tiny(base):
+        processor = build_tiny_processor(base, corpus=corpus)
+        model = build_tiny_model(processor, base, seed=seed).to(torch_dtype(dtype))
+        return model, processor
+    return load_pretrained(base, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def load_pretrained(path_or_id: str, dtype: str = "fp32", trust_remote_code: bool = False):
+    """Load model + processor from a folder or hub id (weights through safetensors only)."""
+    local = Path(path_or_id)
+    if local.exists() and not (local / "config.json").is_file():
+        raise UserError(f"{path_or_id}: not an InstructBLIP checkpoint folder (no config.json)")
+    try:
+        model = InstructBlipForConditionalGeneration.from_pretrained(
+            path_or_id, dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+        processor = InstructBlipProcessor.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        hint = "" if local.exists() else " (not a local folder; hub ids need network access and HF_HUB_OFFLINE unset)"
+        raise UserError(f"cannot load model '{path_or_id}'{hint}: {str(exc).splitlines()[0]}") from None
+    return model, processor
+
+
+def is_decoder_only(model) -> bool:
+    cfg = getattr(model, "config", None)
+    return bool(getattr(cfg, "use_decoder_only_language_model", True))
+
+
+def fingerprint(folder: str | os.PathLike) -> str:
+    """A cheap, stable hash of a checkpoint folder: config + every weight file's name, size and edges.
+
+    Reading 14 GB to hash a 7B base on every chain load would be too slow; names, sizes and the first and
+    last MiB of each weight file catch a different or altered base in practice.
+    """
+    folder = Path(folder)
+    h = hashlib.sha256()
+    cfg = folder / "config.json"
+    if cfg.is_file():
+        h.update(json.dumps(json.loads(cfg.read_text()), sort_keys=True).encode())
+    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > (2 << 20):
+                fh.seek(size - (1 << 20))
+                h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]

@@ -1,0 +1,311 @@
+"""Stage folders, the per-component trainable policy, and loading a chain of stages.
+
+A stage folder is self-describing:
+
+    stage.json          name, parent (relative path), base (path/id + fingerprint), trainable report,
+                        template, data hash, code version, metrics
+    config.yaml         the resolved stage config
+    template.yaml       the prompt template the stage was trained with
+    adapter/            PEFT LoRA adapter (only when some component is `lora`)
+    trained.safetensors weights of the components trained `full`
+    processor/          InstructBLIP processor (both tokenizers, image processor, num_query_tokens)
+    base/               the base model itself, when it was built in code (tiny presets)
+    checkpoints/        resumable training state (accelerate), not needed for inference
+
+Loading a chain: the base, then for each stage in order its `full` weights and its LoRA merged in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+import yaml
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file, save_file
+
+from clinicalblip import __version__
+from clinicalblip.config import COMPONENTS, StageConfig
+from clinicalblip.errors import UserError
+from clinicalblip.model import fingerprint, load_pretrained
+from clinicalblip.prompts import Template, template_from_dict
+
+DEFAULT_TARGETS = {
+    "vision_model": ["qkv", "projection", "fc1", "fc2"],
+    "qformer": ["query", "key", "value", "dense"],
+    "language_projection": [],  # the Linear itself
+}
+LM_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "t5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],
+}
+
+
+class StageError(UserError):
+    """A stage folder or chain that cannot be used."""
+
+
+def core_model(model):
+    """The InstructBLIP module underneath a PeftModel (LoRA layers injected in place) or the model itself."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def component_of(param_name: str) -> str:
+    name = param_name
+    for prefix in ("base_model.model.", "module."):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    return name.split(".", 1)[0]
+
+
+def _lm_targets(model) -> list[str]:
+    mtype = getattr(model.config.text_config, "model_type", "")
+    if mtype in LM_TARGETS:
+        return LM_TARGETS[mtype]
+    return ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def lora_target_regex(model, cfg: StageConfig) -> tuple[str, dict, dict, dict]:
+    """Regex over module names for every `lora` component + per-component rank/alpha/dropout patterns."""
+    parts, rank, alpha, dropout = [], {}, {}, {}
+    for comp in COMPONENTS:
+        if getattr(cfg.trainable, comp) != "lora":
+            continue
+        spec = getattr(cfg.lora, comp)
+        targets = spec.targets or (_lm_targets(model) if comp == "language_model" else DEFAULT_TARGETS[comp])
+        if targets:
+            pat = rf"{comp}(?:\..*)?\.(?:{'|'.join(re.escape(t) for t in targets)})"
+        else:
+            pat = re.escape(comp)
+        parts.append(pat)
+        key = rf"{comp}(?:\..*)?" if targets else re.escape(comp)
+        rank[key], alpha[key], dropout[comp] = spec.r, spec.alpha, spec.dropout
+    return "|".join(f"(?:{p})" for p in parts), rank, alpha, dropout
+
+
+def apply_trainable(model, cfg: StageConfig):
+    """Freeze everything, then add LoRA / unfreeze per component. Returns (model, report).
+
+    The returned model is a PeftModel when some component is `lora` (call `core_model()` for the
+    InstructBLIP module that runs forward/generate), else the input model.
+    """
+    model.requires_grad_(False)
+    regex, rank, alpha, dropout = lora_target_regex(model, cfg)
+    if regex:
+        first = next(iter(rank))
+        lcfg = PeftLoraConfig(
+            target_modules=regex, r=rank[first], lora_alpha=alpha[first], rank_pattern=rank, alpha_pattern=alpha,
+            lora_dropout=max(dropout.values()), bias="none",
+        )
+        model = get_peft_model(model, lcfg)
+        for name, module in model.named_modules():
+            if isinstance(module, LoraLayer) and "default" in module.lora_dropout:
+                p = dropout[component_of(name)]
+                module.lora_dropout["default"] = torch.nn.Dropout(p) if p > 0 else torch.nn.Identity()
+        if cfg.lora.init == "gaussian":
+            # Non-identity start (tests): with lora_B = 0 a merged model equals the base trivially.
+            g = torch.Generator().manual_seed(cfg.train.seed + 1)
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    with torch.no_grad():
+                        p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    core = core_model(model)
+    for comp in COMPONENTS:
+        if getattr(cfg.trainable, comp) == "full":
+            target = getattr(core, comp)
+            if isinstance(target, torch.nn.Parameter):
+                target.requires_grad_(True)
+            else:
+                target.requires_grad_(True)
+    return model, trainable_report(model, cfg)
+
+
+def trainable_report(model, cfg: StageConfig) -> dict:
+    report = {}
+    for comp in COMPONENTS:
+        report[comp] = {"policy": getattr(cfg.trainable, comp), "trainable": 0, "frozen": 0}
+    for name, p in model.named_parameters():
+        comp = component_of(name)
+        if comp not in report:
+            continue
+        report[comp]["trainable" if p.requires_grad else "frozen"] += p.numel()
+    report["total"] = {
+        "trainable": sum(v["trainable"] for v in report.values()),
+        "frozen": sum(v["frozen"] for v in report.values()),
+    }
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{'component':<20} {'policy':<7} {'trainable':>12} {'frozen':>12}"]
+    for comp, r in report.items():
+        lines.append(f"{comp:<20} {r.get('policy', ''):<7} {r['trainable']:>12,} {r['frozen']:>12,}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- folders
+def full_state_dict(model, cfg: StageConfig) -> dict[str, torch.Tensor]:
+    """Weights of the `full` components, keyed as in InstructBlipForConditionalGeneration."""
+    core = core_model(model)
+    full = {c for c in COMPONENTS if getattr(cfg.trainable, c) == "full"}
+    out = {}
+    for name, p in core.named_parameters():
+        if component_of(name) in full:
+            if "lora_" in name or ".base_layer." in name:
+                raise StageError(f"internal: full component parameter {name} is wrapped by LoRA")
+            out[name] = p.detach().to("cpu").contiguous().clone()
+    return out
+
+
+def write_stage(out_dir: str | os.PathLike, model, processor, cfg: StageConfig, template: Template, report: dict,
+                base: dict, parent: str | None, metrics: dict | None = None, data_hash: str | None = None,
+                state_dict_full: dict | None = None, adapter_state: dict | None = None) -> Path:
+    """Write the stage folder (final weights + description). `model` may be a PeftModel."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, PeftModel):
+        model.save_pretrained(out / "adapter", safe_serialization=True, state_dict=adapter_state)
+    full = state_dict_full if state_dict_full is not None else full_state_dict(model, cfg)
+    if full:
+        save_file({k: v.contiguous() for k, v in full.items()}, str(out / "trained.safetensors"),
+                  metadata={"format": "pt"})
+    processor.save_pretrained(out / "processor")
+    (out / "template.yaml").write_text(yaml.safe_dump(template.to_dict(), sort_keys=False), encoding="utf-8")
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    info = {
+        "format": "clinicalblip-stage/1",
+        "name": cfg.name,
+        "parent": os.path.relpath(parent, out) if parent else None,
+        "base": base,
+        "trainable": report,
+        "template": template.name,
+        "has_adapter": isinstance(model, PeftModel),
+        "full_components": sorted({component_of(k) for k in full}),
+        "data_hash": data_hash,
+        "code_version": __version__,
+        "metrics": metrics or {},
+    }
+    (out / "stage.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+    return out
+
+
+def is_stage_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / "stage.json").is_file()
+
+
+def is_release_dir(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return (p / "config.json").is_file() and not is_stage_dir(p)
+
+
+def read_stage(stage_dir: str | os.PathLike) -> dict:
+    d = Path(stage_dir)
+    f = d / "stage.json"
+    if not f.is_file():
+        raise StageError(f"{d}: not a stage folder (no stage.json)")
+    try:
+        info = json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise StageError(f"{f}: corrupted stage.json") from None
+    info["dir"] = str(d.resolve())
+    return info
+
+
+def stage_chain(stage_dir: str | os.PathLike) -> list[dict]:
+    """Stages from the root to this one; a missing parent is a broken chain."""
+    chain = [read_stage(stage_dir)]
+    seen = {chain[0]["dir"]}
+    while chain[0].get("parent"):
+        parent = os.path.normpath(os.path.join(chain[0]["dir"], chain[0]["parent"]))
+        if not is_stage_dir(parent):
+            raise StageError(
+                f"broken stage chain: {chain[0]['dir']} names parent {parent}, which is not a stage folder"
+            )
+        if parent in seen:
+            raise StageError(f"stage chain loops at {parent}")
+        seen.add(parent)
+        chain.insert(0, read_stage(parent))
+    return chain
+
+
+def base_location(chain: list[dict]) -> str:
+    """The base model path (resolved against the root stage folder) or hub id."""
+    root = chain[0]
+    loc = root["base"]["path"]
+    candidate = os.path.normpath(os.path.join(root["dir"], loc))
+    return candidate if os.path.exists(candidate) else loc
+
+
+def load_template_of(stage_dir: str | os.PathLike) -> Template:
+    import yaml as _yaml
+
+    path = Path(stage_dir) / "template.yaml"
+    return template_from_dict(_yaml.safe_load(path.read_text(encoding="utf-8")), where=str(path))
+
+
+def _apply_stage(model, stage: dict, merge: bool):
+    d = Path(stage["dir"])
+    full = d / "trained.safetensors"
+    if full.is_file():
+        try:
+            sd = load_file(str(full))
+        except Exception as exc:
+            raise StageError(f"{full}: corrupted weights file ({exc})") from None
+        core = core_model(model)
+        own = dict(core.named_parameters())
+        unknown = [k for k in sd if k not in own]
+        if unknown:
+            raise StageError(f"{full}: weights do not fit this model (e.g. '{unknown[0]}')")
+        with torch.no_grad():
+            for k, v in sd.items():
+                own[k].copy_(v.to(own[k].dtype))
+    if (d / "adapter").is_dir():
+        try:
+            model = PeftModel.from_pretrained(model, str(d / "adapter"), is_trainable=False)
+        except Exception as exc:
+            raise StageError(f"{d / 'adapter'}: cannot load the LoRA adapter ({str(exc).splitlines()[0]})") from None
+        if merge:
+            model = model.merge_and_unload()
+    return model
+
+
+def check_base(chain: list[dict], base_path: str) -> None:
+    expected = chain[0]["base"].get("fingerprint")
+    if expected and os.path.isdir(base_path):
+        got = fingerprint(base_path)
+        if got != expected:
+            raise StageError(
+                f"base model at {base_path} differs from the one stage '{chain[0]['name']}' was trained on "
+                f"(fingerprint {got} != {expected})"
+            )
+
+
+def load_stage_model(stage_dir: str | os.PathLike, dtype: str = "fp32", keep_last_unmerged: bool = False):
+    """Load base + every stage of the chain. Returns (model, processor, chain).
+
+    With keep_last_unmerged, the last stage's LoRA stays a live adapter (a PeftModel): the 'adapter chain'
+    that merge checks compare against.
+    """
+    chain = stage_chain(stage_dir)
+    base = base_location(chain)
+    check_base(chain, base)
+    model, _ = load_pretrained(base, dtype="fp32")
+    for i, st in enumerate(chain):
+        last = i == len(chain) - 1
+        model = _apply_stage(model, st, merge=not (last and keep_last_unmerged))
+    from transformers import InstructBlipProcessor
+
+    processor = InstructBlipProcessor.from_pretrained(Path(chain[-1]["dir"]) / "processor")
+    if dtype != "fp32":
+        from clinicalblip.model import torch_dtype
+
+        model = model.to(torch_dtype(dtype))
+    model.eval()
+    return model, processor, chain
