@@ -42,13 +42,89 @@ def _cmd_data_synth(args) -> int:
 
 def _add_data_prepare(dsub) -> None:
     p = dsub.add_parser("prepare", help="turn a dataset (iu-xray, mimic-cxr, jsonl, csv) into a manifest")
-    p.set_defaults(func=lambda args: _not_yet("data prepare"))
+    psub = p.add_subparsers(dest="source", required=True, metavar="{iu-xray,mimic-cxr,jsonl,csv}")
+
+    iu = psub.add_parser("iu-xray", help="R2Gen annotation.json + the public IU report / projection CSVs")
+    iu.add_argument("--annotation", required=True, help="R2Gen annotation.json (split; report = findings)")
+    iu.add_argument("--reports", help="indiana_reports.csv (indication, comparison, impression)")
+    iu.add_argument("--projections", help="indiana_projections.csv (Frontal / Lateral per image)")
+    iu.add_argument("--images", help="image folder (default: images/ beside annotation.json)")
+    iu.add_argument("--out", required=True, help="manifest.jsonl to write")
+
+    mc = psub.add_parser("mimic-cxr", help="R2Gen annotation.json or the official PhysioNet layout")
+    mc.add_argument("--root", help="folder with mimic-cxr-2.0.0-{split,metadata,chexpert}.csv[.gz] (and files/)")
+    mc.add_argument("--annotation", help="R2Gen annotation.json (instead of the official split CSV)")
+    mc.add_argument("--split-csv", help="mimic-cxr-2.0.0-split.csv[.gz] (default: found in --root)")
+    mc.add_argument("--metadata", help="mimic-cxr-2.0.0-metadata.csv[.gz] for ViewPosition (default: in --root)")
+    mc.add_argument("--chexpert", help="mimic-cxr-2.0.0-chexpert.csv[.gz], optional (default: in --root)")
+    mc.add_argument("--reports", help="folder holding files/pXX/pNNNNNNNN/sNNNNNNNN.txt (default: --root)")
+    mc.add_argument("--images", help="image folder holding files/... (default: --root; R2Gen: images/ beside it)")
+    mc.add_argument("--image-ext", choices=["jpg", "dcm", "png"], help="image file type (default: detected)")
+    mc.add_argument("--drop-empty", action="store_true", help="leave out studies with neither findings nor impression")
+    mc.add_argument("--out", required=True, help="manifest.jsonl to write")
+
+    for fmt in ("jsonl", "csv"):
+        t = psub.add_parser(fmt, help=f"your own {fmt.upper()} export, with a column mapping")
+        t.add_argument("input", help=f"the {fmt.upper()} file")
+        t.add_argument("--map", action="append", default=[], metavar="TARGET=COLUMN",
+                       help="e.g. --map findings=report_text --map id=accession --map images=frontal,lateral; "
+                            "targets: id patient_id split images views indication history comparison findings "
+                            "impression report (a whole report, split into sections)")
+        t.add_argument("--images", help="folder that relative image paths start from (default: the input's folder)")
+        t.add_argument("--split", help="split for rows without one (e.g. test)")
+        t.add_argument("--encoding", default="utf-8-sig", help="text encoding of the input (default utf-8)")
+        if fmt == "csv":
+            t.add_argument("--delimiter", help="column delimiter (default: ',' or tab, detected)")
+        t.add_argument("--keep-columns", action="store_true", help="keep unmapped columns as extra manifest keys")
+        t.add_argument("--out", required=True, help="manifest.jsonl to write")
+
+    def run(args) -> int:
+        from clinicalblip.data.prepare import format_summary
+
+        if args.source == "iu-xray":
+            from clinicalblip.data.iu_xray import prepare_iu_xray
+
+            summary = prepare_iu_xray(args.annotation, args.out, reports=args.reports,
+                                      projections=args.projections, images=args.images)
+        elif args.source == "mimic-cxr":
+            from clinicalblip.data.mimic_cxr import prepare_mimic_cxr
+
+            summary = prepare_mimic_cxr(args.out, root=args.root, annotation=args.annotation,
+                                        split_csv=args.split_csv, metadata=args.metadata, chexpert=args.chexpert,
+                                        reports=args.reports, images=args.images, image_ext=args.image_ext,
+                                        drop_empty=args.drop_empty)
+        else:
+            from clinicalblip.data.tabular import parse_mapping, prepare_table
+
+            summary = prepare_table(args.input, args.out, fmt=args.source, mapping=parse_mapping(args.map),
+                                    images=args.images, split=args.split, encoding=args.encoding,
+                                    delimiter=getattr(args, "delimiter", None), keep_columns=args.keep_columns)
+        print(format_summary(summary))
+        return 0
+
+    p.set_defaults(func=run)
 
 
 def _add_data_check(dsub) -> None:
     p = dsub.add_parser("check", help="validate every record of a manifest (exit 1 if any is unusable)")
     p.add_argument("manifest")
-    p.set_defaults(func=lambda args: _not_yet("data check"))
+    p.add_argument("--images", choices=["decode", "exists", "none"], default="decode",
+                   help="decode every image (default), only check that files exist, or skip images")
+    p.add_argument("--jobs", type=int, default=None, help="image-decoding threads (default: up to 8)")
+    p.add_argument("--max-ids", type=int, default=5, help="offending ids shown per problem (default 5)")
+    p.add_argument("--json", metavar="PATH", help="also write the per-problem counts and ids as JSON")
+
+    def run(args) -> int:
+        from clinicalblip.data.check import check_manifest
+
+        report = check_manifest(args.manifest, check_images=args.images, jobs=args.jobs)
+        print(report.format(max_ids=args.max_ids))
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as fh:
+                json.dump(report.to_dict(), fh, indent=2)
+        return 0 if report.ok else 1
+
+    p.set_defaults(func=run)
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -138,14 +214,24 @@ def _add_merge(sub) -> None:
     p.add_argument("stage_dir")
     p.add_argument("--out", required=True, help="release folder")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--tolerance", type=float, default=None, help="max |logit diff| allowed in verification")
+    p.add_argument("--metrics", help="a metrics.json from `clinicalblip eval` to put in the model card")
+    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--push-to-hub", metavar="REPO", help="upload the release to this hub repo (needs network + login)")
     p.set_defaults(func=_cmd_merge)
 
 
 def _cmd_merge(args) -> int:
     from clinicalblip.merge import merge_stage_chain
 
-    info = merge_stage_chain(args.stage_dir, args.out, dtype=args.dtype)
-    print(json.dumps(info, indent=2))
+    info = merge_stage_chain(args.stage_dir, args.out, dtype=args.dtype, tolerance=args.tolerance,
+                             max_shard_size=args.max_shard_size, metrics=args.metrics, push_to_hub=args.push_to_hub)
+    if info["status"] == "noop":
+        print(info["message"])
+    else:
+        print(f"merged {' -> '.join(info['stages'])} into {info['release_dir']} ({info['dtype']}, "
+              f"{info['weights_bytes'] / 2**20:.1f} MiB); verification max |logit diff| "
+              f"{info['max_abs_logit_diff']:.2e} <= {info['tolerance']:.0e}")
     return 0
 
 

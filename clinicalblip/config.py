@@ -6,6 +6,7 @@ names the key, so a typo never silently trains the wrong thing.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import typing
@@ -216,7 +217,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 
 def stage_config_from_dict(data: dict, overrides: list[str] | None = None, base_dir: str | None = None) -> StageConfig:
     """Build and validate a StageConfig from a mapping (+ overrides). Relative paths resolve against base_dir."""
-    data = dict(data or {})
+    data = copy.deepcopy(data or {})  # overrides must not leak into the caller's mapping
     for key, value in parse_overrides(overrides or []):
         _set_dotted(data, key, value)
     cfg = _build(StageConfig, data)

@@ -100,7 +100,7 @@ class ReportModel:
 
     def report(self, images: list[str], indication: str | None = None, history: str | None = None,
                comparison: str | None = None, views: list[str] | None = None, template: str | None = None,
-               max_new_tokens: int | None = None, num_beams: int = 1) -> dict:
+               max_new_tokens: int | None = None, num_beams: int = 1, **generate_kwargs) -> dict:
         """One study: image paths (one per view) + clinical context -> {prompt, qformer_prompt, report, ...}."""
         if not images:
             raise UserError("give at least one image (one per view)")
@@ -114,7 +114,7 @@ class ReportModel:
         collate.max_views = max(self.max_views, len(images))
         batch = collate([record])
         n_new = max_new_tokens or self.max_new_tokens
-        text = self.generate_batch(batch, max_new_tokens=n_new, num_beams=num_beams)[0]
+        text = self.generate_batch(batch, max_new_tokens=n_new, num_beams=num_beams, **generate_kwargs)[0]
         rendered = collate.render(record, record["images"])
         return {"prompt": rendered.prompt, "qformer_prompt": rendered.qformer_prompt, "report": text,
                 "max_new_tokens": n_new, "template": tpl.name, "num_views": len(images)}
@@ -122,14 +122,14 @@ class ReportModel:
 
 def generate_single(model_dir: str, images: list[str], indication: str | None = None, history: str | None = None,
                     comparison: str | None = None, template: str | None = None, max_new_tokens: int | None = None,
-                    num_beams: int = 1) -> dict:
+                    num_beams: int = 1, **generate_kwargs) -> dict:
     from clinicalblip.data.images import load_image
 
     for p in images:  # fail on a bad image before the model loads
         load_image(p)
     rm = ReportModel.load(model_dir)
     return rm.report(images, indication=indication, history=history, comparison=comparison, template=template,
-                     max_new_tokens=max_new_tokens, num_beams=num_beams)
+                     max_new_tokens=max_new_tokens, num_beams=num_beams, **generate_kwargs)
 
 
 def _dir_hash(model_dir: str) -> str:

@@ -132,12 +132,8 @@ def _first(value) -> float | None:
 def _apply_voi(values: np.ndarray, ds) -> np.ndarray:
     """VOI transform of modality values to [0, 1]."""
     seq = ds.get("VOILUTSequence")
-    if seq:
-        from pydicom.pixels import apply_voi
-
-        lut = apply_voi(values, ds, index=0).astype(np.float64)
-        lo, hi = _lut_range(seq[0])
-        return np.clip((lut - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(lut)
+    if seq and "LUTDescriptor" in seq[0] and seq[0].get("LUTData") is not None:
+        return _apply_lut(values, seq[0])
     center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
     if center is not None and width is not None and width > 0:
         return window(values, center, width, str(ds.get("VOILUTFunction", "LINEAR")).upper())
@@ -145,16 +141,27 @@ def _apply_voi(values: np.ndarray, ds) -> np.ndarray:
     return (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
 
 
-def _lut_range(item) -> tuple[float, float]:
-    """Black and white of a VOI LUT: its table's min..max (robust to descriptors that claim 16 bits for an
-    8-bit table, a known vendor quirk), else 0..2**bits-1 from the LUT Descriptor."""
-    data = item.get("LUTData")
-    if data is not None and not isinstance(data, (bytes, bytearray)):
-        table = np.asarray(list(data) if not np.isscalar(data) else [data], dtype=np.float64)
-        if table.size > 1:
-            return float(table.min()), float(table.max())
-    bits = int(item.LUTDescriptor[2]) if "LUTDescriptor" in item else 16
-    return 0.0, float(2 ** bits - 1)
+def _lut_table(item) -> np.ndarray:
+    data = item.LUTData
+    if isinstance(data, (bytes, bytearray)):  # LUT Data as OW: 16-bit little-endian words
+        return np.frombuffer(bytes(data[: len(data) // 2 * 2]), dtype="<u2").astype(np.float64)
+    return np.asarray(list(data) if not np.isscalar(data) else [data], dtype=np.float64)
+
+
+def _apply_lut(values: np.ndarray, item) -> np.ndarray:
+    """VOI LUT (PS3.3 C.11.2.1.1): values below the first mapped value take the first entry, above the
+    last take the last. Output scaled by the table's own min..max, which is robust to descriptors that
+    claim 16 bits for an 8-bit table (a known vendor quirk)."""
+    n_entries, first = int(item.LUTDescriptor[0]), int(item.LUTDescriptor[1])
+    table = _lut_table(item)
+    n = len(table) if n_entries == 0 or n_entries > len(table) else n_entries
+    if n == 0:
+        return np.zeros_like(values)
+    table = table[:n]
+    idx = np.clip(np.rint(values) - first, 0, n - 1).astype(np.int64)
+    lo, hi = float(table.min()), float(table.max())
+    out = table[idx]
+    return (out - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
 
 
 def window(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:

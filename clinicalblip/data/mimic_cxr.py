@@ -186,7 +186,7 @@ def prepare_mimic_cxr(out: str | os.PathLike, root: str | os.PathLike | None = N
         notes["hint"] = ("no report files (--reports / --root): indication, history, comparison and impression are "
                          "absent")
     if metadata is None:
-        notes["views"] = "no metadata CSV: views unknown"
+        notes["view_labels"] = "none (no metadata CSV)"
     if drop_empty:
         notes["dropped_empty_reports"] = dropped
     return finish(records, out, "mimic-cxr", **notes)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from clinicalblip.data.text import collapse_whitespace
+from clinicalblip.data.text import collapse_whitespace, tidy_text
 
 # Header name (lower case) -> canonical section. Counts in the official parser's comments show these cover
 # nearly all MIMIC-CXR reports.
@@ -164,12 +164,13 @@ def parse_report(text: str | None) -> dict[str, str]:
 def report_fields(text: str | None) -> dict[str, str | None]:
     """The manifest's text fields from a full report.
 
-    indication / history / comparison / findings / impression from their sections. A report with no
+    indication / history / comparison / findings / impression from their sections, placeholders such as
+    "None." as None (text.tidy_text). A report with no
     headers at all is taken as findings; one with headers but neither findings nor impression gets its
     last paragraph as the impression.
     """
     sec = parse_report(text)
-    fields: dict[str, str | None] = {k: sec.get(k) for k in CONTEXT_SECTIONS + REPORT_SECTIONS}
+    fields: dict[str, str | None] = {k: tidy_text(sec.get(k)) for k in CONTEXT_SECTIONS + REPORT_SECTIONS}
     if "full report" in sec and not fields["findings"]:
         fields["findings"] = sec["full report"]
     if not fields["findings"] and not fields["impression"] and "last_paragraph" in sec:

@@ -12,7 +12,7 @@ report without headers becomes the findings.
 Images: a cell may hold one path, several separated by ";" or "|", or a JSON list; in JSON Lines also a list
 of paths or of {"path", "view"} objects. Several image columns can be mapped at once (images=a,b). Views, when
 mapped, line up with the images in order. Relative paths are resolved against --images (default: the input
-file's folder) and stored relative to the manifest's folder.
+file's folder) and stored relative to the manifest's folder; absolute paths are kept absolute.
 """
 
 from __future__ import annotations
@@ -159,9 +159,10 @@ def prepare_table(path: str | os.PathLike, out: str | os.PathLike, fmt: str | No
                 continue
             if view is None and k < len(view_items):
                 view = view_items[k]
-            full = Path(str(p)).expanduser()
-            full = full if full.is_absolute() else image_root / full
-            imgs.append({"path": manifest_relative_path(full, out), "view": normalize_view(view)})
+            given = Path(str(p)).expanduser()
+            # Absolute paths in the export stay absolute (they point into a PACS mount or the like).
+            stored = str(given) if given.is_absolute() else manifest_relative_path(image_root / given, out)
+            imgs.append({"path": stored, "view": normalize_view(view)})
         fields = {k: tidy_text(get(row, k)) for k in _TEXT}
         if "report" in mapping:
             parsed = report_fields(get(row, "report"))

@@ -20,7 +20,7 @@ import unicodedata
 DEID_MARK = "___"
 
 # IU X-Ray writes de-identified words as XXXX (always upper case); MIMIC-CXR as three or more underscores.
-_DEID = r"(?:\bX{3,}\b|_{2,})"
+_DEID = r"(?:(?<![A-Za-z])X{3,}|_{2,})"
 _DEID_RE = re.compile(_DEID)
 # A run of marks separated only by blanks or commas ("XXXX XXXX XXXX", "XXXX, XXXX") is one redaction.
 _DEID_RUN_RE = re.compile(rf"{_DEID}(?:[ \t]*,?[ \t]*{_DEID})*")
@@ -114,7 +114,8 @@ def normalize_context(text, mark: str = DEID_MARK) -> str | None:
     text = tidy_text(text)
     if text is None or not _informative(text):
         return None
-    return unify_deid(text, mark).strip()
+    # Stray separators left at the ends by the source's templating (",786.2", "786.05-", "Cough;").
+    return unify_deid(text, mark).strip(" ,;:-/")
 
 
 def clean_report(text, deid: str = "keep") -> str:

@@ -1,0 +1,314 @@
+"""Validate manifest records: what `data check` prints, and the `on_bad_record: error | skip` policy.
+
+Problems that make a record unusable (errors):
+
+    bad_json          a line that is not a JSON object (reported as "line N")
+    not_utf8          a line that is not valid UTF-8
+    missing_id        no id
+    duplicate_id      the id occurs more than once (every copy is flagged: which one is right is unknown)
+    patient_in_two_splits  the patient has studies in more than one of train/val/test (every study of that
+                      patient is flagged: keeping any of them would leak the patient across splits)
+    no_images         no image listed
+    missing_image     an image file does not exist
+    unreadable_image  an image file exists but does not decode (the same loader training uses)
+    empty_report      split train/val/test and neither findings nor impression has text
+    encoding          text with U+FFFD replacement characters, mojibake ("Ã©", "â€™") or control bytes
+
+Warnings (reported, exit status unaffected): no_patient_id (the leakage check cannot see the record),
+no_view (no image has a view label), unknown_split (a split outside train/val/test, e.g. "dev").
+
+Call `apply_bad_record_policy` on the whole manifest (not one split): the patient check needs every split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from clinicalblip.data.images import ImageLoadError, load_image
+from clinicalblip.data.manifest import SPLITS, TEXT_FIELDS, normalize_record, resolve_image_path
+from clinicalblip.data.text import encoding_problem
+from clinicalblip.errors import UserError
+
+ERRORS = ("bad_json", "not_utf8", "missing_id", "duplicate_id", "patient_in_two_splits", "no_images",
+          "missing_image", "unreadable_image", "empty_report", "encoding")
+WARNINGS = ("no_patient_id", "no_view", "unknown_split")
+IMAGE_CHECKS = ("decode", "exists", "none")
+
+
+class BadRecordsError(UserError):
+    """Unusable records with on_bad_record=error; the message names them and their problems."""
+
+
+@dataclass
+class Problem:
+    code: str
+    detail: str = ""
+
+    @property
+    def is_error(self) -> bool:
+        return self.code in ERRORS
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.detail}" if self.detail else self.code
+
+
+@dataclass
+class CheckReport:
+    """Per-record problems of a manifest; `problems[i]` belongs to `keys[i]` (the id or "line N")."""
+
+    keys: list[str]
+    problems: list[list[Problem]]
+    manifest: str | None = None
+    counts: Counter = field(default_factory=Counter)
+
+    @property
+    def n_records(self) -> int:
+        return len(self.keys)
+
+    def bad_indices(self) -> list[int]:
+        return [i for i, ps in enumerate(self.problems) if any(p.is_error for p in ps)]
+
+    def bad(self) -> dict[str, list[str]]:
+        """{id: ["code: detail", ...]} of the unusable records (errors only)."""
+        out: dict[str, list[str]] = {}
+        for i in self.bad_indices():
+            out.setdefault(self.keys[i], []).extend(str(p) for p in self.problems[i] if p.is_error)
+        return out
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad_indices()
+
+    def ids_by_code(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = defaultdict(list)
+        for key, ps in zip(self.keys, self.problems):
+            for code in dict.fromkeys(p.code for p in ps):
+                out[code].append(key)
+        return out
+
+    def format(self, max_ids: int = 5) -> str:
+        """The summary `data check` prints: one line per problem with its count and first ids."""
+        n_bad = len(self.bad_indices())
+        n_warn = sum(1 for ps in self.problems if ps and not any(p.is_error for p in ps))
+        where = f" in {self.manifest}" if self.manifest else ""
+        lines = [f"checked {self.n_records} records{where}: {self.n_records - n_bad} usable, {n_bad} unusable"
+                 + (f", {n_warn} with warnings only" if n_warn else "")]
+        by_code = self.ids_by_code()
+        first_detail = {}
+        for ps in self.problems:
+            for p in ps:
+                first_detail.setdefault(p.code, p.detail)
+        for code in ERRORS + WARNINGS:
+            ids = by_code.get(code)
+            if not ids:
+                continue
+            kind = "error  " if code in ERRORS else "warning"
+            shown = ", ".join(dict.fromkeys(ids[:max_ids]))
+            more = f" (+{len(ids) - max_ids} more)" if len(ids) > max_ids else ""
+            detail = f"  [{first_detail[code]}]" if first_detail.get(code) else ""
+            lines.append(f"  {kind} {code:<22} {len(ids):>7}  {shown}{more}{detail}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        by_code = self.ids_by_code()
+        return {"manifest": self.manifest, "records": self.n_records, "unusable": len(self.bad_indices()),
+                "problems": {c: {"count": len(ids), "ids": ids[:100]} for c, ids in by_code.items()}}
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def _image_problem(path: str, mode: str) -> Problem | None:
+    if not os.path.isfile(path):
+        return Problem("missing_image", os.path.normpath(path))
+    if mode == "decode":
+        try:
+            load_image(path)
+        except ImageLoadError as exc:
+            return Problem("unreadable_image", str(exc))
+    return None
+
+
+def check_records(records: list[dict], check_images: str | bool = "decode", root: str | os.PathLike | None = None,
+                  jobs: int | None = None, _pre: list[list[Problem]] | None = None,
+                  _keys: list[str] | None = None) -> CheckReport:
+    """Check records (as read_manifest returns them, image paths resolved; or pass `root` to resolve
+    relative paths). `check_images`: "decode" (default; True), "exists", or "none" (False)."""
+    mode = {True: "decode", False: "none", None: "none"}.get(check_images, check_images)
+    if mode not in IMAGE_CHECKS:
+        raise ValueError(f"check_images must be one of {IMAGE_CHECKS}, not {check_images!r}")
+    root_path = Path(root).resolve() if root is not None else None
+    n = len(records)
+    problems: list[list[Problem]] = [list(p) for p in _pre] if _pre is not None else [[] for _ in range(n)]
+    keys = list(_keys) if _keys is not None else [None] * n  # type: ignore[list-item]
+
+    id_count = Counter(r.get("id") for r in records if r is not None and r.get("id") not in (None, ""))
+    patient_splits: dict[str, set] = defaultdict(set)
+    for r in records:
+        if r is not None and r.get("patient_id") not in (None, "") and r.get("split") in SPLITS:
+            patient_splits[str(r["patient_id"])].add(r["split"])
+
+    image_jobs: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(records):
+        if r is None:  # a line that did not parse: its problem is already in _pre
+            continue
+        rid = r.get("id")
+        if keys[i] is None:
+            keys[i] = str(rid) if rid not in (None, "") else f"record {i + 1}"
+        ps = problems[i]
+        if rid in (None, ""):
+            ps.append(Problem("missing_id"))
+        elif id_count[rid] > 1:
+            ps.append(Problem("duplicate_id", f"{id_count[rid]} records share id {rid!r}"))
+        pid = r.get("patient_id")
+        split = r.get("split")
+        if pid in (None, ""):
+            ps.append(Problem("no_patient_id"))
+        elif len(patient_splits.get(str(pid), ())) > 1:
+            ps.append(Problem("patient_in_two_splits",
+                              f"patient {pid} in {'/'.join(s for s in SPLITS if s in patient_splits[str(pid)])}"))
+        if split is not None and split not in SPLITS:
+            ps.append(Problem("unknown_split", repr(split)))
+        images = r.get("images") or []
+        if not images:
+            ps.append(Problem("no_images"))
+        elif not any(isinstance(im, dict) and im.get("view") for im in images):
+            ps.append(Problem("no_view"))
+        if split in SPLITS and not any(isinstance(r.get(k), str) and r.get(k).strip()
+                                       for k in ("findings", "impression")):
+            ps.append(Problem("empty_report", f"split {split}: no findings or impression"))
+        for k in TEXT_FIELDS:
+            v = r.get(k)
+            bad = encoding_problem(v) if isinstance(v, str) else None
+            if bad:
+                ps.append(Problem("encoding", f"{k} {bad}"))
+                break
+        if mode != "none":
+            for im in images:
+                p = im.get("path") if isinstance(im, dict) else im
+                if not p:
+                    ps.append(Problem("missing_image", "image entry without a path"))
+                    continue
+                p = str(p)
+                if root_path is not None:
+                    p = resolve_image_path(root_path, p)
+                image_jobs[p].append(i)
+
+    if image_jobs:
+        paths = list(image_jobs)
+        workers = jobs or min(8, (os.cpu_count() or 2))
+        # Decoding is mostly C code that releases the GIL: threads give a real speed-up without pickling.
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            results = list(pool.map(lambda p: _image_problem(p, mode), paths, chunksize=16))
+        for p, prob in zip(paths, results):
+            if prob is not None:
+                for i in image_jobs[p]:
+                    problems[i].append(prob)
+
+    counts = Counter(code for ps in problems for code in {p.code for p in ps})
+    return CheckReport(keys=keys, problems=problems, counts=counts)
+
+
+def read_manifest_tolerant(path: str | os.PathLike) -> tuple[list[dict | None], list[list[Problem]], list[str | None]]:
+    """Every line of a manifest, bad ones included: (records or None, problems so far, keys)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"manifest not found: {path}")
+    root = path.resolve().parent
+    records: list[dict | None] = []
+    problems: list[list[Problem]] = []
+    keys: list[str | None] = []
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            ps: list[Problem] = []
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                line = raw.decode("utf-8", errors="replace")
+                ps.append(Problem("not_utf8", f"line {lineno}: {exc.reason} at byte {exc.start}"))
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                rec = None
+                ps.append(Problem("bad_json", f"line {lineno}: {exc.msg}"))
+            if rec is not None and not isinstance(rec, dict):
+                ps.append(Problem("bad_json", f"line {lineno}: a JSON {type(rec).__name__}, not an object"))
+                rec = None
+            key = None
+            if rec is not None:
+                rec = _safe_normalize(rec, root, ps)
+            else:
+                key = f"line {lineno}"
+            if rec is not None and not rec.get("id"):
+                key = f"line {lineno}"
+            records.append(rec)
+            problems.append(ps)
+            keys.append(key)
+    return records, problems, keys
+
+
+def _safe_normalize(rec: dict, root: Path, ps: list[Problem]) -> dict:
+    """normalize_record for possibly malformed input: odd `images` values become problems, not crashes."""
+    images = rec.get("images")
+    if isinstance(images, str):
+        images = [images]
+    elif images is not None and not isinstance(images, list):
+        ps.append(Problem("no_images", f"'images' is a {type(images).__name__}, not a list"))
+        images = []
+    fixed = []
+    for im in images or []:
+        p = im.get("path") if isinstance(im, dict) else im
+        view = im.get("view") if isinstance(im, dict) else None
+        fixed.append({"path": resolve_image_path(root, str(p)) if p else None, "view": view})
+    out = normalize_record({**rec, "images": []})
+    out["images"] = fixed
+    return out
+
+
+def check_manifest(path: str | os.PathLike, check_images: str | bool = "decode", jobs: int | None = None) -> CheckReport:
+    """Check every line of a manifest file (unreadable lines included) -> CheckReport."""
+    records, pre, keys = read_manifest_tolerant(path)
+    report = check_records(records, check_images=check_images, jobs=jobs, _pre=pre, _keys=keys)
+    report.manifest = str(path)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- policy
+def find_bad_records(records: list[dict], check_images: str | bool = "decode",
+                     root: str | os.PathLike | None = None) -> dict[str, list[str]]:
+    """{id: ["code: detail", ...]} for every unusable record (see the module docstring for the codes)."""
+    return check_records(records, check_images=check_images, root=root).bad()
+
+
+def apply_bad_record_policy(records: list[dict], policy: str = "error", log: Callable[[str], None] = print,
+                            check_images: str | bool = "decode", root: str | os.PathLike | None = None,
+                            max_ids: int = 50) -> list[dict]:
+    """The records to use under `on_bad_record`.
+
+    "error": any unusable record raises BadRecordsError naming the records and their problems.
+    "skip": unusable records are dropped; `log` gets one line with the count and their ids (nothing vanishes
+    silently). Returns the remaining records in their original order.
+    """
+    if policy not in ("error", "skip"):
+        raise UserError(f"on_bad_record must be 'error' or 'skip', not {policy!r}")
+    report = check_records(records, check_images=check_images, root=root)
+    bad = report.bad_indices()
+    if not bad:
+        return list(records)
+    described = [f"{report.keys[i]} ({', '.join(dict.fromkeys(p.code for p in report.problems[i] if p.is_error))})"
+                 for i in bad]
+    more = f" ... (+{len(bad) - max_ids} more; run `clinicalblip data check` for all)" if len(bad) > max_ids else ""
+    listing = "; ".join(described[:max_ids]) + more
+    if policy == "error":
+        raise BadRecordsError(f"{len(bad)} of {len(records)} records are unusable: {listing}. Fix them "
+                              "(`clinicalblip data check MANIFEST` lists every problem) or set on_bad_record: skip")
+    log(f"on_bad_record=skip: dropping {len(bad)} of {len(records)} records: {listing}")
+    drop = set(bad)
+    return [r for i, r in enumerate(records) if i not in drop]
+

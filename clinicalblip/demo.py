@@ -1,0 +1,106 @@
+"""Helpers for the embedded-default runbook (train.sh): the constant baseline and the summary table.
+
+    python -m clinicalblip.demo constant --manifest M --out preds.jsonl
+    python -m clinicalblip.demo summary RUN_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from clinicalblip.data.manifest import read_manifest
+
+VARIANTS = ("trained", "constant", "no_indication", "generic_indication")
+COLUMNS = ("BLEU_1", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "clinical_macro_f1")
+
+
+def constant_predictions(manifest: str, out: str, split: str = "test") -> int:
+    """The most frequent training report, predicted for every study of the split."""
+    train = read_manifest(manifest, split="train", resolve_paths=False)
+    if not train:
+        raise SystemExit(f"{manifest}: no train records")
+    most, _ = Counter((r.get("findings") or "").strip() for r in train).most_common(1)[0]
+    rows = read_manifest(manifest, split=split, resolve_paths=False)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as fh:
+        for r in rows:
+            row = {"id": r["id"], "prediction": most, "reference": r.get("findings") or ""}
+            for key in ("dataset", "labels", "split"):
+                if key in r:
+                    row[key] = r[key]
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return len(rows)
+
+
+def _metric_block(path: Path) -> dict:
+    m = json.loads(path.read_text())
+    keep = {k: m[k] for k in ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr",
+                              "clinical_macro_f1", "n") if k in m}
+    per = (m.get("clinical") or {}).get("per_label")
+    if per:
+        keep["clinical_f1_per_finding"] = {k: (v.get("f1") if isinstance(v, dict) else v) for k, v in per.items()}
+    return keep
+
+
+def summary(run_dir: str, stages: list[str] | None = None) -> dict:
+    """Write RUN_DIR/summary.json from the stage folders and metrics/*.json; print the table."""
+    run = Path(run_dir)
+    stage_names = stages or sorted(p.parent.name for p in run.glob("stage*/stage.json"))
+    out = {"stages": [], "release_dir": str((run / "release").resolve()), "test": {}}
+    for name in stage_names:
+        info = json.loads((run / name / "stage.json").read_text())
+        out["stages"].append({"name": info["name"], "dir": str((run / name).resolve()),
+                              "val_loss": info.get("metrics", {}).get("val_loss")})
+    for variant in VARIANTS:
+        f = run / "metrics" / f"{variant}.json"
+        if f.is_file():
+            out["test"][variant] = _metric_block(f)
+    (run / "summary.json").write_text(json.dumps(out, indent=2))
+    print(format_table(out))
+    return out
+
+
+def format_table(s: dict) -> str:
+    lines = ["", "stage        val_loss"]
+    for st in s["stages"]:
+        vl = st["val_loss"]
+        lines.append(f"{st['name']:<12} {'-' if vl is None else f'{vl:.4f}'}")
+    lines.append("")
+    lines.append(f"{'test split':<20}" + "".join(f"{c:>19}" for c in COLUMNS))
+    for variant, m in s["test"].items():
+        lines.append(f"{variant:<20}" + "".join(f"{m.get(c, float('nan')):>19.4f}" for c in COLUMNS))
+    t = s["test"]
+    if {"trained", "constant", "generic_indication"} <= set(t):
+        f = {k: t[k].get("clinical_macro_f1", float("nan")) for k in t}
+        lines += ["",
+                  f"clinical macro-F1: trained - constant = {f['trained'] - f['constant']:+.3f} (target >= +0.30); "
+                  f"generic indication = {f['generic_indication']:.3f} (target >= 0.40); "
+                  f"real - generic = {f['trained'] - f['generic_indication']:+.3f} (target >= +0.05)"]
+    lines.append(f"release: {s['release_dir']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m clinicalblip.demo")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("constant")
+    c.add_argument("--manifest", required=True)
+    c.add_argument("--out", required=True)
+    c.add_argument("--split", default="test")
+    s = sub.add_parser("summary")
+    s.add_argument("run_dir")
+    a = p.parse_args(argv)
+    if a.cmd == "constant":
+        n = constant_predictions(a.manifest, a.out, a.split)
+        print(f"wrote {n} constant predictions to {a.out}")
+    else:
+        summary(a.run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Merge a stage chain into one release folder that plain `transformers` loads, verified on a probe batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+from peft import PeftModel
+
+from clinicalblip import __version__
+from clinicalblip.data.collate import StudyCollator, model_inputs
+from clinicalblip.errors import UserError
+from clinicalblip.model import is_decoder_only, torch_dtype
+from clinicalblip.stages import (
+    StageError,
+    is_release_dir,
+    is_stage_dir,
+    load_stage_model,
+    load_template_of,
+    stage_chain,
+)
+
+RELEASE_META = "clinicalblip.json"
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def _probe_batch(processor, template, decoder_only: bool, tmp: Path) -> dict:
+    """Two studies (two views and one view) of seeded noise images with a short report: a fixed probe."""
+    rng = np.random.default_rng(1234)
+    size = processor.image_processor.size
+    h, w = size.get("height", 224), size.get("width", 224)
+    paths = []
+    for i in range(3):
+        p = tmp / f"probe{i}.png"
+        Image.fromarray((rng.random((h, w)) * 255).astype("uint8")).save(p)
+        paths.append(str(p))
+    records = [
+        {"id": "probe-a", "images": [{"path": paths[0], "view": "PA"}, {"path": paths[1], "view": "LATERAL"}],
+         "indication": "Shortness of breath.", "findings": "The heart is enlarged. No pleural effusion.",
+         "impression": "Cardiomegaly."},
+        {"id": "probe-b", "images": [{"path": paths[2], "view": "PA"}], "indication": None,
+         "findings": "The lungs are clear.", "impression": "Normal."},
+    ]
+    collate = StudyCollator(processor=processor, template=template, num_query_tokens=processor.num_query_tokens,
+                            decoder_only=decoder_only, mode="train")
+    return model_inputs(collate(records))
+
+
+@torch.no_grad()
+def _logits(model, batch: dict) -> torch.Tensor:
+    model.eval()
+    inputs = dict(batch)
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    return model(**inputs).logits.float()
+
+
+def _model_card(chain: list[dict], meta: dict, dtype: str) -> str:
+    root = chain[0]
+    base = root["base"]
+    base_name = base.get("name") or base.get("path")
+    tiny = base_name in ("tiny", "tiny-t5")
+    licence = ("Apache-2.0 (random-weight tiny model built by clinicalblip)" if tiny else
+               "inherits the base model's licence: Vicuna-based InstructBLIP follows the LLaMA/Vicuna terms "
+               "(non-commercial); Flan-T5-based InstructBLIP is MIT/Apache-2.0 — check the base model card")
+    lines = [
+        "---", "library_name: transformers", "pipeline_tag: image-text-to-text",
+        "tags: [radiology, report-generation, instructblip, clinicalblip]", "---", "",
+        f"# Radiology report generation — merged from {len(chain)} clinicalblip stage(s)", "",
+        "A single `InstructBlipForConditionalGeneration` checkpoint with every stage's LoRA and fully trained "
+        "modules folded into the base weights. Loads with plain `transformers`:", "",
+        "```python",
+        "from transformers import InstructBlipForConditionalGeneration, InstructBlipProcessor",
+        "model = InstructBlipForConditionalGeneration.from_pretrained(PATH)",
+        "processor = InstructBlipProcessor.from_pretrained(PATH)",
+        "inputs = processor(images=image, text=prompt, return_tensors='pt')  # prompt: see prompts/",
+        "report = processor.batch_decode(model.generate(**inputs), skip_special_tokens=True)[0]",
+        "```", "",
+        "Multi-view studies: give each view as one row of `pixel_values` and put `num_views x num_query_tokens` "
+        "image tokens before the prompt (clinicalblip's `generate` does this).", "",
+        "## Base model", "", f"- `{base_name}` (fingerprint `{base.get('fingerprint')}`)", "",
+        "## Stages", "", "| stage | template | trainable parts | val loss | data hash |", "| --- | --- | --- | --- | --- |",
+    ]
+    for st in chain:
+        parts = ", ".join(f"{c}: {r['policy']}" for c, r in st.get("trainable", {}).items()
+                          if c != "total" and r.get("policy") != "frozen")
+        vl = st.get("metrics", {}).get("val_loss")
+        lines.append(f"| {st['name']} | {st.get('template')} | {parts} | "
+                     f"{'' if vl is None else round(vl, 4)} | {st.get('data_hash')} |")
+    lines += ["", "## Evaluation", ""]
+    ev = meta.get("eval")
+    if ev:
+        keys = [k for k in ("BLEU_1", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "clinical_macro_f1") if k in ev]
+        lines += ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys),
+                  "| " + " | ".join(f"{ev[k]:.4f}" for k in keys) + " |", ""]
+    else:
+        lines += ["No evaluation was attached (`clinicalblip merge ... --metrics metrics.json` adds one).", ""]
+    lines += [
+        "## Verification", "",
+        f"After merging, the release reloaded from disk and the adapter chain ran the same probe batch: max |logit "
+        f"difference| = {meta['verification']['max_abs_logit_diff']:.3g} (tolerance "
+        f"{meta['verification']['tolerance']:.3g}, dtype {dtype}).", "",
+        "## Intended use and limitations", "",
+        "Research on radiology report generation. Not a medical device: generated reports can be wrong, "
+        "omit findings or invent them, and must not be used for diagnosis without review by a radiologist. "
+        "Performance outside the training data's population, views and report style is unknown.",
+        "" if not tiny else "This checkpoint is the tiny demo model trained on synthetic images; it is only "
+        "useful for testing the pipeline.", "",
+        "## Licence", "", licence, "",
+        f"Made with clinicalblip {__version__}.", "",
+    ]
+    return "\n".join(lines)
+
+
+def merge_stage_chain(stage_dir: str, out: str, dtype: str = "fp32", tolerance: float | None = None,
+                      max_shard_size: str = "2GB", metrics: str | None = None,
+                      push_to_hub: str | None = None) -> dict:
+    """Fold every stage of the chain into the base weights (full precision), write + verify the release."""
+    t0 = time.perf_counter()
+    if is_release_dir(stage_dir):
+        return {"status": "noop", "message": f"{stage_dir} is already a merged release; nothing to do"}
+    if not is_stage_dir(stage_dir):
+        raise StageError(f"{stage_dir}: not a stage folder (no stage.json)")
+    if dtype not in BYTES:
+        raise UserError(f"--dtype must be one of {', '.join(BYTES)}")
+    out_path = Path(out)
+    if out_path.exists() and any(out_path.iterdir()):
+        if not (out_path / RELEASE_META).is_file():
+            raise UserError(f"{out}: exists and is not an earlier release; choose an empty folder")
+    chain = stage_chain(stage_dir)
+    template = load_template_of(stage_dir)
+
+    # The adapter chain: every stage merged but the last, whose LoRA stays live.
+    chain_model, processor, chain = load_stage_model(stage_dir, keep_last_unmerged=True)
+    n_params = sum(p.numel() for n, p in chain_model.named_parameters() if "lora_" not in n)
+    need = int(n_params * BYTES[dtype] * 1.1)
+    target_parent = out_path if out_path.exists() else out_path.parent
+    target_parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(target_parent).free
+    if free < need:
+        raise UserError(f"not enough disk in {target_parent}: the release needs ~{need / 2**30:.2f} GiB, "
+                        f"{free / 2**30:.2f} GiB free")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = _probe_batch(processor, template, is_decoder_only(chain_model), Path(tmp))
+        ref = _logits(chain_model, probe)
+        merged = chain_model.merge_and_unload() if isinstance(chain_model, PeftModel) else chain_model
+        leftovers = [n for n, _ in merged.named_parameters() if "lora_" in n]
+        if leftovers:
+            raise StageError(f"merge left LoRA parameters behind (e.g. {leftovers[0]})")
+        merged = merged.to(torch_dtype(dtype))
+        gen_cfg = merged.generation_config
+        cfg_path = Path(stage_dir) / "config.yaml"
+        stage_cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
+        gen_cfg.max_new_tokens = int(stage_cfg.get("data", {}).get("max_report_tokens", 128))
+        gen_cfg.num_beams, gen_cfg.do_sample = 1, False
+        gen_cfg.pad_token_id = processor.tokenizer.pad_token_id
+        gen_cfg.eos_token_id = processor.tokenizer.eos_token_id
+        stage_out = out_path
+        stage_out.mkdir(parents=True, exist_ok=True)
+        merged.save_pretrained(stage_out, max_shard_size=max_shard_size, safe_serialization=True)
+        processor.save_pretrained(stage_out)
+        (stage_out / "prompts").mkdir(exist_ok=True)
+        (stage_out / "prompts" / f"{template.name}.yaml").write_text(
+            yaml.safe_dump(template.to_dict(), sort_keys=False), encoding="utf-8")
+
+        # Verify what was written, not what is in memory: reload the release with plain transformers.
+        from transformers import InstructBlipForConditionalGeneration
+
+        reloaded = InstructBlipForConditionalGeneration.from_pretrained(stage_out, dtype=torch_dtype(dtype))
+        got = _logits(reloaded, probe)
+        diff = (got - ref).abs().max().item()
+        scale = max(1.0, ref.abs().max().item())
+        tol = tolerance if tolerance is not None else (1e-3 if dtype == "fp32" else 3e-2 * scale)
+        del reloaded
+
+    meta = {
+        "format": "clinicalblip-release/1", "code_version": __version__, "template": template.name,
+        "max_views": int(stage_cfg.get("data", {}).get("max_views", 2)),
+        "dtype": dtype, "base": chain[0]["base"],
+        "stages": [{"name": s["name"], "dir": s["dir"], "trainable": s.get("trainable"), "template": s.get("template"),
+                    "metrics": s.get("metrics"), "data_hash": s.get("data_hash")} for s in chain],
+        "verification": {"max_abs_logit_diff": diff, "tolerance": tol, "probe_studies": 2},
+    }
+    if metrics:
+        meta["eval"] = json.loads(Path(metrics).read_text())
+    (out_path / RELEASE_META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    (out_path / "README.md").write_text(_model_card(chain, meta, dtype), encoding="utf-8")
+    if diff > tol:
+        raise StageError(f"verification failed: release logits differ from the adapter chain by {diff:.3g} "
+                         f"(tolerance {tol:.3g}); the release at {out} must not be used")
+    size = sum(f.stat().st_size for f in out_path.glob("*.safetensors"))
+    info = {"status": "merged", "release_dir": str(out_path), "stages": [s["name"] for s in chain], "dtype": dtype,
+            "max_abs_logit_diff": diff, "tolerance": tol, "weights_bytes": size,
+            "seconds": round(time.perf_counter() - t0, 2)}
+    if push_to_hub:
+        from huggingface_hub import HfApi
+
+        HfApi().upload_folder(repo_id=push_to_hub, folder_path=str(out_path), repo_type="model")
+        info["pushed_to"] = push_to_hub
+    return info

@@ -1,0 +1,57 @@
+"""Shared fixtures: a small synthetic dataset and a two-stage tiny chain, built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def tiny_stage_cfg(yaml_name: str, manifest: Path, out: Path, parent: Path | None = None, **over):
+    """A shipped tiny stage YAML, pointed at test data, shortened to a couple of steps."""
+    import yaml
+
+    from clinicalblip.config import stage_config_from_dict
+
+    data = yaml.safe_load((REPO / "configs" / "tiny" / yaml_name).read_text())
+    data["output_dir"] = str(out)
+    data["data"]["manifest"] = str(manifest)
+    data["parent"] = str(parent) if parent else None
+    overrides = ["train.max_steps=2", "train.batch_size=4", "data.val_max=4", "train.log_every=1"]
+    overrides += [f"{k}={v}" for k, v in over.items()]
+    return stage_config_from_dict(data, overrides)
+
+
+@pytest.fixture(scope="session")
+def synth_manifest(tmp_path_factory) -> Path:
+    from clinicalblip.data.synth import write_synthetic_dataset
+
+    return write_synthetic_dataset(tmp_path_factory.mktemp("synth"), n=40, seed=3)
+
+
+@pytest.fixture(scope="session")
+def stage1_dir(tmp_path_factory, synth_manifest) -> Path:
+    from clinicalblip.train import train_stage
+
+    out = tmp_path_factory.mktemp("chain") / "stage1"
+    train_stage(tiny_stage_cfg("stage1.yaml", synth_manifest, out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def stage2_dir(stage1_dir, synth_manifest) -> Path:
+    """Stage 2 with a non-identity LoRA start (lora.init=gaussian): merge checks cannot pass trivially."""
+    from clinicalblip.train import train_stage
+
+    out = stage1_dir.parent / "stage2"
+    train_stage(tiny_stage_cfg("stage2.yaml", synth_manifest, out, parent=stage1_dir, **{"lora.init": "gaussian"}))
+    return out
