@@ -12,6 +12,7 @@ import os
 import sys
 
 from clinicalblip.errors import UserError
+from clinicalblip.prompts import TemplateError
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -156,14 +157,33 @@ def _add_generate(sub) -> None:
     p.add_argument("--history")
     p.add_argument("--comparison")
     p.add_argument("--template", help="prompt template name (default: the one the stage was trained with)")
-    p.add_argument("--context", choices=["real", "none", "generic"], default="real",
-                   help="manifest mode ablations: real indications, none, or a generic one for every study")
+    p.add_argument("--context", choices=["real", "none", "generic", "shuffled", "blank_image"], default="real",
+                   help="manifest mode ablations: real indications, none, a generic one, another study's, "
+                        "or blank images")
     p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--num-beams", type=int, default=1, help="1 = greedy (default), >1 = beam search")
+    p.add_argument("--sample", action="store_true", help="sampling instead of greedy/beam")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--no-repeat-ngram-size", type=int, default=None)
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="default: bf16 on a GPU that supports it, else fp32")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, default=None, help="only the first N studies of the split")
     p.add_argument("--json", action="store_true", help="single study: print prompt, qformer_prompt, report as JSON")
     p.set_defaults(func=_cmd_generate)
+
+
+def _decoding_kwargs(args) -> dict:
+    kw = {}
+    if args.sample:
+        kw["do_sample"] = True
+    for name in ("temperature", "top_p", "repetition_penalty", "no_repeat_ngram_size"):
+        value = getattr(args, name)
+        if value is not None:
+            kw[name] = value
+    return kw
 
 
 def _cmd_generate(args) -> int:
@@ -175,7 +195,7 @@ def _cmd_generate(args) -> int:
         result = G.generate_single(
             args.model_dir, images=args.image, indication=args.indication, history=args.history,
             comparison=args.comparison, template=args.template, max_new_tokens=args.max_new_tokens,
-            num_beams=args.num_beams,
+            num_beams=args.num_beams, **_decoding_kwargs(args),
         )
         if args.json:
             print(json.dumps(result, ensure_ascii=False))
@@ -187,25 +207,81 @@ def _cmd_generate(args) -> int:
     n = G.generate_split(
         args.model_dir, args.manifest, split=args.split, out=args.out, template=args.template,
         context=args.context, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-        batch_size=args.batch_size, limit=args.limit,
+        batch_size=args.batch_size, limit=args.limit, dtype=args.dtype, **_decoding_kwargs(args),
     )
-    print(f"wrote {n} predictions to {args.out}")
+    if os.environ.get("RANK", "0") == "0":  # once under accelerate launch
+        print(f"wrote {n} predictions to {args.out}")
     return 0
 
 
 # ---------------------------------------------------------------------------------------------- eval / label
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="NLG metrics (pycocoevalcap) + clinical F1 for a predictions file")
-    p.add_argument("predictions")
-    p.add_argument("--out", required=True, help="metrics.json")
-    p.set_defaults(func=lambda args: _not_yet("eval"))
+    p = sub.add_parser(
+        "eval", help="NLG metrics (pycocoevalcap) + clinical F1 for a predictions file",
+        description="Score a predictions JSONL ({id, prediction, reference}): BLEU-1..4, METEOR, ROUGE-L, CIDEr "
+                    "under a named protocol, clinical P/R/F1 with bootstrap 95% CIs; writes metrics.json and "
+                    "report.md (+ a per-label F1 PNG) beside it.",
+    )
+    p.add_argument("predictions", help="predictions JSONL")
+    p.add_argument("--out", required=True, help="metrics.json to write")
+    p.add_argument("--protocol", choices=["r2gen", "r2gen-mimic", "coco-ptb"], default="r2gen",
+                   help="r2gen: R2Gen's IU X-Ray cleaning (default); r2gen-mimic: its MIMIC-CXR cleaning; "
+                        "coco-ptb: the COCO PTB tokenizer")
+    p.add_argument("--labeler", choices=["auto", "chexpert", "synthetic", "chexbert"], default="auto",
+                   help="auto: synthetic labels for synthetic records, else the CheXpert-style rules")
+    p.add_argument("--uncertain-as", choices=["positive", "negative"], default="positive",
+                   help="how uncertain (-1) labels count in P/R/F1 (default positive)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (0: none)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--skip-java-metrics", action="store_true",
+                   help="skip METEOR (it needs Java); not possible with --protocol coco-ptb")
+    p.add_argument("--no-report", action="store_true", help="write metrics.json only")
+    p.add_argument("--chexbert-weights", help="local chexbert.pth (with --labeler chexbert)")
+    p.add_argument("--chexbert-tokenizer", help="local bert-base-uncased folder (with --labeler chexbert)")
+
+    def run(args) -> int:
+        from clinicalblip.metrics.evaluate_predictions import evaluate_predictions, format_summary
+
+        metrics = evaluate_predictions(
+            args.predictions, args.out, protocol=args.protocol, labeler=args.labeler, bootstrap=args.bootstrap,
+            seed=args.seed, report_md=not args.no_report, skip_java_metrics=args.skip_java_metrics,
+            uncertain_as=args.uncertain_as, chexbert_weights=args.chexbert_weights,
+            chexbert_tokenizer=args.chexbert_tokenizer,
+        )
+        print(format_summary(metrics))
+        print(f"wrote {args.out}" + (f" and {metrics['report']}" if metrics.get("report") else ""))
+        return 0
+
+    p.set_defaults(func=run)
 
 
 def _add_label(sub) -> None:
-    p = sub.add_parser("label", help="CheXpert-style labels (14 observations) for reports")
-    p.add_argument("input")
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=lambda args: _not_yet("label"))
+    p = sub.add_parser(
+        "label", help="CheXpert-style labels (14 observations) for reports",
+        description="Label reports with the 14 CheXpert observations: CSV with id + one column per observation, "
+                    "values 1 (positive), 0 (negative), -1 (uncertain), empty (not mentioned).",
+    )
+    p.add_argument("input", help="JSONL with id + text, or a predictions file (its 'prediction' field)")
+    p.add_argument("--out", required=True, help="labels.csv to write")
+    p.add_argument("--field", help="the JSON field to label (default: text, else prediction), e.g. reference")
+    p.add_argument("--labeler", choices=["chexpert", "chexbert"], default="chexpert",
+                   help="chexpert: built-in rules (default); chexbert: needs local weights")
+    p.add_argument("--chexbert-weights", help="local chexbert.pth (with --labeler chexbert)")
+    p.add_argument("--chexbert-tokenizer", help="local bert-base-uncased folder (with --labeler chexbert)")
+
+    def run(args) -> int:
+        from clinicalblip.metrics.labeler import get_labeler, label_file
+
+        options = {}
+        if args.labeler == "chexbert":
+            options = {"weights": args.chexbert_weights, "tokenizer": args.chexbert_tokenizer}
+        info = label_file(args.input, args.out, get_labeler(args.labeler, **options), field=args.field)
+        positives = ", ".join(f"{o} {c['1'] + c['-1']}" for o, c in info["counts"].items() if c["1"] + c["-1"])
+        print(f"labeled {info['n']} reports with {info['labeler']} -> {info['out']}")
+        print(f"positive or uncertain: {positives or 'none'}")
+        return 0
+
+    p.set_defaults(func=run)
 
 
 # ---------------------------------------------------------------------------------------------- merge
@@ -257,10 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+    except (UserError, TemplateError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
         if os.environ.get("CLINICALBLIP_DEBUG"):
             raise
-        msg = str(exc) if isinstance(exc, UserError) else f"{exc.strerror or exc}: {exc.filename}"
+        msg = f"{exc.strerror or exc}: {exc.filename}" if isinstance(exc, OSError) else str(exc)
         print(f"clinicalblip {args.cmd}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

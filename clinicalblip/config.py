@@ -47,7 +47,9 @@ class DataConfig:
     context_dropout: float = 0.0
     max_report_tokens: int = 128
     max_views: int = 2
-    on_bad_record: str = "error"  # error | skip
+    on_bad_record: str = "error"  # error | skip (skip logs the count and ids of every dropped record)
+    # How images are checked before training: decode (catches corrupt files; default), exists, none.
+    check_images: str = "decode"
     val_max: int = 200  # val studies used for loss / generation metrics
     limit: int = 0  # use only the first N train studies (0 = all); for smoke tests
     cache_images: bool = False  # keep preprocessed pixels in memory (small datasets: the tiny demo)
@@ -272,6 +274,8 @@ def validate(cfg: StageConfig) -> None:
         raise ConfigError(f"model.dtype must be fp32, bf16 or fp16, got '{cfg.model.dtype}'")
     if cfg.data.on_bad_record not in ("error", "skip"):
         raise ConfigError(f"data.on_bad_record must be error or skip, got '{cfg.data.on_bad_record}'")
+    if cfg.data.check_images not in ("decode", "exists", "none"):
+        raise ConfigError(f"data.check_images must be decode, exists or none, got '{cfg.data.check_images}'")
     if not 0.0 <= cfg.data.context_dropout <= 1.0:
         raise ConfigError("data.context_dropout must be in [0, 1]")
     if cfg.optim.schedule not in ("cosine", "linear", "constant"):

@@ -2,6 +2,7 @@
 
     python -m clinicalblip.demo constant --manifest M --out preds.jsonl
     python -m clinicalblip.demo summary RUN_DIR
+    python -m clinicalblip.demo ablations EVAL_DIR
 """
 
 from __future__ import annotations
@@ -84,6 +85,27 @@ def format_table(s: dict) -> str:
     return "\n".join(lines)
 
 
+ABLATIONS = (("real", "trained (real context)"), ("none", "no indication"), ("shuffled", "shuffled indications"),
+             ("generic", "generic indication"), ("blank_image", "blank image"))
+
+
+def ablations(eval_dir: str) -> str:
+    """eval.sh's table: one row per input ablation, from EVAL_DIR/metrics_<mode>.json; also written as report.md."""
+    d = Path(eval_dir)
+    header = "| ablation | " + " | ".join(COLUMNS) + " |"
+    rows = [header, "|" + " --- |" * (len(COLUMNS) + 1)]
+    for mode, label in ABLATIONS:
+        f = d / f"metrics_{mode}.json"
+        if not f.is_file():
+            continue
+        m = _metric_block(f)
+        rows.append(f"| {label} | " + " | ".join(f"{m.get(c, float('nan')):.4f}" for c in COLUMNS) + " |")
+    table = "\n".join(rows)
+    (d / "ablations.md").write_text("# Input ablations\n\n" + table + "\n")
+    print(table)
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m clinicalblip.demo")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -93,10 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--split", default="test")
     s = sub.add_parser("summary")
     s.add_argument("run_dir")
+    ab = sub.add_parser("ablations")
+    ab.add_argument("eval_dir")
     a = p.parse_args(argv)
     if a.cmd == "constant":
         n = constant_predictions(a.manifest, a.out, a.split)
         print(f"wrote {n} constant predictions to {a.out}")
+    elif a.cmd == "ablations":
+        ablations(a.eval_dir)
     else:
         summary(a.run_dir)
     return 0

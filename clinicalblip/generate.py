@@ -17,7 +17,7 @@ from clinicalblip.data.collate import StudyCollator, model_inputs
 from clinicalblip.data.manifest import read_manifest
 from clinicalblip.errors import UserError
 from clinicalblip.model import is_decoder_only, load_pretrained
-from clinicalblip.prompts import Template, load_template, template_from_dict
+from clinicalblip.prompts import Template, load_template, target_text, template_from_dict
 from clinicalblip.stages import is_release_dir, is_stage_dir, load_stage_model, load_template_of
 
 RELEASE_META = "clinicalblip.json"
@@ -76,12 +76,13 @@ class ReportModel:
     def device(self):
         return next(self.model.parameters()).device
 
-    def collator(self, template: Template | None = None, indication: str = "real") -> StudyCollator:
+    def collator(self, template: Template | None = None, indication: str = "real",
+                 blank_images: bool = False) -> StudyCollator:
         return StudyCollator(
             processor=self.processor, template=template or self.template,
             num_query_tokens=self.processor.num_query_tokens, decoder_only=is_decoder_only(self.model),
             mode="generate", max_views=self.max_views, indication=indication,
-            generic_indication=generic_indication(),
+            generic_indication=generic_indication(), blank_images=blank_images,
         )
 
     @torch.no_grad()
@@ -143,6 +144,20 @@ def _dir_hash(model_dir: str) -> str:
     return h.hexdigest()[:16]
 
 
+CONTEXT_MODES = ("real", "none", "generic", "shuffled", "blank_image")
+
+
+def _shuffle_indications(records: list[dict]) -> list[dict]:
+    """Give every study another study's indication (seeded permutation rotated by one: nobody keeps its own)."""
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(records), generator=g).tolist()
+    donors = order[1:] + order[:1]
+    out = [dict(r) for r in records]
+    for i, j in zip(order, donors):
+        out[i]["indication"] = records[j].get("indication")
+    return out
+
+
 def _done_ids(out: Path) -> set[str]:
     done = set()
     if out.is_file():
@@ -155,43 +170,106 @@ def _done_ids(out: Path) -> set[str]:
     return done
 
 
+def _drop_partial_tail(path: Path) -> None:
+    """A crash mid-write leaves a line without its newline: cut it, so the next row starts on a fresh line."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as fh:
+        fh.seek(-1, os.SEEK_END)
+        if fh.read(1) == b"\n":
+            return
+        data = path.read_bytes()
+        fh.truncate(data.rfind(b"\n") + 1)
+
+
+def _merge_parts(out_path: Path) -> None:
+    """Fold per-rank part files into the output (ids already there are not written twice)."""
+    parts = sorted(out_path.parent.glob(out_path.name + ".part*"))
+    if not parts:
+        return
+    _drop_partial_tail(out_path)
+    done = _done_ids(out_path)
+    with open(out_path, "a", encoding="utf-8") as fh:
+        for part in parts:
+            with open(part, encoding="utf-8") as ph:
+                for line in ph:
+                    try:
+                        rid = str(json.loads(line)["id"])
+                    except (json.JSONDecodeError, KeyError):
+                        continue  # a line cut by a crash: that id is generated again
+                    if rid not in done:
+                        fh.write(line if line.endswith("\n") else line + "\n")
+                        done.add(rid)
+            part.unlink()
+
+
 def generate_split(model_dir: str, manifest: str, split: str, out: str, template: str | None = None,
                    context: str = "real", max_new_tokens: int | None = None, num_beams: int = 1,
-                   batch_size: int = 16, limit: int | None = None) -> int:
-    """Generate a report for every study of a split; output written as it goes, a rerun skips finished ids."""
+                   batch_size: int = 16, limit: int | None = None, dtype: str | None = None,
+                   **generate_kwargs) -> int:
+    """Generate a report for every study of a split; output written as it goes, a rerun skips finished ids.
+
+    context: real | none (indication left out) | generic (replaced by an uninformative one) | shuffled (another
+    study's indication) | blank_image (real context, every image replaced by a blank one).
+    Under `accelerate launch --num_processes N` every rank takes every N-th pending study and writes its own
+    part file; rank 0 folds the parts into `out` at the end (and at the start of a rerun after a crash).
+    generate_kwargs go to `model.generate` (do_sample, temperature, top_p, repetition_penalty,
+    no_repeat_ngram_size, length_penalty, ...).
+    """
+    from accelerate import PartialState
+
+    if context not in CONTEXT_MODES:
+        raise UserError(f"unknown context mode '{context}' (known: {', '.join(CONTEXT_MODES)})")
     records = read_manifest(manifest, split=split)
     if not records:
         raise UserError(f"{manifest}: no records in split '{split}'")
     if limit:
         records = records[:limit]
-    rm = ReportModel.load(model_dir)
+    if context == "shuffled":
+        records = _shuffle_indications(records)
+    # cpu=True when there is no GPU: under torchrun the ranks then form a gloo group (MULTI_CPU).
+    state = PartialState(cpu=not torch.cuda.is_available())
+    main = state.is_main_process
+    dtype = dtype or ("bf16" if state.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
+    rm = ReportModel.load(model_dir, dtype=dtype, device=str(state.device))
     tpl = load_template(template) if template else rm.template
     out_path = Path(out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if main:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        _merge_parts(out_path)  # leftovers of an interrupted multi-process run
+    state.wait_for_everyone()
     done = _done_ids(out_path)
-    todo = [r for r in records if str(r["id"]) not in done]
-    provenance = {
-        "model_dir": os.path.abspath(model_dir), "model_hash": _dir_hash(model_dir), "template": tpl.name,
-        "context": context, "decoding": {"num_beams": num_beams, "do_sample": False,
-                                         "max_new_tokens": max_new_tokens or rm.max_new_tokens},
-        "manifest": os.path.abspath(manifest), "split": split, "code_version": __version__,
-    }
-    Path(str(out_path) + ".meta.json").write_text(json.dumps(provenance, indent=2))
-    # Similar lengths together: less padding per batch.
-    todo.sort(key=lambda r: (len(r["images"]), len(r.get("indication") or "")))
-    collate = rm.collator(tpl, indication=context)
+    todo = sorted((r for r in records if str(r["id"]) not in done), key=lambda r: str(r["id"]))
+    todo = todo[state.process_index:: state.num_processes]
+    decoding = {"num_beams": num_beams, "max_new_tokens": max_new_tokens or rm.max_new_tokens,
+                "do_sample": bool(generate_kwargs.get("do_sample", False)), **generate_kwargs}
+    if main:
+        provenance = {
+            "model_dir": os.path.abspath(model_dir), "model_hash": _dir_hash(model_dir), "template": tpl.name,
+            "context": context, "decoding": decoding, "dtype": dtype, "num_processes": state.num_processes,
+            "manifest": os.path.abspath(manifest), "split": split, "code_version": __version__,
+        }
+        Path(str(out_path) + ".meta.json").write_text(json.dumps(provenance, indent=2))
+    # Similar lengths together: less padding per batch (views decide the image tokens, then the prompt).
+    todo.sort(key=lambda r: (len(r["images"]), len(r.get("indication") or "") + len(r.get("history") or "")))
+    collate = rm.collator(tpl, indication="real" if context in ("shuffled", "blank_image") else context,
+                          blank_images=context == "blank_image")
     target = tpl.target
-    with open(out_path, "a", encoding="utf-8") as fh:
-        for i in tqdm(range(0, len(todo), batch_size), desc=f"generate {split}", unit="batch"):
+    part = out_path if state.num_processes == 1 else Path(f"{out_path}.part{state.process_index}")
+    _drop_partial_tail(part)
+    with open(part, "a", encoding="utf-8") as fh:
+        for i in tqdm(range(0, len(todo), batch_size), desc=f"generate {split}", unit="batch", disable=not main):
             chunk = todo[i: i + batch_size]
             batch = collate(chunk)
-            texts = rm.generate_batch(batch, max_new_tokens=max_new_tokens, num_beams=num_beams)
+            texts = rm.generate_batch(batch, max_new_tokens=max_new_tokens, num_beams=num_beams, **generate_kwargs)
             for rec, text, prompt in zip(chunk, texts, batch["prompts"]):
-                ref = rec.get("findings") if target == "findings" else rec.get("impression")
-                row = {"id": rec["id"], "prediction": text, "reference": ref or "", "prompt": prompt}
+                row = {"id": rec["id"], "prediction": text, "reference": target_text(tpl, rec), "prompt": prompt}
                 for key in ("dataset", "labels", "split"):
                     if key in rec:
                         row[key] = rec[key]
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
             fh.flush()
+    state.wait_for_everyone()
+    if main and state.num_processes > 1:
+        _merge_parts(out_path)
     return len(records)

@@ -23,6 +23,7 @@ from transformers import get_scheduler
 
 from clinicalblip import __version__
 from clinicalblip.config import COMPONENTS, StageConfig
+from clinicalblip.data.check import apply_bad_record_policy
 from clinicalblip.data.collate import StudyCollator, model_inputs
 from clinicalblip.data.manifest import read_manifest
 from clinicalblip.errors import UserError
@@ -62,20 +63,6 @@ def _file_hash(path: str) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:16]
-
-
-def _filter_records(records: list[dict], policy: str, log, split: str) -> list[dict]:
-    """Apply data.on_bad_record: drop unusable records (logged by id) or stop naming them."""
-    try:
-        from clinicalblip.data.check import apply_bad_record_policy
-    except ImportError:  # the full validator lives in data/check.py
-        apply_bad_record_policy = None
-    if apply_bad_record_policy is not None:
-        return apply_bad_record_policy(records, policy, log=log)
-    bad = [r["id"] for r in records if not r["images"]]
-    if bad and policy == "error":
-        raise UserError(f"{split}: {len(bad)} record(s) without images: {', '.join(map(str, bad[:5]))}")
-    return [r for r in records if r["images"]]
 
 
 def _mixed_precision(dtype: str) -> str:
@@ -142,6 +129,8 @@ def _checkpoint_dirs(ckpt_root: Path) -> list[Path]:
 def train_stage(cfg: StageConfig) -> Path:
     """Train one stage and write its folder. Returns the stage folder path."""
     accelerator = Accelerator(
+        # without a GPU, ranks started by `accelerate launch --multi_gpu` / torchrun form a gloo group on CPU
+        cpu=not torch.cuda.is_available(),
         gradient_accumulation_steps=cfg.train.grad_accum,
         mixed_precision=_mixed_precision(cfg.model.dtype),
         log_with=None if cfg.train.report_to == "none" else cfg.train.report_to,
@@ -154,15 +143,16 @@ def train_stage(cfg: StageConfig) -> Path:
     set_seed(cfg.train.seed)
     out_dir = Path(cfg.output_dir)
 
-    # ---- data (read first: a bad manifest should fail before a model loads)
-    train_records = read_manifest(cfg.data.manifest, split=cfg.data.train_split)
+    # ---- data (read and checked first: a bad manifest should fail before a model loads). The whole
+    # manifest is checked, not one split: a patient in two splits is only visible across splits.
+    records = read_manifest(cfg.data.manifest)
+    records = apply_bad_record_policy(records, cfg.data.on_bad_record, log=log, check_images=cfg.data.check_images)
+    train_records = [r for r in records if r["split"] == cfg.data.train_split]
     if cfg.data.limit:
         train_records = train_records[: cfg.data.limit]
-    train_records = _filter_records(train_records, cfg.data.on_bad_record, log, cfg.data.train_split)
     if not train_records:
         raise UserError(f"{cfg.data.manifest}: no usable '{cfg.data.train_split}' records")
-    val_records = read_manifest(cfg.data.manifest, split=cfg.data.val_split)[: cfg.data.val_max]
-    val_records = _filter_records(val_records, cfg.data.on_bad_record, log, cfg.data.val_split)
+    val_records = [r for r in records if r["split"] == cfg.data.val_split][: cfg.data.val_max]
     template = load_template(cfg.data.template)
     empty = [r["id"] for r in train_records if not target_text(template, r)]
     if empty and cfg.data.on_bad_record == "error":
@@ -358,6 +348,7 @@ def train_stage(cfg: StageConfig) -> Path:
     if val_loader is not None and (last_val is None or cfg.train.eval_every):
         last_val = evaluate_loss(model, val_loader, accelerator)
         best_val = min(best_val, last_val)
+        log_metrics({"step": global_step, "val_loss": last_val})
 
     # ---- the stage folder
     accelerator.wait_for_everyone()

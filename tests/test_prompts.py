@@ -54,3 +54,33 @@ def test_separate_qformer_instruction():
                             "slots": ["indication"]})
     r = render(t, {"indication": "Fever."})
     assert r.prompt == "Indication: Fever.\nReport:" and r.qformer_prompt == "Describe the image."
+
+
+ALL = {"indication": "Cough.", "history": "Smoker.", "comparison": "2019.", "views": ["PA", "LATERAL"], "age": 67,
+       "sex": "F", "hints": ["effusion", "pneumothorax"]}
+CTX_BLOCK = "Indication: Cough.\nHistory: Smoker.\nComparison: 2019.\nViews: PA, LATERAL\nAge: 67\nSex: F\n" \
+            "Suspected: effusion, pneumothorax\n"
+
+
+@pytest.mark.parametrize("name,instruction", [
+    ("findings", "Write the findings of this chest radiograph."),
+    ("impression", "Write the impression of this chest radiograph."),
+    ("findings_impression", "Write the findings and impression of this chest radiograph."),
+])
+def test_every_template_pinned(name, instruction):
+    with_ctx, no_ctx = load_template(f"{name}_with_context"), load_template(f"{name}_no_context")
+    assert render(with_ctx, ALL).prompt == CTX_BLOCK + instruction  # full context
+    assert render(with_ctx, {"indication": "Cough.", "sex": "F"}).prompt == \
+        f"Indication: Cough.\nSex: F\n{instruction}"  # partial
+    assert render(with_ctx, {}).prompt == instruction  # empty
+    for ctx in (ALL, {}):
+        assert render(no_ctx, ctx).prompt == instruction
+    assert with_ctx.target == no_ctx.target == name
+
+
+def test_readme_describes_every_template():
+    from clinicalblip.prompts import prompts_dir
+
+    readme = (prompts_dir() / "README.md").read_text()
+    for name in available_templates():
+        assert f"`{name}`" in readme

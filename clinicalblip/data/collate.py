@@ -13,6 +13,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 import torch
+from PIL import Image
 
 from clinicalblip.data.images import load_image
 from clinicalblip.prompts import Template, render, target_text
@@ -91,8 +92,13 @@ class StudyCollator:
     seed: int = 0
     epoch: int = 0
     image_cache: dict | None = field(default=None, repr=False)
+    blank_images: bool = False  # ablation: every view replaced by a uniform gray image
 
     def _pixels(self, paths: list[str]) -> torch.Tensor:
+        if self.blank_images:
+            size = self.processor.image_processor.size
+            gray = Image.new("RGB", (size.get("width", 224), size.get("height", 224)), (128, 128, 128))
+            return self.processor.image_processor([gray] * len(paths), return_tensors="pt")["pixel_values"]
         if self.image_cache is None:
             imgs = [load_image(p) for p in paths]
             return self.processor.image_processor(imgs, return_tensors="pt")["pixel_values"]

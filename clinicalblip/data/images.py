@@ -24,6 +24,7 @@ from PIL import Image
 from clinicalblip.errors import UserError
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
+_PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 
 
 class ImageLoadError(UserError):
@@ -32,8 +33,11 @@ class ImageLoadError(UserError):
 
 def is_dicom(path: str | os.PathLike) -> bool:
     """A DICOM file by suffix, or by the 'DICM' marker after the 128-byte preamble."""
-    if str(path).lower().endswith(DICOM_SUFFIXES):
+    name = str(path).lower()
+    if name.endswith(DICOM_SUFFIXES):
         return True
+    if name.endswith(_PIL_SUFFIXES):  # no need to open the file to know (training calls this per image)
+        return False
     try:
         with open(path, "rb") as fh:
             head = fh.read(132)

@@ -27,8 +27,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from clinicalblip.data.manifest import manifest_relative_path, normalize_split
-from clinicalblip.data.prepare import PrepareError, finish, iter_r2gen_annotation, read_csv
+from clinicalblip.data.manifest import join_manifest_path, manifest_path_prefix, normalize_split
+from clinicalblip.data.prepare import finish, iter_r2gen_annotation, read_csv
 from clinicalblip.data.text import tidy_text
 from clinicalblip.data.views import normalize_view
 
@@ -89,6 +89,7 @@ def prepare_iu_xray(annotation: str | os.PathLike, out: str | os.PathLike, repor
         files = _study_files(uid, im, proj) if uid else []
         openi = not r2gen_first.is_file() and bool(files) and (image_root / files[0][0]).is_file()
 
+    prefix = manifest_path_prefix(image_root, out)
     records, unmatched_reports, unmatched_views, views_by_rule = [], 0, 0, 0
     for split_key, e in entries:
         sid = str(e["id"])
@@ -101,7 +102,7 @@ def prepare_iu_xray(annotation: str | os.PathLike, out: str | os.PathLike, repor
         if proj and not files:
             unmatched_views += 1
         if openi:
-            image_list = [(image_root / f, v) for f, v in files]
+            image_list = [(f, v) for f, v in files]
         else:
             paths = e.get("image_path") or []
             if isinstance(paths, str):
@@ -109,12 +110,12 @@ def prepare_iu_xray(annotation: str | os.PathLike, out: str | os.PathLike, repor
             views = _r2gen_views(len(paths), files) if files else [None] * len(paths)
             if files and len(files) != len(paths):
                 views_by_rule += 1
-            image_list = [(image_root / p, v) for p, v in zip(paths, views)]
+            image_list = list(zip(paths, views))
         rec = {
             "id": sid,
             "patient_id": uid,
             "split": normalize_split(e.get("split") or split_key),
-            "images": [{"path": manifest_relative_path(p, out), "view": v} for p, v in image_list],
+            "images": [{"path": join_manifest_path(prefix, p), "view": v} for p, v in image_list],
             "indication": tidy_text(row.get("indication")) if row else None,
             "history": None,
             "comparison": tidy_text(row.get("comparison")) if row else None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -127,3 +128,14 @@ def manifest_relative_path(image_path: str | os.PathLike, manifest_path: str | o
     except ValueError:  # different drives on Windows
         return image_path
     return Path(rel).as_posix()
+
+
+def manifest_path_prefix(folder: str | os.PathLike, manifest_path: str | os.PathLike) -> str:
+    """`folder` as seen from the manifest's folder; join file names under it with `join_manifest_path`.
+    (Computing the relative path once per dataset instead of once per image keeps prepare fast.)"""
+    return manifest_relative_path(folder, manifest_path)
+
+
+def join_manifest_path(prefix: str, relative: str) -> str:
+    """prefix + a POSIX path relative to it, normalised ("a/./b" -> "a/b")."""
+    return posixpath.normpath(posixpath.join(prefix, str(relative).replace(os.sep, "/")))

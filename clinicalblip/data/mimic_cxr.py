@@ -26,7 +26,7 @@ import os
 from collections import OrderedDict
 from pathlib import Path
 
-from clinicalblip.data.manifest import manifest_relative_path, normalize_split
+from clinicalblip.data.manifest import join_manifest_path, manifest_path_prefix, normalize_split
 from clinicalblip.data.prepare import PrepareError, finish, iter_r2gen_annotation, read_csv
 from clinicalblip.data.sections import report_fields
 from clinicalblip.data.views import normalize_view, view_order
@@ -152,6 +152,7 @@ def prepare_mimic_cxr(out: str | os.PathLike, root: str | os.PathLike | None = N
         for s in studies.values():
             s["paths"] = [f"{study_folder(s['subject'], s['study'])}/{d}.{ext}" for d in s["dicoms"]]
 
+    prefix = manifest_path_prefix(image_root, out)
     records, missing_reports, dropped = [], 0, 0
     for key, s in studies.items():
         study, subject = s["study"], s["subject"]
@@ -167,7 +168,7 @@ def prepare_mimic_cxr(out: str | os.PathLike, root: str | os.PathLike | None = N
             continue
         imgs = []
         for path, dicom in zip(s["paths"], s["dicoms"]):
-            imgs.append({"path": manifest_relative_path(image_root / path, out), "view": views.get(dicom)})
+            imgs.append({"path": join_manifest_path(prefix, path), "view": views.get(dicom)})
         imgs.sort(key=lambda im: view_order(im["view"]))
         rec = {
             "id": f"s{study}" if study.isdigit() else key,

@@ -174,7 +174,7 @@ def _history(labels, rng) -> str | None:
 # ---------------------------------------------------------------------------------------------------------
 # Finding details (shared by the renderer and the report): fixed number of draws whatever the labels
 # ---------------------------------------------------------------------------------------------------------
-_NODULE_SIZES = (("8 mm", 0.030), ("1 cm", 0.037), ("1.5 cm", 0.046), ("2 cm", 0.056))
+_NODULE_SIZES = (("8 mm", 0.036), ("1 cm", 0.044), ("1.5 cm", 0.053), ("2 cm", 0.063))
 _NODULE_ZONES = {  # (dx range, dy range) in lung-normalised coordinates; dx > 0 is lateral
     "upper": ((-0.35, 0.45), (-0.65, -0.35)),
     "mid": ((-0.30, 0.55), (-0.20, 0.10)),
@@ -211,11 +211,11 @@ def sample_details(labels: dict, subtle, rng: np.random.Generator) -> dict:
     # pneumothorax: side, collapsed-lung scale, darkness
     side = "right" if u[5] < 0.5 else "left"
     if "pneumothorax" in subtle:
-        size, f, alpha = "small", 0.86 + 0.02 * u[7], 0.7
+        size, f, alpha = "small", 0.79 + 0.03 * u[7], 0.8
     else:
         k = int(u[6] * 3)
         size = ("small", "moderate", "large")[k]
-        f = (0.78, 0.67, 0.55)[k] + 0.04 * u[7]
+        f = (0.70, 0.60, 0.50)[k] + 0.04 * u[7]
         alpha = 1.0
     d["pneumothorax"] = {"side": side, "size": size, "scale": float(f), "alpha": alpha}
     # consolidation: lobe, centre offset, radii, opacity
@@ -225,14 +225,14 @@ def sample_details(labels: dict, subtle, rng: np.random.Generator) -> dict:
     d["consolidation"] = {
         "side": side, "lobe": lobe,
         "dx": float(-0.1 + 0.35 * u[10]), "dy": float((-0.45 if lobe == "upper" else 0.2) + 0.15 * u[11]),
-        "rx": float((0.05 if sub else 0.075) + 0.025 * u[12]), "ry": float((0.05 if sub else 0.07) + 0.025 * u[13]),
-        "alpha": 0.5 if sub else 1.0, "patchy": bool(u[14] < 0.5),
+        "rx": float((0.06 if sub else 0.085) + 0.025 * u[12]), "ry": float((0.055 if sub else 0.075) + 0.025 * u[13]),
+        "alpha": 0.55 if sub else 1.0, "patchy": bool(u[14] < 0.5),
     }
     # nodule: size, side, zone, position inside the zone
     side = "right" if u[15] < 0.5 else "left"
     zone = ("upper", "mid", "lower")[int(u[16] * 3)]
     if "nodule" in subtle:
-        size_word, radius, alpha = _NODULE_SIZES[0][0], _NODULE_SIZES[0][1], 0.65
+        size_word, radius, alpha = _NODULE_SIZES[0][0], _NODULE_SIZES[0][1], 0.6
     else:
         size_word, radius = _NODULE_SIZES[1 + int(u[17] * 3)]
         alpha = 1.0
@@ -245,7 +245,7 @@ def sample_details(labels: dict, subtle, rng: np.random.Generator) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 # Rendering (vectorised numpy; all geometry in normalised anatomical coordinates, so any image size works)
 # ---------------------------------------------------------------------------------------------------------
-_BG, _BODY, _LUNG, _MEDIAST, _HEART, _FLUID, _PTX, _BONE = 10.0, 122.0, 52.0, 150.0, 162.0, 140.0, 16.0, 175.0
+_BG, _BODY, _LUNG, _MEDIAST, _HEART, _FLUID, _PTX, _BONE = 10.0, 122.0, 60.0, 150.0, 162.0, 145.0, 6.0, 175.0
 
 
 def _smooth_noise(rng, size, k):
@@ -297,8 +297,8 @@ def render_study(labels: dict, rng: np.random.Generator, image_size: int = 64, s
     wx = 0.95 + 0.10 * g[1]                # chest width
     tx, ty = 0.06 * (g[2] - 0.5), 0.06 * (g[3] - 0.5)
     th = np.deg2rad(6.0 * (g[4] - 0.5))
-    glob_f = (0.85 + 0.3 * g[5], 24.0 * (g[6] - 0.5), 0.9 + 0.2 * g[7], 2.0 + 3.0 * g[8])
-    glob_l = (0.85 + 0.3 * g[9], 24.0 * (g[10] - 0.5), 0.9 + 0.2 * g[7], 2.0 + 3.0 * g[8])
+    glob_f = (0.85 + 0.3 * g[5], 24.0 * (g[6] - 0.5), 0.9 + 0.2 * g[7], 2.0 + 2.0 * g[8])
+    glob_l = (0.85 + 0.3 * g[9], 24.0 * (g[10] - 0.5), 0.9 + 0.2 * g[7], 2.0 + 2.0 * g[8])
     rib_phase = 6.283 * g[11]
 
     px = (np.arange(S, dtype=np.float32) + 0.5) / S
@@ -337,8 +337,8 @@ def _render_frontal(U, V, aa, has, d, tex, rib_phase):
 
     lungs = {}
     lung_any = np.zeros(U.shape, np.float32)
-    markings = 7.0 * tex[0] + 4.0 * tex[1]
-    ribs = 5.0 * np.sin(6.283 * 8.0 * (V + 0.25 * (U - 0.5) ** 2) + rib_phase)
+    markings = 5.0 * tex[0] + 3.0 * tex[1]
+    ribs = 3.0 * np.sin(6.283 * 8.0 * (V + 0.25 * (U - 0.5) ** 2) + rib_phase)
     for side in ("right", "left"):
         cx, cy = _lung_center(side)
         ay = _LUNG_AY * (1.0 if side == "right" else 0.97)
@@ -362,7 +362,7 @@ def _render_frontal(U, V, aa, has, d, tex, rib_phase):
         a = p["alpha"]
         img = img * (1 - a * rim) + _PTX * a * rim
         line = np.exp(-(((rc - 1.0) * _LUNG_AX * f) / (1.2 * aa)) ** 2) * lungs[side]
-        img += 40.0 * a * line
+        img += 50.0 * a * line
 
     # mediastinum and heart
     med, _ = _ellipse(U, V, 0.5, 0.30, 0.055, 0.34, aa)
@@ -394,7 +394,7 @@ def _render_frontal(U, V, aa, has, d, tex, rib_phase):
         ccx, ccy = cx + sd * c["dx"] * _LUNG_AX, cy + c["dy"] * _LUNG_AY
         r = np.hypot((U - ccx) / c["rx"], (V - ccy) / c["ry"]) + (0.35 if c["patchy"] else 0.2) * tex[1]
         m = np.clip(0.5 + (1.0 - r) * min(c["rx"], c["ry"]) / (1.5 * aa), 0.0, 1.0) * lungs[c["side"]]
-        img += 62.0 * c["alpha"] * m
+        img += 85.0 * c["alpha"] * m
 
     # nodule: small round opacity
     n = d["nodule"]
@@ -403,7 +403,7 @@ def _render_frontal(U, V, aa, has, d, tex, rib_phase):
         sd = _lateral_dir(n["side"])
         ncx, ncy = cx + sd * n["dx"] * _LUNG_AX, cy + n["dy"] * _LUNG_AY
         m, _ = _ellipse(U, V, ncx, ncy, n["radius"], n["radius"], aa * 0.8)
-        img += 75.0 * n["alpha"] * m
+        img += 100.0 * n["alpha"] * m
     return img
 
 

@@ -21,7 +21,7 @@ import json
 import os
 from pathlib import Path
 
-from clinicalblip.data.manifest import manifest_relative_path, normalize_split
+from clinicalblip.data.manifest import join_manifest_path, manifest_path_prefix, normalize_split
 from clinicalblip.data.prepare import PrepareError, finish, open_text, read_csv
 from clinicalblip.data.sections import report_fields
 from clinicalblip.data.text import tidy_text
@@ -140,6 +140,7 @@ def prepare_table(path: str | os.PathLike, out: str | os.PathLike, fmt: str | No
         cols = mapping.get(target)
         return row.get(cols[0]) if cols else None
 
+    prefix = manifest_path_prefix(image_root, out)
     records, no_id = [], []
     for i, row in enumerate(rows, 1):
         rid = get(row, "id")
@@ -161,7 +162,7 @@ def prepare_table(path: str | os.PathLike, out: str | os.PathLike, fmt: str | No
                 view = view_items[k]
             given = Path(str(p)).expanduser()
             # Absolute paths in the export stay absolute (they point into a PACS mount or the like).
-            stored = str(given) if given.is_absolute() else manifest_relative_path(image_root / given, out)
+            stored = str(given) if given.is_absolute() else join_manifest_path(prefix, str(p))
             imgs.append({"path": stored, "view": normalize_view(view)})
         fields = {k: tidy_text(get(row, k)) for k in _TEXT}
         if "report" in mapping:

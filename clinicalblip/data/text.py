@@ -49,6 +49,8 @@ _REPEATED_PERIOD_RE = re.compile(r"\.(?:\s*\.)+")
 
 
 def _normalize_chars(text: str) -> str:
+    if text.isascii():  # the common case, and NFC / the tables below change nothing in ASCII
+        return text
     text = unicodedata.normalize("NFC", text)
     return text.translate(_SPACE_LIKE).translate(_ZERO_WIDTH)
 
@@ -62,6 +64,8 @@ def is_placeholder(text: str | None) -> bool:
     """True for empty text and for values that mean "nothing here" ("None.", "N/A", "None available", ...)."""
     if text is None:
         return True
+    if len(text) > 80:  # placeholders are short; long text is never one
+        return False
     core = collapse_whitespace(str(text)).lower().rstrip(" .;:,")
     return core == "" or bool(_PLACEHOLDER_RE.match(core))
 

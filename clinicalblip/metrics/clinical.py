@@ -51,10 +51,7 @@ def _bootstrap_weights(n: int, resamples: int, seed: int) -> np.ndarray:
     # Multiplicity of each report in each resample: (resamples, n). A resample is n draws with replacement.
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n, size=(resamples, n))
-    weights = np.zeros((resamples, n), dtype=np.float64)
-    rows = np.repeat(np.arange(resamples), n)
-    np.add.at(weights, (rows, idx.ravel()), 1.0)
-    return weights
+    return np.stack([np.bincount(row, minlength=n) for row in idx]).astype(np.float64)
 
 
 def clinical_scores(

@@ -14,6 +14,7 @@ runs CheXbert when the user has its weights on disk; it is never used unless ask
 
 from __future__ import annotations
 
+import bisect
 import re
 from pathlib import Path
 from typing import Iterable, Protocol, Sequence, runtime_checkable
@@ -67,7 +68,7 @@ _PHRASES: list[tuple[str, str, int | None]] = [
     ("Cardiomegaly", _HEART + _GAP + r"\s+(?<!non)(?:enlarged|enlargement|increased|large|prominent)\b", None),
     ("Cardiomegaly", r"borderline (?:heart|cardiac|enlarged heart|cardiomegaly)", UNCERTAIN),
     ("Cardiomegaly", r"(?:heart|cardiac)(?: size| silhouette)?(?: is)? borderline|"
-                     r"(?:heart|cardiac)\b[^.;]{0,50}?\bborderline (?:enlarged|enlargement|large|increased)", UNCERTAIN),
+                     r"(?:heart|cardiac)\b[^.;\x00]{0,50}?\bborderline (?:enlarged|enlargement|large|increased)", UNCERTAIN),
     ("Cardiomegaly", r"(?:normal|nl) (?:heart|cardiac) (?:size|silhouette|contour)s?|"
                      r"(?:heart|cardiac silhouette|heart size|cardiac size)(?: is| are| appears?| remains?)?"
                      r" (?:normal|within normal limits|unremarkable)", NEGATIVE),
@@ -84,7 +85,8 @@ _PHRASES: list[tuple[str, str, int | None]] = [
     ("Pleural Effusion", r"(?<!pericardial )(?<!joint )(?<!knee )effusions?\b|pleural fluid|hydrothorax|hydropneumothorax|"
                          r"fluid (?:in|within|tracking along) the (?:\w+ )?(?:fissure|pleural space)", None),
     # --- Pneumothorax
-    ("Pneumothorax", r"pneumothora(?:x|ces)|\bptx\b|pleural air\b|air in the pleural space", None),
+    ("Pneumothorax", r"(?:hydro|hemo|hydro-|hemo-)?pneumothora(?:x|ces)|\bptx\b|pleural air\b|air in the pleural space",
+     None),
     # --- Atelectasis
     ("Atelectasis", r"atelecta\w*|(?<!vertebral )(?<!body )(?<!compression )collapsed?\b", None),
     # --- Edema (congestion alone is not called edema)
@@ -101,7 +103,7 @@ _PHRASES: list[tuple[str, str, int | None]] = [
                      r"air ?space (?:disease|process|filling)|ground[- ]glass|haziness|hazy|"
                      r"interstitial (?:opacit\w+|disease|process|infiltrat\w*)", None),
     # --- Lung Lesion
-    ("Lung Lesion", r"nodules?\b|nodularity|nodular (?:densit\w+|opaci\w+|lesions?|infiltrat\w+)|\bmass(?:es|like|-like)?\b|"
+    ("Lung Lesion", r"(?:micro|fibro|reticulo|reticulo-)?nodul(?:e|es|ar|arity)\b|\bmass(?:es|like|-like)?\b|"
                     r"(?<!skin )(?<!bony )(?<!bone )(?<!osseous )(?<!rib )(?<!lytic )(?<!lucent )(?<!sclerotic )lesions?\b|"
                     r"tumou?rs?\b|neoplasm|carcinoma|malignan\w+|cavitary|cavitation|\blump", None),
     # --- Pleural Other
@@ -122,9 +124,11 @@ _PHRASES: list[tuple[str, str, int | None]] = [
     # --- other abnormalities: not among the 14, but a report that has them is not "No Finding"
     (_OTHER, r"emphysema\w*|\bcopd\b|chronic obstructive|obstructive (?:pulmonary|lung) disease|hyperinflat\w*|"
              r"hyperexpan\w*|hyperaerat\w*|overinflat\w*|hyperlucen\w*|bullae|bullous|blebs?\b|"
-             r"flatten\w* (?:of )?(?:the )?(?:hemi)?diaphragm\w*|blunt\w*|scolio\w*|kypho\w*|lordo\w*|degenerat\w*|"
-             r"spondylo\w*|osteophyt\w*|arthrit\w*|arthropath\w*|osteopeni\w*|osteoporo\w*|demineraliz\w*|"
-             r"calcifi\w*|calcinosis|granulom\w*|hernia\w*|eventration|elevat\w+ (?:of )?(?:the )?(?:\w+ )?"
+             r"flatten\w* (?:of )?(?:the )?(?:hemi)?diaphragm\w*|blunt\w*|(?:levo|dextro|rotoscolio|kypho)?scolio\w*|"
+             r"(?:hyper)?kypho\w*|(?:hyper)?lordo\w*|degenerat\w*|"
+             r"spondylo\w*|osteophyt\w*|(?:osteo|spondyl)?arthrit\w*|(?:osteo)?arthropath\w*|osteopeni\w*|osteoporo\w*|"
+             r"demineraliz\w*|"
+             r"(?:micro)?calcifi\w*|calcinosis|granulom\w*|hernia\w*|eventration|elevat\w+ (?:of )?(?:the )?(?:\w+ )?"
              r"(?:hemi)?diaphragm|(?:hemi)?diaphragm\w* (?:is |are )?(?:\w+ )?elevat\w*|"
              r"(?<!pleural )thicken\w*|interstitial (?:markings|prominence|pattern|lung disease)|reticul\w*|"
              r"fibros\w*|fibrotic|scar(?:s|ring|red)?\b|cicatri\w*|atheroscler\w*|tortu\w*|ectatic|ectasia|"
@@ -166,7 +170,7 @@ _UNC_BEFORE_NEG = re.compile(
 )
 _NEG_PRE = re.compile(
     r"\b(?:no|not|without|negative for|free of|clear of|absence of|absent|resolution of|resolved|removal of|"
-    r"rather than|instead of|never|neither|nor|none|exclude[sd]?|ruled out|rules out|lack of|"
+    r"rather than|instead of|never|neither|nor|none|lack of|"
     r"no evidence of|no sign of|no signs of|no findings? of|disappearance of|clearing of|"
     r"interval (?:resolution|clearing|removal) of)\b"
 )
@@ -179,15 +183,17 @@ _NEG_POST = re.compile(
 _UNC_PRE = re.compile(
     r"\b(?:may|might|could|would|possibl[ey]|probabl[ey]|likely|questionabl[ey]|question(?:ed)?|"
     r"suspicious|suspicion|suspect\w*|suggest\w*|concern\w*|consider\w*|differential|ddx|versus|vs|borderline|equivocal|"
-    r"indeterminate|presum\w*|favor\w*|worrisome|cannot|can ?not|uncertain|unclear|if|rule out|r/o|"
-    r"represent\w*|compatible with|not excluded|or|and/or|either|apparent\w*|perhaps|potential\w*|"
-    r"atypical|nonspecific|non-specific)\b"
+    r"indeterminate|presum\w*|favor\w*|worrisome|cannot|can ?not|uncertain|unclear|if|rule out|r/o|exclude|"
+    r"not excluded|either|perhaps|potential(?:ly)?)\b"
 )
 _UNC_POST = re.compile(
     r"^(?:\s+\S+){0,4}?\s*(?:\b(?:is|are)\s+)?(?:possible|possibly|probable|likely|suspected|questioned|"
-    r"suggested|not excluded|versus|vs|or|and/or|may|might|could|cannot be excluded|can not be excluded|"
+    r"suggested|not excluded|versus|vs|may|might|could|cannot be excluded|can not be excluded|"
     r"would be|of uncertain|uncertain|unclear|is suspected)\b|\?"
 )
+# "X or Y" offers alternatives (uncertain) unless it merely lists what did not change ("no change in X or Y").
+_OR = re.compile(r"\b(?:or|and/or)\b")
+_OR_POST = re.compile(r"^\s*(?:\S+\s+){0,3}?(?:or|and/or)\b")
 # The finding is the object of a look, not a statement about the patient ("evaluation for pneumothorax is limited").
 _NOT_ASSERTED = re.compile(
     r"\b(?:evaluat\w*|assess\w*|examin\w*|screen\w*|search\w*|looking|look) (?:for|of) (?:\w+ ){0,3}$"
@@ -200,17 +206,14 @@ _SCOPE_BREAK = re.compile(
     r"\b(?:seen|noted|identified|present|demonstrated|visualized|evident|appreciated)\s*,"
 )
 
-
 _SENT_SPLIT = re.compile(r"(?<=[.!?])\s+|\n+|(?<=\.)(?=[a-z])|\s+(?=\d+\.\s)")
 
-_COMPILED: list[tuple[str, re.Pattern, int | None]] = [(o, re.compile(p), v) for o, p, v in _PHRASES]
-_BY_OBS: dict[str, list[tuple[re.Pattern, int | None]]] = {}
-for _o, _p, _v in _COMPILED:
-    _BY_OBS.setdefault(_o, []).append((_p, _v))
+# Every phrase starts at a word boundary ("stent" must not match inside "consistent").
+_COMPILED: list[tuple[str, re.Pattern, int | None]] = [(o, re.compile(r"\b(?:" + p + ")"), v) for o, p, v in _PHRASES]
 
 
 def _normalize(text: str) -> str:
-    text = text.lower().replace("\u2019", "'")
+    text = text.lower().replace("\u2019", "'").replace("\x00", " ")
     text = re.sub(r"[ \t\r\f\v]+", " ", text)
     return text
 
@@ -229,6 +232,7 @@ def _classify(sentence: str, start: int, end: int) -> int | None:
     for m in _SCOPE_BREAK.finditer(before):
         scope = m.end()
     pre = before[scope:] + " " + sentence[start:end]
+    listing = bool(_PSEUDO_NEG.search(pre))
     pre = _PSEUDO_NEG.sub(" ", pre)
     after = sentence[end:]
     cut = _SCOPE_BREAK.search(after)
@@ -239,6 +243,8 @@ def _classify(sentence: str, start: int, end: int) -> int | None:
     if _NEG_PRE.search(pre) or _NEG_POST.search(post):
         return NEGATIVE
     if _UNC_PRE.search(pre) or _UNC_POST.search(post):
+        return UNCERTAIN
+    if not listing and (_OR.search(pre) or _OR_POST.search(post)):
         return UNCERTAIN
     return POSITIVE
 
@@ -255,19 +261,27 @@ def _aggregate(values: list[int]) -> int:
 def label_report(text: str | None) -> dict[str, int | None]:
     """Label one report; every observation of OBSERVATIONS maps to 1, 0, -1 or None."""
     found: dict[str, list[int]] = {}
-    text = _normalize(text or "")
-    for sentence in _sentences(text):
-        for obs, pattern, fixed in _COMPILED:
-            for m in pattern.finditer(sentence):
-                if fixed == NEGATIVE:
-                    value = NEGATIVE
-                else:
-                    value = _classify(sentence, m.start(), m.end())
-                    if value is None:
-                        continue
-                    if fixed == UNCERTAIN and value == POSITIVE:
-                        value = UNCERTAIN
-                found.setdefault(obs, []).append(value)
+    sentences = _sentences(_normalize(text or ""))
+    # Scan the whole report once per phrase (much faster than once per sentence); sentences are joined with NUL,
+    # which no phrase can match across, and each match is then judged inside its own sentence.
+    joined = "\x00".join(sentences)
+    starts, pos = [], 0
+    for sentence in sentences:
+        starts.append(pos)
+        pos += len(sentence) + 1
+    for obs, pattern, fixed in _COMPILED:
+        for m in pattern.finditer(joined):
+            if fixed == NEGATIVE:
+                value = NEGATIVE
+            else:
+                k = bisect.bisect_right(starts, m.start()) - 1
+                sentence, offset = sentences[k], starts[k]
+                value = _classify(sentence, m.start() - offset, m.end() - offset)
+                if value is None:
+                    continue
+                if fixed == UNCERTAIN and value == POSITIVE:
+                    value = UNCERTAIN
+            found.setdefault(obs, []).append(value)
     out: dict[str, int | None] = {o: None for o in OBSERVATIONS}
     for obs, values in found.items():
         if obs in out:
@@ -386,10 +400,11 @@ def get_labeler(name: str = "chexpert", **options) -> Labeler:
 
 
 # ---------------------------------------------------------------------------------------------- files
-def read_texts(path: str | Path) -> list[tuple[str, str]]:
+def read_texts(path: str | Path, field: str | None = None) -> list[tuple[str, str]]:
     """(id, text) pairs from JSONL with ``id`` + ``text``, or a predictions file (its ``prediction`` field).
 
-    Provenance lines (with a ``_provenance`` key) are skipped. Raises UserError naming the line on bad input.
+    ``field`` picks another text field (e.g. ``reference``). Provenance lines (with a ``_provenance`` key) are
+    skipped. Raises UserError naming the line on bad input.
     """
     import json
 
@@ -409,12 +424,12 @@ def read_texts(path: str | Path) -> list[tuple[str, str]]:
                 raise UserError(f"{path}:{lineno}: expected a JSON object per line")
             if "_provenance" in rec:
                 continue
-            for key in ("text", "prediction", "report"):
+            for key in (field,) if field else ("text", "prediction", "report"):
                 if key in rec:
                     text = rec[key]
                     break
             else:
-                raise UserError(f"{path}:{lineno}: no 'text' (or 'prediction') field")
+                raise UserError(f"{path}:{lineno}: no {repr(field) if field else repr('text') + ' (or prediction)'} field")
             if text is not None and not isinstance(text, str):
                 raise UserError(f"{path}:{lineno}: '{key}' must be a string")
             rid = rec.get("id", lineno)
@@ -438,10 +453,11 @@ def write_labels_csv(path: str | Path, ids: Iterable[str], labels: Iterable[dict
     return path
 
 
-def label_file(input_path: str | Path, out_path: str | Path, labeler: Labeler | None = None) -> dict:
+def label_file(input_path: str | Path, out_path: str | Path, labeler: Labeler | None = None,
+               field: str | None = None) -> dict:
     """Label every record of ``input_path`` into ``out_path`` (CSV); returns counts per observation."""
     labeler = labeler or ChexpertRuleLabeler()
-    pairs = read_texts(input_path)
+    pairs = read_texts(input_path, field)
     labels = labeler.label([t for _, t in pairs])
     write_labels_csv(out_path, [i for i, _ in pairs], labels)
     counts = {o: {"1": 0, "0": 0, "-1": 0} for o in OBSERVATIONS}

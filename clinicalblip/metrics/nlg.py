@@ -142,7 +142,7 @@ class _MeteorProcess:
         out = self._proc.stdout.readline()
         if not out:
             self._stderr.seek(0)
-            err = self._stderr.read().decode(errors="replace").strip()[-2000:]
+            err = " ".join(self._stderr.read().decode(errors="replace").split())[-2000:]
             raise UserError(f"the METEOR java process stopped unexpectedly: {err or '(no message)'}")
         return out.decode().strip()
 
@@ -152,17 +152,27 @@ class _MeteorProcess:
     def corpus_score(self, gts: dict, res: dict) -> tuple[float, list[float]]:
         """pycocoevalcap's ``Meteor.compute_score``: one SCORE line per segment, then one EVAL over all stats."""
         with self._lock:
-            stats = []
-            for key in gts:
-                hyp = _meteor_safe(res[key][0]).replace("  ", " ")
-                refs = [_meteor_safe(r) for r in gts[key]]
-                self._ask(" ||| ".join(("SCORE", " ||| ".join(refs), hyp)))
-                stats.append(self._read())
-            self._ask("EVAL ||| " + " ||| ".join(stats))
-            per_segment = [float(self._read()) for _ in stats]
-            return float(self._read()), per_segment
+            try:
+                stats = []
+                for key in gts:
+                    hyp = _meteor_safe(res[key][0]).replace("  ", " ")
+                    refs = [_meteor_safe(r) for r in gts[key]]
+                    self._ask(" ||| ".join(("SCORE", " ||| ".join(refs), hyp)))
+                    stats.append(self._read())
+                self._ask("EVAL ||| " + " ||| ".join(stats))
+                per_segment = [float(self._read()) for _ in stats]
+                return float(self._read()), per_segment
+            except (ValueError, OSError) as exc:
+                # out of step with the jar: end it so the next call starts a fresh one
+                self.close()
+                raise UserError(f"METEOR failed: {exc}") from exc
+            except BaseException:
+                self.close()
+                raise
 
     def close(self) -> None:
+        if self._stderr.closed:
+            return
         if self._proc.poll() is None:
             try:
                 self._proc.stdin.close()
@@ -215,7 +225,7 @@ def ptb_tokenize(texts: Sequence[str]) -> list[str]:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
     if proc.returncode != 0:
-        raise UserError(f"the PTB tokenizer failed: {proc.stderr.decode(errors='replace').strip()[-2000:]}")
+        raise UserError(f"the PTB tokenizer failed: {' '.join(proc.stderr.decode(errors='replace').split())[-2000:]}")
     out = proc.stdout.decode().split("\n")
     out += [""] * max(0, len(lines) - len(out))
     punct = set(PUNCTUATIONS)

@@ -1,0 +1,222 @@
+"""Evaluate a predictions file: NLG metrics + clinical efficacy -> metrics.json (+ report.md and a per-label F1 plot).
+
+Predictions are JSON Lines ``{"id", "prediction", "reference", ...}``; a line holding a ``_provenance`` key
+(model, template, decoding settings) is not a record: it is copied into metrics.json under ``provenance``, as is
+``<predictions>.meta.json`` (what ``clinicalblip generate`` writes) when the file has no such line.
+
+Clinical labels:
+- ``chexpert`` (real reports): the rule labeler on prediction and on reference, the 14 CheXpert observations;
+  ``clinical_macro_f1`` is the macro F1 over the 14.
+- ``synthetic`` (records with ``"dataset": "synthetic"`` and true ``"labels"``): the synthetic dataset's own
+  report parser (``clinicalblip.data.synth.label_report``) on the prediction against the record's true labels;
+  ``clinical_macro_f1`` is the macro F1 over ``clinicalblip.data.synth.FINDINGS``.
+- ``auto``: synthetic when every record is synthetic, else chexpert.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from clinicalblip.errors import UserError
+from clinicalblip.metrics.clinical import clinical_scores
+from clinicalblip.metrics.labeler import CheXbertLabeler, ChexpertRuleLabeler, Labeler
+from clinicalblip.metrics.nlg import METRIC_KEYS, compute_nlg
+
+log = logging.getLogger(__name__)
+
+LABELER_CHOICES = ("auto", "chexpert", "synthetic", "chexbert")
+
+
+def read_predictions(path: str | Path) -> tuple[list[dict], dict | None]:
+    """(records, provenance) from a predictions JSONL; clear UserErrors for a missing file or bad lines."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"predictions file not found: {path}")
+    if path.is_dir():
+        raise UserError(f"predictions path is a folder, expected a .jsonl file: {path}")
+    records: list[dict] = []
+    provenance: dict | None = None
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(rec, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(rec).__name__}")
+            if "_provenance" in rec:
+                provenance = rec["_provenance"] if isinstance(rec["_provenance"], dict) else rec
+                continue
+            for key in ("prediction", "reference"):
+                if key not in rec:
+                    raise UserError(f"{path}:{lineno}: record {rec.get('id', '?')!r} has no '{key}' field")
+                if rec[key] is not None and not isinstance(rec[key], str):
+                    raise UserError(f"{path}:{lineno}: '{key}' must be a string")
+            rec["_line"] = lineno
+            records.append(rec)
+    if not records:
+        raise UserError(f"{path}: no prediction records")
+    if provenance is None:
+        # generate may also leave its provenance beside the predictions
+        for side in (Path(str(path) + ".meta.json"), path.with_suffix(".provenance.json")):
+            if side.is_file():
+                try:
+                    provenance = json.loads(side.read_text(encoding="utf-8"))
+                except json.JSONDecodeError:
+                    log.warning("ignoring unreadable provenance file %s", side)
+                break
+    return records, provenance
+
+
+def _is_synthetic(rec: dict) -> bool:
+    return rec.get("dataset") == "synthetic" and isinstance(rec.get("labels"), dict)
+
+
+def _resolve_labeler(records: list[dict], labeler: str) -> str:
+    if labeler not in LABELER_CHOICES:
+        raise UserError(f"unknown labeler {labeler!r}; choose one of {', '.join(LABELER_CHOICES)}")
+    synthetic = [_is_synthetic(r) for r in records]
+    if labeler == "auto":
+        if all(synthetic):
+            return "synthetic"
+        if any(synthetic):
+            raise UserError("the predictions mix synthetic records (with true 'labels') and real ones; "
+                            "choose --labeler chexpert or --labeler synthetic explicitly")
+        return "chexpert"
+    if labeler == "synthetic" and not all(synthetic):
+        bad = next(r for r, s in zip(records, synthetic) if not s)
+        raise UserError(f"--labeler synthetic needs every record to carry \"dataset\": \"synthetic\" and a "
+                        f"'labels' dict; line {bad['_line']} (id {bad.get('id')!r}) does not")
+    return labeler
+
+
+def _synthetic_block(records: list[dict], bootstrap: int, seed: int) -> dict:
+    try:
+        from clinicalblip.data.synth import FINDINGS, label_report
+    except ImportError as exc:
+        raise UserError(f"synthetic labels need clinicalblip.data.synth (label_report, FINDINGS): {exc}") from exc
+    refs, preds = [], []
+    for rec in records:
+        truth = rec["labels"]
+        unknown = set(truth) - set(FINDINGS)
+        if unknown:
+            raise UserError(f"line {rec['_line']}: unknown synthetic finding(s) {sorted(unknown)}; "
+                            f"known: {', '.join(FINDINGS)}")
+        refs.append({f: int(bool(truth.get(f, 0))) for f in FINDINGS})
+        got = label_report(rec.get("prediction") or "")
+        preds.append({f: int(bool(got.get(f, 0))) for f in FINDINGS})
+    block = clinical_scores(
+        refs, preds, FINDINGS, uncertain_as="positive", micro_sets={"micro": tuple(FINDINGS)}, separate=(),
+        bootstrap=bootstrap, seed=seed, labeler="synthetic (clinicalblip.data.synth.label_report)",
+    )
+    block["convention"] = ("binary labels: the synthetic report parser on the prediction vs the record's true "
+                           "labels (no uncertain class)")
+    block["uncertain_as"] = None
+    return block
+
+
+def _real_block(records: list[dict], labeler: Labeler, uncertain_as: str, bootstrap: int, seed: int) -> dict:
+    texts_ref = [r.get("reference") or "" for r in records]
+    texts_pred = [r.get("prediction") or "" for r in records]
+    ref_labels = labeler.label(texts_ref)
+    pred_labels = labeler.label(texts_pred)
+    block = clinical_scores(ref_labels, pred_labels, uncertain_as=uncertain_as, bootstrap=bootstrap, seed=seed,
+                            labeler=labeler.name)
+    block["reference_labels_from"] = "the same labeler run on the reference reports"
+    return block
+
+
+def evaluate_predictions(
+    pred_path: str | Path,
+    out_path: str | Path,
+    protocol: str = "r2gen",
+    labeler: str = "auto",
+    bootstrap: int = 1000,
+    seed: int = 0,
+    report_md: bool | str | Path = True,
+    *,
+    skip_java_metrics: bool = False,
+    uncertain_as: str = "positive",
+    chexbert_weights: str | Path | None = None,
+    chexbert_tokenizer: str | Path | None = None,
+) -> dict:
+    """Score ``pred_path`` and write ``out_path`` (metrics.json); returns the metrics dict.
+
+    ``report_md``: True writes ``report.md`` (``<stem>.report.md`` unless the output is ``metrics.json``) and a
+    per-label F1 PNG beside ``out_path``; a path writes the report there; False writes none.
+    """
+    records, provenance = read_predictions(pred_path)
+    which = _resolve_labeler(records, labeler)
+    if skip_java_metrics and protocol == "coco-ptb":
+        raise UserError("protocol coco-ptb needs Java for the PTB tokenizer, so it cannot skip Java metrics; "
+                        "use --protocol r2gen with --skip-java-metrics")
+    refs = [r.get("reference") or "" for r in records]
+    preds = [r.get("prediction") or "" for r in records]
+    empty = sum(1 for p in preds if not p.strip())
+    if empty:
+        log.warning("%d of %d predictions are empty (scored as such)", empty, len(preds))
+
+    # Build the labeler and score NLG first: missing weights, a missing Java or a bad protocol fail early.
+    lab: Labeler | None = None
+    if which == "chexbert":
+        lab = CheXbertLabeler(chexbert_weights, chexbert_tokenizer)
+    elif which == "chexpert":
+        lab = ChexpertRuleLabeler()
+    nlg = compute_nlg(refs, preds, protocol=protocol, skip=("METEOR",) if skip_java_metrics else ())
+    if lab is None:
+        clinical = _synthetic_block(records, bootstrap, seed)
+    else:
+        clinical = _real_block(records, lab, uncertain_as, bootstrap, seed)
+
+    metrics: dict[str, Any] = {k: nlg[k] for k in METRIC_KEYS}
+    metrics["protocol"] = nlg["protocol"]
+    metrics["n"] = nlg["n"]
+    if nlg.get("skipped"):
+        metrics["skipped"] = nlg["skipped"]
+    metrics["clinical_macro_f1"] = clinical["macro"]["f1"]
+    metrics["clinical"] = clinical
+    metrics["empty_predictions"] = empty
+    metrics["predictions"] = str(pred_path)
+    if provenance is not None:
+        metrics["provenance"] = provenance
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    if report_md:
+        from clinicalblip.metrics.report import write_report
+
+        md_path = Path(report_md) if not isinstance(report_md, bool) else _default_report_path(out_path)
+        metrics["report"] = str(write_report(metrics, md_path))
+    return metrics
+
+
+def _default_report_path(out_path: Path) -> Path:
+    if out_path.name == "metrics.json":
+        return out_path.with_name("report.md")
+    return out_path.with_name(out_path.stem + ".report.md")
+
+
+def format_summary(metrics: dict) -> str:
+    """A short plain-text table for the terminal."""
+    def f(v):
+        return "   n/a" if v is None else f"{v:6.4f}"
+
+    lines = [f"n={metrics['n']}  protocol={metrics['protocol']}  labeler={metrics['clinical']['labeler']}"]
+    lines.append("  ".join(f"{k:>7}" for k in METRIC_KEYS))
+    lines.append("  ".join(f"{f(metrics[k]):>7}" for k in METRIC_KEYS))
+    c = metrics["clinical"]
+    ci = c["macro"].get("f1_ci95")
+    extra = f"  95% CI [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
+    lines.append(f"clinical macro F1 ({len(c['observations'])} labels): {c['macro']['f1']:.4f}{extra}")
+    if "micro_5" in c:
+        lines.append(f"clinical micro F1 (5 common): {c['micro_5']['f1']:.4f}")
+    if "no_finding" in c:
+        lines.append(f"No Finding F1: {c['no_finding']['f1']:.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Evaluation runbook: generate on a split, evaluate, and the ablations that show whether the model uses its
+# inputs (each a row of the report):
+#   trained       the model with the real clinical context
+#   no_indication the indication left out of every prompt
+#   shuffled      every study gets another study's indication (same distribution, wrong patient)
+#   generic       every indication replaced by an uninformative one
+#   blank_image   every image replaced by a blank one (does it read the image at all?)
+#
+#   ./eval.sh MODEL_DIR MANIFEST [SPLIT] [OUT_DIR]
+# defaults: the demo model and data from ./train.sh, split test, OUT_DIR=MODEL_DIR/eval
+set -euo pipefail
+cd "$(dirname "$0")"
+source scripts/venv.sh
+MODEL="${1:-runs/demo/stage2}"
+MANIFEST="${2:-runs/demo/data/manifest.jsonl}"
+SPLIT="${3:-test}"
+OUT="${4:-$MODEL/eval}"
+mkdir -p "$OUT"
+
+for ctx in real none shuffled generic blank_image; do
+  clinicalblip generate "$MODEL" --manifest "$MANIFEST" --split "$SPLIT" --context "$ctx" --out "$OUT/preds_$ctx.jsonl"
+  clinicalblip eval "$OUT/preds_$ctx.jsonl" --out "$OUT/metrics_$ctx.json" > /dev/null
+done
+python -m clinicalblip.demo ablations "$OUT"
