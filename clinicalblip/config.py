@@ -31,7 +31,11 @@ class ModelConfig:
     # "tiny" / "tiny-t5" (built in code), a local checkpoint folder, or a hub id
     # (e.g. Salesforce/instructblip-vicuna-7b); ignored when the stage has a parent.
     base: str = "tiny"
-    dtype: str = "fp32"  # fp32 | bf16 | fp16: weights and autocast precision
+    # fp32 | bf16 | fp16: frozen weights are stored in this dtype and matmuls autocast to it; trainable
+    # weights (LoRA, full components) stay fp32 for a stable optimizer.
+    dtype: str = "fp32"
+    # none | 4bit | 8bit: the frozen language model loaded through bitsandbytes (QLoRA). Needs a CUDA GPU.
+    quantization: str = "none"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
 
@@ -112,6 +116,8 @@ class TrainConfig:
     resume: str = "auto"  # auto | none | PATH to a checkpoint folder
     val_generate: int = 0  # val studies to generate for metrics at each validation (0 = loss only)
     report_to: str = "none"  # none | tensorboard | wandb
+    # Write the stage from the weights with the lowest val loss seen (val, never test), not the last ones.
+    select_best: bool = False
 
 
 @dataclass
@@ -272,6 +278,15 @@ def validate(cfg: StageConfig) -> None:
         raise ConfigError("every component is frozen: nothing would train (set a trainable.* to lora or full)")
     if cfg.model.dtype not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"model.dtype must be fp32, bf16 or fp16, got '{cfg.model.dtype}'")
+    q = cfg.model.quantization
+    if q not in ("none", "4bit", "8bit"):
+        raise ConfigError(f"model.quantization must be none, 4bit or 8bit, got '{q}'")
+    if q != "none":
+        if t.language_model == "full":
+            raise ConfigError(f"model.quantization={q} quantizes the language model, which then cannot be trained "
+                              "fully: set trainable.language_model to lora (QLoRA) or frozen, or quantization none")
+        if cfg.model.dtype == "fp32":
+            raise ConfigError(f"model.quantization={q} computes in bf16/fp16: set model.dtype=bf16")
     if cfg.data.on_bad_record not in ("error", "skip"):
         raise ConfigError(f"data.on_bad_record must be error or skip, got '{cfg.data.on_bad_record}'")
     if cfg.data.check_images not in ("decode", "exists", "none"):

@@ -34,14 +34,37 @@ def build_base(base: str, dtype: str = "fp32", corpus: list[str] | None = None, 
     return load_pretrained(base, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
-def load_pretrained(path_or_id: str, dtype: str = "fp32", trust_remote_code: bool = False):
+def quantization_config(quantization: str, dtype: str):
+    """bitsandbytes config quantizing the language model only (vision, Q-Former, projection, lm_head stay)."""
+    if quantization == "none":
+        return None
+    if not torch.cuda.is_available():
+        raise UserError(f"model.quantization={quantization} needs a CUDA GPU (bitsandbytes); use quantization none on CPU")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("model.quantization needs bitsandbytes: pip install 'clinicalblip[gpu]'") from None
+    from transformers import BitsAndBytesConfig
+
+    skip = ["vision_model", "qformer", "language_projection", "lm_head"]
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch_dtype(dtype), bnb_4bit_quant_storage=torch_dtype(dtype),
+                              llm_int8_skip_modules=skip)
+
+
+def load_pretrained(path_or_id: str, dtype: str = "fp32", trust_remote_code: bool = False,
+                    quantization: str = "none"):
     """Load model + processor from a folder or hub id (weights through safetensors only)."""
     local = Path(path_or_id)
     if local.exists() and not (local / "config.json").is_file():
         raise UserError(f"{path_or_id}: not an InstructBLIP checkpoint folder (no config.json)")
+    qcfg = quantization_config(quantization, dtype)
+    extra = {"quantization_config": qcfg, "device_map": {"": torch.cuda.current_device()}} if qcfg else {}
     try:
         model = InstructBlipForConditionalGeneration.from_pretrained(
-            path_or_id, dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code
+            path_or_id, dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code, **extra
         )
         processor = InstructBlipProcessor.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
     except OSError as exc:

@@ -122,6 +122,8 @@ def build_tiny_model(processor: InstructBlipProcessor, preset: str = "tiny", see
         vocab_size=len(q_tok), hidden_size=hidden_q, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=4 * hidden_q, cross_attention_frequency=1, encoder_hidden_size=hidden_v,
         max_position_embeddings=512, pad_token_id=q_tok.pad_token_id,
+        # No dropout in the tiny towers: runs are exactly reproducible across process counts and resumes.
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
     if preset == "tiny-t5":
         text = T5Config(

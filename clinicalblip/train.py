@@ -27,7 +27,7 @@ from clinicalblip.data.check import apply_bad_record_policy
 from clinicalblip.data.collate import StudyCollator, model_inputs
 from clinicalblip.data.manifest import read_manifest
 from clinicalblip.errors import UserError
-from clinicalblip.model import build_base, fingerprint, is_decoder_only, is_tiny
+from clinicalblip.model import build_base, fingerprint, is_decoder_only, is_tiny, load_pretrained, torch_dtype
 from clinicalblip.prompts import load_template, target_text
 from clinicalblip.stages import (
     apply_trainable,
@@ -101,6 +101,16 @@ def _corpus(records: list[dict]) -> list[str]:
     return texts
 
 
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, decoder_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy over report tokens and their count (decoder-only logits predict the next token)."""
+    if decoder_only:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    labels = labels.to(logits.device)
+    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                             ignore_index=-100, reduction="sum")
+    return loss, (labels != -100).sum()
+
+
 @torch.no_grad()
 def evaluate_loss(model, loader, accelerator) -> float:
     """Token-weighted mean loss over a loader (all ranks)."""
@@ -128,6 +138,13 @@ def _checkpoint_dirs(ckpt_root: Path) -> list[Path]:
 
 def train_stage(cfg: StageConfig) -> Path:
     """Train one stage and write its folder. Returns the stage folder path."""
+    # Combinations that cannot work are refused before anything is built or loaded.
+    if cfg.model.dtype == "fp16" and not torch.cuda.is_available():
+        raise UserError("model.dtype=fp16 is not supported on CPU: use fp32 (or bf16)")
+    if cfg.model.quantization != "none":
+        from clinicalblip.model import quantization_config
+
+        quantization_config(cfg.model.quantization, cfg.model.dtype)  # needs a GPU and bitsandbytes
     accelerator = Accelerator(
         # without a GPU, ranks started by `accelerate launch --multi_gpu` / torchrun form a gloo group on CPU
         cpu=not torch.cuda.is_available(),
@@ -136,8 +153,10 @@ def train_stage(cfg: StageConfig) -> Path:
         log_with=None if cfg.train.report_to == "none" else cfg.train.report_to,
         project_dir=cfg.output_dir,
     )
-    if cfg.model.dtype == "fp16" and accelerator.device.type == "cpu":
-        raise UserError("model.dtype=fp16 is not supported on CPU: use fp32 (or bf16)")
+    ds = accelerator.state.deepspeed_plugin
+    if cfg.model.quantization != "none" and ds is not None and ds.zero_stage == 3:
+        raise UserError(f"model.quantization={cfg.model.quantization} under DeepSpeed ZeRO-3 is not supported here: "
+                        "ZeRO-3 would shard the packed quantized weights. Use ZeRO-2 or plain DDP for QLoRA")
     main = accelerator.is_main_process
     log = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
     set_seed(cfg.train.seed)
@@ -162,6 +181,13 @@ def train_stage(cfg: StageConfig) -> Path:
     # ---- model: the parent chain (merged) or the base, then this stage's trainable policy
     if cfg.parent:
         model, processor, chain = load_stage_model(cfg.parent)
+        if cfg.model.quantization != "none":
+            # Quantization happens at load time: the merged parent is written aside and loaded quantized.
+            merged_dir = out_dir / ".parent_merged"
+            if main:
+                model.save_pretrained(merged_dir)
+            accelerator.wait_for_everyone()
+            model, _ = load_pretrained(str(merged_dir), dtype=cfg.model.dtype, quantization=cfg.model.quantization)
         parent_info = read_stage(cfg.parent)
         base = dict(chain[0]["base"])
         base["path"] = os.path.relpath(os.path.join(chain[0]["dir"], base["path"]), out_dir.resolve()) \
@@ -169,8 +195,13 @@ def train_stage(cfg: StageConfig) -> Path:
         parent_desc = f"{cfg.parent} ({parent_info['name']})"
     else:
         corpus = _corpus(train_records) if is_tiny(cfg.model.base) else None
-        model, processor = build_base(cfg.model.base, dtype="fp32", corpus=corpus, seed=cfg.train.seed,
-                                      trust_remote_code=cfg.model.trust_remote_code)
+        if cfg.model.quantization != "none" and not is_tiny(cfg.model.base):
+            model, processor = load_pretrained(cfg.model.base, dtype=cfg.model.dtype,
+                                               trust_remote_code=cfg.model.trust_remote_code,
+                                               quantization=cfg.model.quantization)
+        else:
+            model, processor = build_base(cfg.model.base, dtype="fp32", corpus=corpus, seed=cfg.train.seed,
+                                          trust_remote_code=cfg.model.trust_remote_code)
         if is_tiny(cfg.model.base):
             # A base built in code is saved with the stage so that the chain is self-contained.
             if main:
@@ -184,10 +215,21 @@ def train_stage(cfg: StageConfig) -> Path:
                     "fingerprint": fingerprint(cfg.model.base) if is_dir else None}
         parent_desc = "none (base)"
     model.train()
-    if cfg.model.gradient_checkpointing:
+    if cfg.model.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.model.gradient_checkpointing)
+    elif cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads() if hasattr(model, "enable_input_require_grads") else None
+        # with a frozen embedding layer, checkpointed blocks need inputs that require grad (PEFT's note)
+        model.enable_input_require_grads()
     model, report = apply_trainable(model, cfg)
+    if cfg.model.dtype != "fp32":
+        # Frozen weights in the low-precision dtype (half the memory); trainable ones fp32 for the optimizer.
+        low = torch_dtype(cfg.model.dtype)
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.data = p.data.to(torch.float32 if p.requires_grad else low)
 
     collate = StudyCollator(
         processor=processor, template=template, num_query_tokens=processor.num_query_tokens,
@@ -282,7 +324,7 @@ def train_stage(cfg: StageConfig) -> Path:
 
     # ---- the loop
     model.train()
-    best_val, last_val = float("inf"), None
+    best_val, last_val, best_state, best_step = float("inf"), None, None, None
     t_interval, samples_interval, loss_interval, n_interval = time.perf_counter(), 0, 0.0, 0
     bar = tqdm(total=total_steps, initial=global_step, desc=cfg.name, disable=not accelerator.is_local_main_process,
                dynamic_ncols=True)
@@ -301,7 +343,14 @@ def train_stage(cfg: StageConfig) -> Path:
         for batch in loader:
             batches_in_epoch += 1
             with accelerator.accumulate(model):
-                loss = model(**model_inputs(batch)).loss
+                inputs = model_inputs(batch)
+                logits = model(**inputs).logits
+                loss_sum, n_tok = token_loss_sum(logits, inputs["labels"], collate.decoder_only)
+                # Normalise by the report tokens of this micro-step on ALL ranks: DDP then averages to the
+                # same gradient as one process holding the whole batch (a per-rank mean would weight ranks
+                # with short reports too much).
+                n_global = accelerator.reduce(n_tok.detach().clone(), "sum").clamp(min=1)
+                loss = loss_sum * accelerator.num_processes / n_global
                 accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
@@ -309,7 +358,7 @@ def train_stage(cfg: StageConfig) -> Path:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            loss_interval += loss.detach().float().item()
+            loss_interval += (loss.detach().float() / accelerator.num_processes).item()
             n_interval += 1
             samples_interval += len(batch["ids"]) * accelerator.num_processes
             if not accelerator.sync_gradients:
@@ -335,12 +384,18 @@ def train_stage(cfg: StageConfig) -> Path:
                 or (not cfg.train.eval_every and end_of_epoch)
             ):
                 last_val = evaluate_loss(model, val_loader, accelerator)
+                if last_val < best_val and cfg.train.select_best:
+                    best_state = {n: p.detach().to("cpu", copy=True) for n, p in
+                                  accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+                    best_step = global_step
                 best_val = min(best_val, last_val)
                 log_metrics({"step": global_step, "epoch": epoch, "val_loss": last_val})
                 if main:
                     tqdm.write(f"step {global_step} | val_loss {last_val:.4f}")
             if cfg.train.save_every and global_step % cfg.train.save_every == 0 and global_step < total_steps:
                 save_checkpoint(epoch if not end_of_epoch else epoch + 1, batches_in_epoch if not end_of_epoch else 0)
+            if os.environ.get("CLINICALBLIP_TEST_KILL_AT_STEP") == str(global_step):
+                os._exit(137)  # tests: die like a SIGKILL (no cleanup, no stage folder)
             if global_step >= total_steps:
                 done = True
                 break
@@ -353,14 +408,23 @@ def train_stage(cfg: StageConfig) -> Path:
     # ---- the stage folder
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
+    if cfg.train.select_best and best_state is not None and last_val is not None and best_val < last_val:
+        with torch.no_grad():
+            for n, p in unwrapped.named_parameters():
+                if n in best_state:
+                    p.copy_(best_state[n].to(p.device))
+        log(f"select_best: writing the weights of step {best_step} (val_loss {best_val:.4f} < final {last_val:.4f})")
+        last_val = best_val
     if main:
         metrics = {"val_loss": last_val, "best_val_loss": best_val if best_val < float("inf") else None,
-                   "steps": global_step, "train_studies": len(train_records)}
+                   "best_step": best_step, "steps": global_step, "train_studies": len(train_records)}
         write_stage(out_dir, unwrapped, processor, cfg, template, report, base=base,
                     parent=os.path.abspath(cfg.parent) if cfg.parent else None, metrics=metrics,
                     data_hash=_file_hash(cfg.data.manifest))
         log(f"stage '{cfg.name}' written to {out_dir} (val_loss {last_val if last_val is None else round(last_val, 4)})")
     accelerator.wait_for_everyone()
+    if main and (out_dir / ".parent_merged").exists():
+        shutil.rmtree(out_dir / ".parent_merged", ignore_errors=True)
     if cfg.train.report_to != "none":
         accelerator.end_training()
     return out_dir

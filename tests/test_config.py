@@ -64,3 +64,32 @@ def test_bad_yaml_file(tmp_path):
     p.write_text("name: [unclosed\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_stage_config(p)
+
+
+@pytest.mark.parametrize("overrides,msg", [
+    (["model.quantization=4bit", "trainable.language_model=full"], "cannot be trained fully"),
+    (["model.quantization=4bit", "trainable.language_model=lora"], "set model.dtype=bf16"),
+    (["model.quantization=3bit"], "none, 4bit or 8bit"),
+    (["data.check_images=maybe"], "decode, exists or none"),
+])
+def test_impossible_precision_combinations_rejected_before_loading(overrides, msg):
+    with pytest.raises(ConfigError, match=msg):
+        stage_config_from_dict(BASE, overrides)
+
+
+def test_quantization_and_fp16_on_cpu_rejected_with_what_to_change(tmp_path):
+    import torch
+
+    from clinicalblip.errors import UserError
+    from clinicalblip.train import train_stage
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only check")
+    (tmp_path / "m.jsonl").write_text("")
+    for over, msg in ((["model.quantization=4bit", "model.dtype=bf16", "trainable.language_model=lora"],
+                       "needs a CUDA GPU"),
+                      (["model.dtype=fp16"], "fp16 is not supported on CPU")):
+        cfg = stage_config_from_dict({**BASE, "output_dir": str(tmp_path / "o"),
+                                      "data": {"manifest": str(tmp_path / "m.jsonl")}}, over)
+        with pytest.raises(UserError, match=msg):
+            train_stage(cfg)

@@ -174,7 +174,7 @@ def _history(labels, rng) -> str | None:
 # ---------------------------------------------------------------------------------------------------------
 # Finding details (shared by the renderer and the report): fixed number of draws whatever the labels
 # ---------------------------------------------------------------------------------------------------------
-_NODULE_SIZES = (("8 mm", 0.036), ("1 cm", 0.044), ("1.5 cm", 0.053), ("2 cm", 0.063))
+_NODULE_SIZES = (("8 mm", 0.040), ("1 cm", 0.048), ("1.5 cm", 0.058), ("2 cm", 0.068))
 _NODULE_ZONES = {  # (dx range, dy range) in lung-normalised coordinates; dx > 0 is lateral
     "upper": ((-0.35, 0.45), (-0.65, -0.35)),
     "mid": ((-0.30, 0.55), (-0.20, 0.10)),
@@ -182,15 +182,23 @@ _NODULE_ZONES = {  # (dx range, dy range) in lung-normalised coordinates; dx > 0
 }
 
 
+def _as_set(subtle) -> set:
+    if isinstance(subtle, dict):
+        return {f for f, v in subtle.items() if v}
+    if isinstance(subtle, str):
+        return {subtle}
+    return set(subtle or ())
+
+
 def sample_details(labels: dict, subtle, rng: np.random.Generator) -> dict:
     """Severity, side and location of every finding (drawn even when absent, so rendering is comparable)."""
-    subtle = set(subtle or ())
+    subtle = _as_set(subtle)
     u = rng.random(24)
     d = {}
     # cardiomegaly: cardiothoracic ratio
     if labels.get("cardiomegaly"):
         if "cardiomegaly" in subtle:
-            sev, ctr = "mild", 0.51 + 0.03 * u[1]
+            sev, ctr = "mild", 0.49 + 0.03 * u[1]
         elif u[0] < 0.5:
             sev, ctr = "moderate", 0.57 + 0.04 * u[1]
         else:
@@ -211,7 +219,7 @@ def sample_details(labels: dict, subtle, rng: np.random.Generator) -> dict:
     # pneumothorax: side, collapsed-lung scale, darkness
     side = "right" if u[5] < 0.5 else "left"
     if "pneumothorax" in subtle:
-        size, f, alpha = "small", 0.79 + 0.03 * u[7], 0.8
+        size, f, alpha = "small", 0.81 + 0.03 * u[7], 0.75
     else:
         k = int(u[6] * 3)
         size = ("small", "moderate", "large")[k]
@@ -226,7 +234,7 @@ def sample_details(labels: dict, subtle, rng: np.random.Generator) -> dict:
         "side": side, "lobe": lobe,
         "dx": float(-0.1 + 0.35 * u[10]), "dy": float((-0.45 if lobe == "upper" else 0.2) + 0.15 * u[11]),
         "rx": float((0.06 if sub else 0.085) + 0.025 * u[12]), "ry": float((0.055 if sub else 0.075) + 0.025 * u[13]),
-        "alpha": 0.55 if sub else 1.0, "patchy": bool(u[14] < 0.5),
+        "alpha": 0.5 if sub else 1.0, "patchy": bool(u[14] < 0.5),
     }
     # nodule: size, side, zone, position inside the zone
     side = "right" if u[15] < 0.5 else "left"
@@ -394,7 +402,7 @@ def _render_frontal(U, V, aa, has, d, tex, rib_phase):
         ccx, ccy = cx + sd * c["dx"] * _LUNG_AX, cy + c["dy"] * _LUNG_AY
         r = np.hypot((U - ccx) / c["rx"], (V - ccy) / c["ry"]) + (0.35 if c["patchy"] else 0.2) * tex[1]
         m = np.clip(0.5 + (1.0 - r) * min(c["rx"], c["ry"]) / (1.5 * aa), 0.0, 1.0) * lungs[c["side"]]
-        img += 85.0 * c["alpha"] * m
+        img += 95.0 * c["alpha"] * m
 
     # nodule: small round opacity
     n = d["nodule"]
@@ -403,7 +411,7 @@ def _render_frontal(U, V, aa, has, d, tex, rib_phase):
         sd = _lateral_dir(n["side"])
         ncx, ncy = cx + sd * n["dx"] * _LUNG_AX, cy + n["dy"] * _LUNG_AY
         m, _ = _ellipse(U, V, ncx, ncy, n["radius"], n["radius"], aa * 0.8)
-        img += 100.0 * n["alpha"] * m
+        img += 140.0 * n["alpha"] * m
     return img
 
 
