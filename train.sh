@@ -32,7 +32,7 @@ start=$(date +%s)
 
 # 1. The synthetic dataset: frontal + lateral images whose findings are drawn in, indications that
 #    carry (and sometimes mislead about) prior information, reports from varied sentence templates.
-[ -f "$DATA/manifest.jsonl" ] || clinicalblip data synth --out "$DATA" --n 2000 --seed 0
+[ -f "$DATA/.complete-6000" ] || { rm -rf "$DATA"; clinicalblip data synth --out "$DATA" --n 6000 --seed 0 && touch "$DATA/.complete-6000"; }
 
 # 2. The tiny stages, in order; stage 2 starts from stage 1's folder (see the YAML comments).
 rm -rf "$RUN/stage1" "$RUN/stage2" "$RUN/release" "$RUN/preds" "$RUN/metrics"
@@ -41,10 +41,10 @@ clinicalblip train configs/tiny/stage2.yaml
 
 # 3. Generation on the test split: the trained model with real indications, without the indication,
 #    and with every indication replaced by a generic one (does it read the image?); plus a constant baseline.
-clinicalblip generate "$RUN/stage2" --manifest "$DATA/manifest.jsonl" --split test --out "$RUN/preds/trained.jsonl"
-clinicalblip generate "$RUN/stage2" --manifest "$DATA/manifest.jsonl" --split test --context none \
+clinicalblip generate "$RUN/stage2" --manifest "$DATA/manifest.jsonl" --split test --batch-size 64 --out "$RUN/preds/trained.jsonl"
+clinicalblip generate "$RUN/stage2" --manifest "$DATA/manifest.jsonl" --split test --batch-size 64 --context none \
   --out "$RUN/preds/no_indication.jsonl"
-clinicalblip generate "$RUN/stage2" --manifest "$DATA/manifest.jsonl" --split test --context generic \
+clinicalblip generate "$RUN/stage2" --manifest "$DATA/manifest.jsonl" --split test --batch-size 64 --context generic \
   --out "$RUN/preds/generic_indication.jsonl"
 python -m clinicalblip.demo constant --manifest "$DATA/manifest.jsonl" --out "$RUN/preds/constant.jsonl"
 

@@ -174,7 +174,7 @@ def _history(labels, rng) -> str | None:
 # ---------------------------------------------------------------------------------------------------------
 # Finding details (shared by the renderer and the report): fixed number of draws whatever the labels
 # ---------------------------------------------------------------------------------------------------------
-_NODULE_SIZES = (("8 mm", 0.040), ("1 cm", 0.048), ("1.5 cm", 0.058), ("2 cm", 0.068))
+_NODULE_SIZES = (("8 mm", 0.045), ("1 cm", 0.065), ("1.5 cm", 0.075), ("2 cm", 0.085))
 _NODULE_ZONES = {  # (dx range, dy range) in lung-normalised coordinates; dx > 0 is lateral
     "upper": ((-0.35, 0.45), (-0.65, -0.35)),
     "mid": ((-0.30, 0.55), (-0.20, 0.10)),
@@ -223,7 +223,7 @@ def sample_details(labels: dict, subtle, rng: np.random.Generator) -> dict:
     else:
         k = int(u[6] * 3)
         size = ("small", "moderate", "large")[k]
-        f = (0.70, 0.60, 0.50)[k] + 0.04 * u[7]
+        f = (0.62, 0.52, 0.42)[k] + 0.04 * u[7]
         alpha = 1.0
     d["pneumothorax"] = {"side": side, "size": size, "scale": float(f), "alpha": alpha}
     # consolidation: lobe, centre offset, radii, opacity
@@ -233,7 +233,7 @@ def sample_details(labels: dict, subtle, rng: np.random.Generator) -> dict:
     d["consolidation"] = {
         "side": side, "lobe": lobe,
         "dx": float(-0.1 + 0.35 * u[10]), "dy": float((-0.45 if lobe == "upper" else 0.2) + 0.15 * u[11]),
-        "rx": float((0.06 if sub else 0.085) + 0.025 * u[12]), "ry": float((0.055 if sub else 0.075) + 0.025 * u[13]),
+        "rx": float((0.06 if sub else 0.11) + 0.025 * u[12]), "ry": float((0.055 if sub else 0.10) + 0.025 * u[13]),
         "alpha": 0.5 if sub else 1.0, "patchy": bool(u[14] < 0.5),
     }
     # nodule: size, side, zone, position inside the zone
@@ -402,7 +402,7 @@ def _render_frontal(U, V, aa, has, d, tex, rib_phase):
         ccx, ccy = cx + sd * c["dx"] * _LUNG_AX, cy + c["dy"] * _LUNG_AY
         r = np.hypot((U - ccx) / c["rx"], (V - ccy) / c["ry"]) + (0.35 if c["patchy"] else 0.2) * tex[1]
         m = np.clip(0.5 + (1.0 - r) * min(c["rx"], c["ry"]) / (1.5 * aa), 0.0, 1.0) * lungs[c["side"]]
-        img += 95.0 * c["alpha"] * m
+        img += 120.0 * c["alpha"] * m
 
     # nodule: small round opacity
     n = d["nodule"]
