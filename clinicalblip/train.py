@@ -195,19 +195,27 @@ def train_stage(cfg: StageConfig) -> Path:
         parent_desc = f"{cfg.parent} ({parent_info['name']})"
     else:
         corpus = _corpus(train_records) if is_tiny(cfg.model.base) else None
-        if cfg.model.quantization != "none" and not is_tiny(cfg.model.base):
+        saved_base = out_dir / "base"
+        if is_tiny(cfg.model.base) and (saved_base / "config.json").is_file() and cfg.train.resume != "none":
+            # A resumed run reuses the base it built (tokenizer training is not bit-reproducible).
+            model, processor = load_pretrained(str(saved_base))
+        elif cfg.model.quantization != "none" and not is_tiny(cfg.model.base):
             model, processor = load_pretrained(cfg.model.base, dtype=cfg.model.dtype,
                                                trust_remote_code=cfg.model.trust_remote_code,
                                                quantization=cfg.model.quantization)
-        else:
-            model, processor = build_base(cfg.model.base, dtype="fp32", corpus=corpus, seed=cfg.train.seed,
-                                          trust_remote_code=cfg.model.trust_remote_code)
-        if is_tiny(cfg.model.base):
-            # A base built in code is saved with the stage so that the chain is self-contained.
+        elif is_tiny(cfg.model.base):
+            # Built once, on the main process, and saved with the stage (the chain stays self-contained);
+            # the other ranks load that copy, so every rank holds the very same base and tokenizers.
             if main:
-                model.save_pretrained(out_dir / "base")
-                processor.save_pretrained(out_dir / "base")
+                model, processor = build_base(cfg.model.base, dtype="fp32", corpus=corpus, seed=cfg.train.seed)
+                model.save_pretrained(saved_base)
+                processor.save_pretrained(saved_base)
             accelerator.wait_for_everyone()
+            if not main:
+                model, processor = load_pretrained(str(saved_base))
+        else:
+            model, processor = build_base(cfg.model.base, dtype="fp32", trust_remote_code=cfg.model.trust_remote_code)
+        if is_tiny(cfg.model.base):
             base = {"name": cfg.model.base, "path": "base", "fingerprint": fingerprint(out_dir / "base")}
         else:
             is_dir = os.path.isdir(cfg.model.base)

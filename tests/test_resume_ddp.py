@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _train(args, env_extra=None, launcher=None, cwd=None):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error")
+    # one thread: multithreaded CPU kernels (e.g. attention backward) reduce in a timing-dependent order
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error",
+               OMP_NUM_THREADS="1")
     env.update(env_extra or {})
     cmd = (launcher or [sys.executable]) + ["-m", "clinicalblip", "train", *map(str, args)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=cwd)
@@ -43,6 +46,9 @@ def test_resume_after_kill_equals_uninterrupted(synth_manifest, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
 
     killed = tmp_path / "killed"
+    # the same starting point: a tiny base is built in code (its tokenizer training is not bit-reproducible),
+    # and a stage folder that already holds a base reuses it
+    shutil.copytree(full / "base", killed / "base")
     proc = _train(_common(synth_manifest, killed), {"CLINICALBLIP_TEST_KILL_AT_STEP": "5"})
     assert proc.returncode == 137
     assert not (killed / "stage.json").exists()
@@ -60,6 +66,7 @@ def test_two_process_ddp_equals_one_process(synth_manifest, tmp_path):
     base = [REPO / "configs/tiny/stage1.yaml", f"data.manifest={synth_manifest}", "train.max_steps=3",
             "data.val_max=4", "data.context_dropout=0.0"]
     assert _train(base + [f"output_dir={one}", "train.batch_size=4"]).returncode == 0
+    shutil.copytree(one / "base", two / "base")  # the same tiny base (see the resume test)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     proc = _train(base + [f"output_dir={two}", "train.batch_size=2"], launcher=launch)
