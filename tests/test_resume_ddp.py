@@ -74,3 +74,37 @@ def test_two_process_ddp_equals_one_process(synth_manifest, tmp_path):
     assert "effective batch 4 (2 x 1 accum x 2 proc)" in proc.stdout
     assert proc.stdout.count("clinicalblip 0.") == 1  # run header on the main process only
     _assert_same(_weights(one), _weights(two), atol=2e-5)
+
+
+def test_training_with_skip_drops_exactly_the_bad_records_and_says_so(synth_manifest, tmp_path):
+    """corrupt image, missing file, empty report, duplicate id, patient in two splits: dropped, named, counted."""
+    import json
+
+    from clinicalblip.data.manifest import read_manifest
+
+    good = read_manifest(synth_manifest)  # absolute image paths
+    train = [r for r in good if r["split"] == "train"]
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG not really")
+    bad = [
+        dict(train[0], id="bad-corrupt", patient_id="pc", images=[{"path": str(tmp_path / "corrupt.png"), "view": "PA"}]),
+        dict(train[0], id="bad-missing", patient_id="pm", images=[{"path": str(tmp_path / "nope.png"), "view": "PA"}]),
+        dict(train[0], id="bad-empty", patient_id="pe", findings="", impression=""),
+        dict(train[0], id="bad-dup", patient_id="pd1"), dict(train[0], id="bad-dup", patient_id="pd2"),
+        dict(train[0], id="bad-leak-a", patient_id="pleak", split="train"),
+        dict(train[0], id="bad-leak-b", patient_id="pleak", split="test"),
+    ]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in good + bad))
+    out = tmp_path / "stage"
+    args = [REPO / "configs/tiny/stage1.yaml", f"data.manifest={manifest}", f"output_dir={out}", "train.max_steps=1",
+            "train.batch_size=4", "data.val_max=4"]
+    proc = _train(args)  # default on_bad_record: error -> refused, naming the records
+    assert proc.returncode == 2 and "bad-corrupt" in proc.stderr and "on_bad_record: skip" in proc.stderr
+    proc = _train(args + ["data.on_bad_record=skip"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = next(l for l in proc.stdout.splitlines() if "on_bad_record=skip" in l)
+    for rid in ("bad-corrupt", "bad-missing", "bad-empty", "bad-dup", "bad-leak-a", "bad-leak-b"):
+        assert rid in line
+    assert f"dropping {len(bad)} of {len(good) + len(bad)} records" in line
+    info = json.loads((out / "stage.json").read_text())
+    assert info["metrics"]["train_studies"] == len(train)  # exactly the good train studies remain
