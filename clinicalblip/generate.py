@@ -254,7 +254,6 @@ def generate_split(model_dir: str, manifest: str, split: str, out: str, template
     todo.sort(key=lambda r: (len(r["images"]), len(r.get("indication") or "") + len(r.get("history") or "")))
     collate = rm.collator(tpl, indication="real" if context in ("shuffled", "blank_image") else context,
                           blank_images=context == "blank_image")
-    target = tpl.target
     part = out_path if state.num_processes == 1 else Path(f"{out_path}.part{state.process_index}")
     _drop_partial_tail(part)
     with open(part, "a", encoding="utf-8") as fh:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from clinicalblip.errors import UserError
+from clinicalblip.jsonl import iter_json_objects
 
 SPLITS = ("train", "val", "test")
 TEXT_FIELDS = ("indication", "history", "comparison", "findings", "impression")
@@ -49,16 +50,7 @@ def iter_manifest(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
         raise ManifestError(f"manifest not found: {path}")
     with open(path, encoding="utf-8", errors="strict") as fh:
         try:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ManifestError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-                if not isinstance(rec, dict):
-                    raise ManifestError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-                yield lineno, rec
+            yield from iter_json_objects(fh, path, ManifestError)
         except UnicodeDecodeError as exc:
             raise ManifestError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
 

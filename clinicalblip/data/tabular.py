@@ -26,6 +26,7 @@ from clinicalblip.data.prepare import PrepareError, finish, open_text, read_csv
 from clinicalblip.data.sections import report_fields
 from clinicalblip.data.text import tidy_text
 from clinicalblip.data.views import normalize_view
+from clinicalblip.jsonl import iter_json_objects
 
 TARGETS = ("id", "patient_id", "split", "images", "views", "indication", "history", "comparison", "findings",
            "impression", "report")
@@ -61,16 +62,7 @@ def _read_jsonl(path: Path, encoding: str) -> list[dict]:
                 if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
                     raise PrepareError(f"{path}: expected a list of objects")
                 return data
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise PrepareError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-                if not isinstance(row, dict):
-                    raise PrepareError(f"{path}:{lineno}: expected a JSON object")
-                rows.append(row)
+            rows.extend(row for _, row in iter_json_objects(fh, path, PrepareError))
     except UnicodeDecodeError as exc:
         raise PrepareError(f"{path}: not {encoding} text ({exc.reason}); pass --encoding") from None
     except json.JSONDecodeError as exc:

@@ -20,6 +20,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from clinicalblip.jsonl import iter_json_objects
 from clinicalblip.errors import UserError
 from clinicalblip.metrics.clinical import clinical_scores
 from clinicalblip.metrics.labeler import CheXbertLabeler, ChexpertRuleLabeler, Labeler
@@ -40,15 +41,7 @@ def read_predictions(path: str | Path) -> tuple[list[dict], dict | None]:
     records: list[dict] = []
     provenance: dict | None = None
     with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(rec, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(rec).__name__}")
+        for lineno, rec in iter_json_objects(fh, path):
             if "_provenance" in rec:
                 provenance = rec["_provenance"] if isinstance(rec["_provenance"], dict) else rec
                 continue

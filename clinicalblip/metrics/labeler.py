@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 from typing import Iterable, Protocol, Sequence, runtime_checkable
 
+from clinicalblip.jsonl import iter_json_objects
 from clinicalblip.errors import UserError
 
 OBSERVATIONS = (
@@ -406,22 +407,13 @@ def read_texts(path: str | Path, field: str | None = None) -> list[tuple[str, st
     ``field`` picks another text field (e.g. ``reference``). Provenance lines (with a ``_provenance`` key) are
     skipped. Raises UserError naming the line on bad input.
     """
-    import json
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"input file not found: {path}")
     pairs: list[tuple[str, str]] = []
     with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(rec, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object per line")
+        for lineno, rec in iter_json_objects(fh, path):
             if "_provenance" in rec:
                 continue
             for key in (field,) if field else ("text", "prediction", "report"):
