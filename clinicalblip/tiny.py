@@ -7,6 +7,8 @@ optionally, the training corpus, so any input text encodes.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
@@ -75,15 +77,32 @@ def _llm_tokenizer(corpus: list[str], vocab_size: int, encoder_decoder: bool) ->
 
 
 def _qformer_tokenizer(corpus: list[str], vocab_size: int) -> BertTokenizerFast:
-    wp = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    wp.normalizer = normalizers.BertNormalizer(lowercase=True)
-    wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    """A BERT-style WordPiece tokenizer whose vocabulary is built deterministically.
+
+    The vocabulary is every printable ASCII character (alone and as a ``##`` continuation, so any text
+    encodes with few [UNK]s) plus the corpus's most frequent words (ties broken alphabetically).
+    ``tokenizers``' WordPieceTrainer is not used: its merges depend on hash-map order, so the same corpus
+    gave a different vocabulary - and a different training run - in every process.
+    """
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre = pre_tokenizers.BertPreTokenizer()
+    counts: Counter = Counter()
+    for text in corpus:
+        counts.update(word for word, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = [chr(c) for c in range(33, 127)]
+    pieces = specials + chars + ["##" + c for c in chars]
+    seen = set(pieces)
+    for word, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(pieces) >= vocab_size:
+            break
+        if word not in seen:
+            pieces.append(word)
+            seen.add(word)
+    wp = Tokenizer(models.WordPiece(vocab={p: i for i, p in enumerate(pieces)}, unk_token="[UNK]"))
+    wp.normalizer = normalizer
+    wp.pre_tokenizer = pre
     wp.decoder = decoders.WordPiece()
-    alphabet = [chr(c) for c in range(33, 127)]  # every printable ASCII char has a piece: few [UNK]s
-    wp.train_from_iterator(corpus, trainers.WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
-        initial_alphabet=alphabet, show_progress=False,
-    ))
     wp.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
     )
