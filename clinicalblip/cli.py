@@ -169,6 +169,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--no-repeat-ngram-size", type=int, default=None)
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="default: bf16 on a GPU that supports it, else fp32")
+    p.add_argument("--quantization", choices=["none", "4bit", "8bit"], default="none",
+                   help="load the language model in 4-bit NF4 or 8-bit (bitsandbytes; GPU or CPU), like --load-4bit")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, default=None, help="only the first N studies of the split")
     p.add_argument("--json", action="store_true", help="single study: print prompt, qformer_prompt, report as JSON")
@@ -207,7 +209,8 @@ def _cmd_generate(args) -> int:
     n = G.generate_split(
         args.model_dir, args.manifest, split=args.split, out=args.out, template=args.template,
         context=args.context, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-        batch_size=args.batch_size, limit=args.limit, dtype=args.dtype, **_decoding_kwargs(args),
+        batch_size=args.batch_size, limit=args.limit, dtype=args.dtype, quantization=args.quantization,
+        **_decoding_kwargs(args),
     )
     if os.environ.get("RANK", "0") == "0":  # once under accelerate launch
         print(f"wrote {n} predictions to {args.out}")
@@ -308,6 +311,9 @@ def _cmd_merge(args) -> int:
         print(f"merged {' -> '.join(info['stages'])} into {info['release_dir']} ({info['dtype']}, "
               f"{info['weights_bytes'] / 2**20:.1f} MiB); verification max |logit diff| "
               f"{info['max_abs_logit_diff']:.2e} <= {info['tolerance']:.0e}")
+        if "max_abs_logit_diff_vs_trained" in info:
+            print(f"the last stage trained quantized (QLoRA): the release differs from the quantized chain by "
+                  f"{info['max_abs_logit_diff_vs_trained']:.3g} (recorded in clinicalblip.json and the card)")
     return 0
 
 

@@ -32,7 +32,9 @@ class ModelConfig:
     # (e.g. Salesforce/instructblip-vicuna-7b); ignored when the stage has a parent.
     base: str = "tiny"
     # fp32 | bf16 | fp16: frozen weights are stored in this dtype and matmuls autocast to it; trainable
-    # weights (LoRA, full components) stay fp32 for a stable optimizer.
+    # weights (LoRA, full components) stay fp32 for a stable optimizer. Under DeepSpeed the engine casts
+    # the whole module to this dtype and keeps fp32 master weights in the optimizer (the stage is written
+    # from those masters).
     dtype: str = "fp32"
     # none | 4bit | 8bit: the frozen language model loaded through bitsandbytes (QLoRA); GPU or CPU
     # (bitsandbytes >= 0.49). Not under DeepSpeed ZeRO-3 (use ZeRO-2 or DDP).

@@ -17,10 +17,10 @@ from clinicalblip.data.collate import StudyCollator, model_inputs
 from clinicalblip.data.manifest import read_manifest
 from clinicalblip.errors import UserError
 from clinicalblip.model import is_decoder_only, load_pretrained
-from clinicalblip.prompts import Template, load_template, target_text, template_from_dict
-from clinicalblip.stages import is_release_dir, is_stage_dir, load_stage_model, load_template_of
+from clinicalblip.prompts import Template, load_template, target_text
+from clinicalblip.release import is_release_dir, read_release, release_template
+from clinicalblip.stages import is_stage_dir, load_stage_model, load_template_of
 
-RELEASE_META = "clinicalblip.json"
 DEFAULT_MAX_NEW_TOKENS = 128
 
 
@@ -45,30 +45,36 @@ class ReportModel:
     max_views: int = 2
 
     @classmethod
-    def load(cls, model_dir: str, dtype: str = "fp32", device: str | None = None) -> "ReportModel":
-        """Load a stage folder (the whole chain, merged) or a release folder."""
+    def load(cls, model_dir: str, dtype: str = "fp32", device: str | None = None,
+             quantization: str = "none") -> "ReportModel":
+        """Load a stage folder (the whole chain, merged) or a release folder.
+
+        quantization 4bit | 8bit loads the language model through bitsandbytes (GPU or CPU), like peers'
+        --load-4bit; a stage is then loaded as its QLoRA training saw it (its LoRA live on the quantized chain).
+        """
         path = Path(model_dir)
         if not path.exists():
             raise UserError(f"model folder not found: {model_dir}")
+        if quantization != "none" and dtype == "fp32":
+            dtype = "bf16"  # bitsandbytes computes in bf16
         if is_stage_dir(path):
-            model, processor, _ = load_stage_model(path, dtype=dtype)
+            model, processor, _ = load_stage_model(path, dtype=dtype, quantization=quantization)
             template = load_template_of(path)
             cfg = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
             max_new = int(cfg.get("data", {}).get("max_report_tokens", DEFAULT_MAX_NEW_TOKENS))
             max_views = int(cfg.get("data", {}).get("max_views", 2))
         elif is_release_dir(path):
-            model, processor = load_pretrained(str(path), dtype=dtype)
-            meta = json.loads((path / RELEASE_META).read_text()) if (path / RELEASE_META).is_file() else {}
-            tname = meta.get("template")
-            tfile = path / "prompts" / f"{tname}.yaml"
-            template = template_from_dict(yaml.safe_load(tfile.read_text()), str(tfile)) if tname and tfile.is_file() \
-                else load_template("findings_with_context")
+            model, processor = load_pretrained(str(path), dtype=dtype, quantization=quantization)
+            meta = read_release(path)
+            template = release_template(path, meta) or load_template("findings_with_context")
             max_new = int(getattr(model.generation_config, "max_new_tokens", None) or DEFAULT_MAX_NEW_TOKENS)
             max_views = int(meta.get("max_views", 2))
         else:
             raise UserError(f"{model_dir}: neither a stage folder (stage.json) nor a release folder (config.json)")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model.to(device).eval()
+        if quantization == "none":  # bitsandbytes models are placed by their device_map
+            model.to(device)
+        model.eval()
         return cls(model=model, processor=processor, template=template, model_dir=str(path),
                    max_new_tokens=max_new, max_views=max_views)
 
@@ -206,7 +212,7 @@ def _merge_parts(out_path: Path) -> None:
 def generate_split(model_dir: str, manifest: str, split: str, out: str, template: str | None = None,
                    context: str = "real", max_new_tokens: int | None = None, num_beams: int = 1,
                    batch_size: int = 16, limit: int | None = None, dtype: str | None = None,
-                   **generate_kwargs) -> int:
+                   quantization: str = "none", **generate_kwargs) -> int:
     """Generate a report for every study of a split; output written as it goes, a rerun skips finished ids.
 
     context: real | none (indication left out) | generic (replaced by an uninformative one) | shuffled (another
@@ -231,7 +237,7 @@ def generate_split(model_dir: str, manifest: str, split: str, out: str, template
     state = PartialState(cpu=not torch.cuda.is_available())
     main = state.is_main_process
     dtype = dtype or ("bf16" if state.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
-    rm = ReportModel.load(model_dir, dtype=dtype, device=str(state.device))
+    rm = ReportModel.load(model_dir, dtype=dtype, device=str(state.device), quantization=quantization)
     tpl = load_template(template) if template else rm.template
     out_path = Path(out)
     if main:
@@ -246,7 +252,8 @@ def generate_split(model_dir: str, manifest: str, split: str, out: str, template
     if main:
         provenance = {
             "model_dir": os.path.abspath(model_dir), "model_hash": _dir_hash(model_dir), "template": tpl.name,
-            "context": context, "decoding": decoding, "dtype": dtype, "num_processes": state.num_processes,
+            "context": context, "decoding": decoding, "dtype": dtype, "quantization": quantization,
+            "num_processes": state.num_processes,
             "manifest": os.path.abspath(manifest), "split": split, "code_version": __version__,
         }
         Path(str(out_path) + ".meta.json").write_text(json.dumps(provenance, indent=2))

@@ -35,6 +35,7 @@ from clinicalblip.config import COMPONENTS, StageConfig
 from clinicalblip.errors import UserError
 from clinicalblip.model import fingerprint, load_pretrained
 from clinicalblip.prompts import Template, template_from_dict
+from clinicalblip.release import is_release_dir  # noqa: F401  (re-exported: stage or release?)
 
 DEFAULT_TARGETS = {
     "vision_model": ["qkv", "projection", "fc1", "fc2"],
@@ -246,11 +247,6 @@ def is_stage_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / "stage.json").is_file()
 
 
-def is_release_dir(path: str | os.PathLike) -> bool:
-    p = Path(path)
-    return (p / "config.json").is_file() and not is_stage_dir(p)
-
-
 def read_stage(stage_dir: str | os.PathLike) -> dict:
     d = Path(stage_dir)
     f = d / "stage.json"
@@ -296,8 +292,8 @@ def load_template_of(stage_dir: str | os.PathLike) -> Template:
     return template_from_dict(_yaml.safe_load(path.read_text(encoding="utf-8")), where=str(path))
 
 
-def _apply_stage(model, stage: dict, merge: bool):
-    """Apply one stage as its stage.json describes it (and nothing else found in the folder)."""
+def _apply_full(model, stage: dict):
+    """Copy one stage's fully trained components in, as its stage.json lists them (nothing else found)."""
     d = Path(stage["dir"])
     full_comps = stage.get("full_components") or []
     full = d / "trained.safetensors"
@@ -321,6 +317,12 @@ def _apply_stage(model, stage: dict, merge: bool):
         with torch.no_grad():
             for k, v in sd.items():
                 own[k].copy_(v.to(own[k].dtype))
+    return model
+
+
+def _apply_adapter(model, stage: dict, merge: bool):
+    """Add one stage's LoRA adapter when its stage.json says it has one; merged in, or left live."""
+    d = Path(stage["dir"])
     if stage.get("has_adapter"):
         if not (d / "adapter").is_dir():
             raise StageError(f"{d}: stage.json says the stage has a LoRA adapter but adapter/ is missing")
@@ -331,6 +333,10 @@ def _apply_stage(model, stage: dict, merge: bool):
         if merge:
             model = model.merge_and_unload()
     return model
+
+
+def _apply_stage(model, stage: dict, merge: bool):
+    return _apply_adapter(_apply_full(model, stage), stage, merge)
 
 
 def check_base(chain: list[dict], base_path: str) -> None:
@@ -344,23 +350,34 @@ def check_base(chain: list[dict], base_path: str) -> None:
             )
 
 
-def load_stage_model(stage_dir: str | os.PathLike, dtype: str = "fp32", keep_last_unmerged: bool = False):
+def load_stage_model(stage_dir: str | os.PathLike, dtype: str = "fp32", keep_last_unmerged: bool = False,
+                     quantization: str = "none"):
     """Load base + every stage of the chain. Returns (model, processor, chain).
 
     With keep_last_unmerged, the last stage's LoRA stays a live adapter (a PeftModel): the 'adapter chain'
-    that merge checks compare against.
+    that merge checks compare against. With quantization (4bit | 8bit), the chain is loaded as a QLoRA stage
+    trained on it: everything before the last stage's adapter merged in full precision, quantized in memory,
+    and the last adapter live on top (dtype is then the compute dtype, bf16 when fp32 is asked).
     """
     chain = stage_chain(stage_dir)
     base = base_location(chain)
     check_base(chain, base)
     model, _ = load_pretrained(base, dtype="fp32")
     for i, st in enumerate(chain):
-        last = i == len(chain) - 1
-        model = _apply_stage(model, st, merge=not (last and keep_last_unmerged))
+        if i < len(chain) - 1:
+            model = _apply_stage(model, st, merge=True)
+    last = chain[-1]
+    if quantization != "none":
+        from clinicalblip.model import quantize_from_model
+
+        model = quantize_from_model(_apply_full(model, last), quantization, "bf16" if dtype == "fp32" else dtype)
+        model = _apply_adapter(model, last, merge=False)
+    else:
+        model = _apply_stage(model, last, merge=not keep_last_unmerged)
     from transformers import InstructBlipProcessor
 
     processor = InstructBlipProcessor.from_pretrained(Path(chain[-1]["dir"]) / "processor")
-    if dtype != "fp32":
+    if dtype != "fp32" and quantization == "none":
         from clinicalblip.model import torch_dtype
 
         model = model.to(torch_dtype(dtype))

@@ -139,7 +139,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def run_identity(cfg: StageConfig, data_hash: str) -> dict:
     """What a checkpoint must agree with to be resumed: the resolved config (minus RESUMABLE_KEYS) + data."""
-    flat = {k: v for k, v in _flatten(cfg.to_dict()).items() if k not in RESUMABLE_KEYS}
+    # the manifest's path may move: its content is what counts (data_hash)
+    flat = {k: v for k, v in _flatten(cfg.to_dict()).items() if k not in RESUMABLE_KEYS and k != "data.manifest"}
     blob = json.dumps(flat, sort_keys=True, default=str)
     return {"config": flat, "config_hash": hashlib.sha256(blob.encode()).hexdigest()[:16], "data_hash": data_hash}
 
@@ -236,6 +237,13 @@ def make_accelerator(cfg: StageConfig) -> Accelerator:
     """The Accelerator for a stage; on a GPU-less machine launched ranks form a gloo group (DDP or DeepSpeed)."""
     launched = int(os.environ.get("LOCAL_RANK", -1)) != -1
     use_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if not launched:
+        # accelerate's state is a per-process singleton: a second stage trained in the same Python process
+        # (a notebook, the tests) with another precision would otherwise be refused
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
     kwargs = {}
     if not torch.cuda.is_available():
         if use_ds:
@@ -502,6 +510,12 @@ def _restore(run: Run, records: Records, identity: dict) -> Progress:
                         f"(keys that may change on resume: {', '.join(RESUMABLE_KEYS)})")
     acc.load_state(str(resume_dir))
     p = Progress(progress["global_step"], progress["epoch"], progress["batches_in_epoch"])
+    metrics = run.out_dir / "metrics.jsonl"
+    if run.main and metrics.is_file():
+        # rows logged after the checkpoint (by the run that died) are logged again by this one
+        rows = [line for line in metrics.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= p.global_step]
+        metrics.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
     run.log(f"resumed from {resume_dir} at step {p.global_step} (epoch {p.epoch}, batch {p.skip_batches})")
     return p
 
@@ -613,6 +627,8 @@ def _fit(run: Run, built: Built, loaders: Loaders, sched: Schedule, progress: Pr
                     acc.backward(loss)
                 loss_interval += (loss_sum.detach().float() / n_global).item()  # this rank's share
                 samples_interval += len(batch["ids"]) * acc.num_processes
+            if os.environ.get("CLINICALBLIP_TEST_GRADS_AT_STEP") == str(fit.global_step + 1) and not run.zero:
+                _dump_grads(run, model, [int(token_counts(b["labels"], decoder_only)) for b in window])
             grad_norm = None
             if run.zero:
                 grad_norm = acc.deepspeed_engine_wrapped.get_global_grad_norm()  # DeepSpeed clipped in backward
@@ -661,6 +677,17 @@ def _fit(run: Run, built: Built, loaders: Loaders, sched: Schedule, progress: Pr
         fit.best_val = min(fit.best_val, fit.last_val)
         log_metrics({"step": fit.global_step, "val_loss": fit.last_val})
     return fit
+
+
+def _dump_grads(run: Run, model, window_tokens: list[int]) -> None:
+    """Tests: the accumulated (synchronised) gradients of one optimizer step, before clipping."""
+    from safetensors.torch import save_file
+
+    if run.main:
+        grads = {n: p.grad.detach().float().cpu().contiguous() for n, p in
+                 run.accelerator.unwrap_model(model).named_parameters() if p.grad is not None}
+        save_file(grads, os.environ["CLINICALBLIP_TEST_GRADS_OUT"],
+                  metadata={"window_tokens": json.dumps(window_tokens)})
 
 
 def _validate(run: Run, model, loaders: Loaders, fit: Fit, epoch: int, log_metrics) -> None:
@@ -725,7 +752,7 @@ def validation_reports(run: Run, model, loaders: Loaders) -> dict | None:
     refs = {str(r["id"]): target_text(loaders.collate.template, r) for r in records}
     ids = [i for i in refs if i in pairs]
     scores = clinical_scores([label_report(refs[i]) for i in ids], [label_report(pairs[i]) for i in ids],
-                             resamples=0)
+                             bootstrap=0)
     return {"val_generated": len(ids), "val_clinical_macro_f1": scores["macro"]["f1"],
             "val_clinical_micro_f1": scores["micro"]["f1"], "val_sample": {ids[0]: pairs[ids[0]]} if ids else {}}
 
