@@ -17,7 +17,7 @@ from peft import PeftModel
 from clinicalblip import __version__
 from clinicalblip.data.collate import StudyCollator, model_inputs
 from clinicalblip.errors import UserError
-from clinicalblip.model import is_decoder_only, torch_dtype
+from clinicalblip.model import is_decoder_only, require_hub_online, torch_dtype
 from clinicalblip.stages import (
     StageError,
     is_release_dir,
@@ -123,6 +123,8 @@ def merge_stage_chain(stage_dir: str, out: str, dtype: str = "fp32", tolerance: 
                       push_to_hub: str | None = None) -> dict:
     """Fold every stage of the chain into the base weights (full precision), write + verify the release."""
     t0 = time.perf_counter()
+    if push_to_hub:
+        require_hub_online(f"--push-to-hub {push_to_hub}")  # before minutes of merging, not after
     if is_release_dir(stage_dir):
         return {"status": "noop", "message": f"{stage_dir} is already a merged release; nothing to do"}
     if not is_stage_dir(stage_dir):
@@ -183,6 +185,7 @@ def merge_stage_chain(stage_dir: str, out: str, dtype: str = "fp32", tolerance: 
     meta = {
         "format": "clinicalblip-release/1", "code_version": __version__, "template": template.name,
         "max_views": int(stage_cfg.get("data", {}).get("max_views", 2)),
+        "max_prompt_tokens": int(stage_cfg.get("data", {}).get("max_prompt_tokens", 256)),
         "dtype": dtype, "base": chain[0]["base"],
         "stages": [{"name": s["name"], "dir": s["dir"], "trainable": s.get("trainable"), "template": s.get("template"),
                     "metrics": s.get("metrics"), "data_hash": s.get("data_hash")} for s in chain],

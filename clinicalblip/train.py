@@ -27,7 +27,7 @@ from clinicalblip.data.check import apply_bad_record_policy
 from clinicalblip.data.collate import StudyCollator, model_inputs
 from clinicalblip.data.manifest import read_manifest
 from clinicalblip.errors import UserError
-from clinicalblip.model import build_base, fingerprint, is_decoder_only, is_tiny, load_pretrained, torch_dtype
+from clinicalblip.model import build_base, describe_base, fingerprint, is_decoder_only, is_tiny, load_pretrained, torch_dtype
 from clinicalblip.prompts import load_template, target_text
 from clinicalblip.stages import (
     apply_trainable,
@@ -218,9 +218,7 @@ def train_stage(cfg: StageConfig) -> Path:
         if is_tiny(cfg.model.base):
             base = {"name": cfg.model.base, "path": "base", "fingerprint": fingerprint(out_dir / "base")}
         else:
-            is_dir = os.path.isdir(cfg.model.base)
-            base = {"name": cfg.model.base, "path": os.path.abspath(cfg.model.base) if is_dir else cfg.model.base,
-                    "fingerprint": fingerprint(cfg.model.base) if is_dir else None}
+            base = describe_base(cfg.model.base)  # a hub id is pinned to its cached snapshot's commit
         parent_desc = "none (base)"
     model.train()
     if cfg.model.quantization != "none":
@@ -243,12 +241,14 @@ def train_stage(cfg: StageConfig) -> Path:
         processor=processor, template=template, num_query_tokens=processor.num_query_tokens,
         decoder_only=is_decoder_only(core_model(model)), mode="train", max_views=cfg.data.max_views,
         max_report_tokens=cfg.data.max_report_tokens, context_dropout=cfg.data.context_dropout, seed=cfg.train.seed,
-        image_cache={} if cfg.data.cache_images else None,
+        image_cache={} if cfg.data.cache_images else None, max_prompt_tokens=cfg.data.max_prompt_tokens,
     )
+    collate.check_image_tokens(core_model(model).config)  # refuse an <image> id / query count mismatch now
     val_collate = StudyCollator(
         processor=processor, template=template, num_query_tokens=processor.num_query_tokens,
         decoder_only=collate.decoder_only, mode="train", max_views=cfg.data.max_views,
         max_report_tokens=cfg.data.max_report_tokens, image_cache=collate.image_cache,
+        max_prompt_tokens=cfg.data.max_prompt_tokens,
     )
     sampler = EpochSampler(len(train_records), cfg.train.seed)
     train_loader = DataLoader(train_records, batch_size=cfg.train.batch_size, sampler=sampler, collate_fn=collate)
@@ -296,6 +296,8 @@ def train_stage(cfg: StageConfig) -> Path:
         f"({cfg.train.batch_size} x {cfg.train.grad_accum} accum x {accelerator.num_processes} proc) | "
         f"{total_steps} steps ({num_epochs} epoch(s)) | device {accelerator.device}")
     log(format_report(report))
+    log(f"prompts: {collate.count_shortened(train_records)} of {len(train_records)} train studies shortened to "
+        f"data.max_prompt_tokens={cfg.data.max_prompt_tokens} (history, then comparison, then indication cut)")
     log("=" * 78)
 
     metrics_path = out_dir / "metrics.jsonl"
