@@ -364,7 +364,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Known-noisy warnings, silenced one by one (never all: PEFT and DeepSpeed warn about setups that train wrongly).
+# PEFT reads model.is_gradient_checkpointing, which transformers 5 deprecates on every LoRA load.
+QUIET_WARNINGS = [(FutureWarning, r"`is_gradient_checkpointing` is deprecated")]
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    for category, message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
