@@ -153,7 +153,7 @@ def default_dtype(device: str | torch.device) -> str:
 def generate_single(model_dir: str, images: list[str], indication: str | None = None, history: str | None = None,
                     comparison: str | None = None, template: str | None = None, max_new_tokens: int | None = None,
                     num_beams: int = 1, context: str = "real", dtype: str | None = None, out: str | None = None,
-                    **generate_kwargs) -> dict:
+                    views: list[str] | None = None, **generate_kwargs) -> dict:
     """One study, with the same dtype default as generate_split (so both modes write the same text).
 
     out: also write the result as JSON to this file.
@@ -168,7 +168,7 @@ def generate_single(model_dir: str, images: list[str], indication: str | None = 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rm = ReportModel.load(model_dir, dtype=dtype or default_dtype(device), device=device)
     result = rm.report(images, indication=indication, history=history, comparison=comparison, template=template,
-                       max_new_tokens=max_new_tokens, num_beams=num_beams, context=context, **generate_kwargs)
+                       views=views, max_new_tokens=max_new_tokens, num_beams=num_beams, context=context, **generate_kwargs)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
