@@ -137,3 +137,26 @@ def test_long_context_is_shortened_history_first_never_the_instruction(llama, im
 
     with pytest.raises(UserError, match="record long: .*longer than data.max_prompt_tokens=4 .*raise data.max_prompt_tokens"):
         _collator(proc, True, max_prompt_tokens=4).count_shortened([long])
+
+
+def test_mismatched_image_token_stops_training_and_generation(llama, synth_manifest, tmp_path):
+    import json
+
+    from clinicalblip.generate import ReportModel
+    from clinicalblip.train import train_stage
+
+    from conftest import tiny_stage_cfg
+
+    proc, model = llama
+    folder = tmp_path / "older_snapshot"
+    model.save_pretrained(folder)
+    proc.save_pretrained(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["image_token_id"] = model.config.image_token_id + 1  # the config of another tokenizer
+    (folder / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "stage"
+    with pytest.raises(UserError, match="image token mismatch: .* config.image_token_id is"):
+        train_stage(tiny_stage_cfg("stage1.yaml", synth_manifest, out, **{"model.base": str(folder)}))
+    assert not (out / "stage.json").exists() and not (out / "metrics.jsonl").exists()
+    with pytest.raises(UserError, match="image token mismatch"):
+        ReportModel.load(str(folder))

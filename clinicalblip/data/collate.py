@@ -138,10 +138,14 @@ class StudyCollator:
                             "model (processor.num_query_tokens)")
         return tid
 
+    def _qformer_limit(self) -> int:
+        # the Q-Former (BERT) has its own position limit (512 for InstructBLIP), whatever the LLM allows
+        return min(self.max_prompt_tokens, int(self.processor.qformer_tokenizer.model_max_length))
+
     def _prompt_fits(self, rendered) -> bool:
         n = len(self.processor.tokenizer(rendered.prompt, add_special_tokens=True)["input_ids"])
         nq = len(self.processor.qformer_tokenizer(rendered.qformer_prompt, add_special_tokens=True)["input_ids"])
-        return n <= self.max_prompt_tokens and nq <= self.max_prompt_tokens
+        return n <= self.max_prompt_tokens and nq <= self._qformer_limit()
 
     def fit_prompt(self, record: dict, images: list[dict], ctx: dict):
         """Render ctx; if too long, shorten history, then comparison, then indication (words cut from the end).
@@ -188,7 +192,7 @@ class StudyCollator:
         qlens = [len(x) for x in qtok([r.qformer_prompt for r in rendered], add_special_tokens=True)["input_ids"]]
         n = 0
         for rec, ctx, a, b in zip(records, ctxs, lens, qlens):
-            if a > self.max_prompt_tokens or b > self.max_prompt_tokens:
+            if a > self.max_prompt_tokens or b > self._qformer_limit():
                 self.fit_prompt(rec, ordered_images(rec, self.max_views), ctx)
                 n += 1
         return n
@@ -254,7 +258,7 @@ class StudyCollator:
                     labels.append(tgt)
             else:
                 seqs.append(ids)
-        q = qtok(q_texts, padding=True, truncation=True, max_length=self.max_prompt_tokens, return_tensors="pt")
+        q = qtok(q_texts, padding=True, truncation=True, max_length=self._qformer_limit(), return_tensors="pt")
         left = self.mode == "generate" and self.decoder_only
         batch = {
             "pixel_values": self._pixels(paths),
