@@ -168,7 +168,8 @@ def generate_single(model_dir: str, images: list[str], indication: str | None = 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rm = ReportModel.load(model_dir, dtype=dtype or default_dtype(device), device=device)
     result = rm.report(images, indication=indication, history=history, comparison=comparison, template=template,
-                       views=views, max_new_tokens=max_new_tokens, num_beams=num_beams, context=context, **generate_kwargs)
+                       views=views, max_new_tokens=max_new_tokens, num_beams=num_beams, context=context,
+                       **generate_kwargs)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
