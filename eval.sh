@@ -9,6 +9,9 @@
 #
 #   ./eval.sh MODEL_DIR MANIFEST [SPLIT] [OUT_DIR]
 # defaults: the demo model and data from ./train.sh, split test, OUT_DIR=MODEL_DIR/eval
+# Each ablation has its own predictions file (OUT_DIR/preds_CONTEXT.jsonl + .meta.json). A rerun resumes each
+# file; after retraining, or with other settings, generate refuses and names the difference: remove OUT_DIR
+# or run with GENERATE_ARGS=--overwrite. GENERATE_ARGS goes to every generate call (e.g. "--num-beams 3").
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/venv.sh
@@ -19,7 +22,9 @@ OUT="${4:-$MODEL/eval}"
 mkdir -p "$OUT"
 
 for ctx in real none shuffled generic blank_image; do
-  clinicalblip generate "$MODEL" --manifest "$MANIFEST" --split "$SPLIT" --context "$ctx" --out "$OUT/preds_$ctx.jsonl"
+  # shellcheck disable=SC2086  # GENERATE_ARGS: several flags
+  clinicalblip generate "$MODEL" --manifest "$MANIFEST" --split "$SPLIT" --context "$ctx" --out "$OUT/preds_$ctx.jsonl" \
+    ${GENERATE_ARGS:-}
   clinicalblip eval "$OUT/preds_$ctx.jsonl" --out "$OUT/metrics_$ctx.json" > /dev/null
 done
 python -m clinicalblip.demo ablations "$OUT"

@@ -28,8 +28,9 @@ def _add_data_synth(dsub) -> None:
     p = dsub.add_parser("synth", help="write the built-in synthetic chest X-ray dataset (images + manifest.jsonl)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--n", type=int, default=2000, help="number of studies (default 2000)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed: the same seed writes the same images and reports (default 0)")
+    p.add_argument("--image-size", type=int, default=64, help="image width and height in pixels (default 64)")
     p.set_defaults(func=_cmd_data_synth)
 
 
@@ -73,7 +74,8 @@ def _add_data_prepare(dsub) -> None:
                             "impression report (a whole report, split into sections)")
         t.add_argument("--images", help="folder that relative image paths start from (default: the input's folder)")
         t.add_argument("--split", help="split for rows without one (e.g. test)")
-        t.add_argument("--encoding", default="utf-8-sig", help="text encoding of the input (default utf-8)")
+        t.add_argument("--encoding", default="utf-8-sig",
+                       help="text encoding of the input (default utf-8-sig: UTF-8, a leading byte-order mark dropped)")
         if fmt == "csv":
             t.add_argument("--delimiter", help="column delimiter (default: ',' or tab, detected)")
         t.add_argument("--keep-columns", action="store_true", help="keep unmapped columns as extra manifest keys")
@@ -108,7 +110,7 @@ def _add_data_prepare(dsub) -> None:
 
 def _add_data_check(dsub) -> None:
     p = dsub.add_parser("check", help="validate every record of a manifest (exit 1 if any is unusable)")
-    p.add_argument("manifest")
+    p.add_argument("manifest", help="manifest.jsonl to check")
     p.add_argument("--images", choices=["decode", "exists", "none"], default="decode",
                    help="decode every image (default), only check that files exist, or skip images")
     p.add_argument("--jobs", type=int, default=None, help="image-decoding threads (default: up to 8)")
@@ -150,29 +152,33 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="write reports: one study (--image ...) or a manifest split")
     p.add_argument("model_dir", help="a stage folder or a release folder")
     p.add_argument("--manifest", help="manifest.jsonl (with --split and --out)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--out", help="predictions JSONL to write (manifest mode)")
+    p.add_argument("--split", default=None, help="manifest mode: the split to generate (default test)")
+    p.add_argument("--out", help="manifest mode: predictions JSONL to write; single study: also write the result "
+                                 "(prompt, report, settings) as JSON to this file")
     p.add_argument("--image", action="append", default=[], help="image path, repeat once per view (single study)")
-    p.add_argument("--indication")
-    p.add_argument("--history")
-    p.add_argument("--comparison")
+    p.add_argument("--indication", help="single study: the indication (reason for the exam)")
+    p.add_argument("--history", help="single study: the clinical history")
+    p.add_argument("--comparison", help="single study: the prior exam compared with, if any")
     p.add_argument("--template", help="prompt template name (default: the one the stage was trained with)")
     p.add_argument("--context", choices=["real", "none", "generic", "shuffled", "blank_image"], default="real",
-                   help="manifest mode ablations: real indications, none, a generic one, another study's, "
-                        "or blank images")
-    p.add_argument("--max-new-tokens", type=int, default=None)
+                   help="ablations: real context (default), no indication, a generic one, another study's "
+                        "(manifest mode only), or blank images")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="longest report in tokens (default: the stage's data.max_report_tokens)")
     p.add_argument("--num-beams", type=int, default=1, help="1 = greedy (default), >1 = beam search")
     p.add_argument("--sample", action="store_true", help="sampling instead of greedy/beam")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=None)
-    p.add_argument("--no-repeat-ngram-size", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (with --sample)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling probability mass (with --sample)")
+    p.add_argument("--repetition-penalty", type=float, default=None, help=">1 discourages repeated tokens")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=None, help="never repeat an n-gram of this size")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
-                   help="default: bf16 on a GPU that supports it, else fp32")
+                   help="default: bf16 on a GPU that supports it, else fp32 (both modes)")
     p.add_argument("--quantization", choices=["none", "4bit", "8bit"], default="none",
                    help="load the language model in 4-bit NF4 or 8-bit (bitsandbytes; GPU or CPU), like --load-4bit")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--limit", type=int, default=None, help="only the first N studies of the split")
+    p.add_argument("--batch-size", type=int, default=None, help="manifest mode: studies per batch (default 16)")
+    p.add_argument("--limit", type=int, default=None, help="manifest mode: only the first N studies of the split")
+    p.add_argument("--overwrite", action="store_true",
+                   help="manifest mode: start --out over instead of resuming it (a resume needs the same settings)")
     p.add_argument("--json", action="store_true", help="single study: print prompt, qformer_prompt, report as JSON")
     p.set_defaults(func=_cmd_generate)
 
@@ -188,16 +194,26 @@ def _decoding_kwargs(args) -> dict:
     return kw
 
 
+def _refuse_flags(args, why: str, **unset) -> None:
+    """A flag the chosen mode would ignore is an error, not a silent no-op."""
+    given = ["--" + k.replace("_", "-") for k, default in unset.items() if getattr(args, k) != default]
+    if given:
+        raise UserError(f"{', '.join(given)} cannot be used {why}")
+
+
 def _cmd_generate(args) -> int:
     from clinicalblip import generate as G
 
     if args.image:
         if args.manifest:
             raise UserError("give either --image (one study) or --manifest (a split), not both")
+        _refuse_flags(args, "with --image (one study); they apply to a manifest split",
+                      split=None, batch_size=None, limit=None, overwrite=False)
         result = G.generate_single(
             args.model_dir, images=args.image, indication=args.indication, history=args.history,
             comparison=args.comparison, template=args.template, max_new_tokens=args.max_new_tokens,
-            num_beams=args.num_beams, **_decoding_kwargs(args),
+            num_beams=args.num_beams, context=args.context, dtype=args.dtype, out=args.out,
+            **_decoding_kwargs(args),
         )
         if args.json:
             print(json.dumps(result, ensure_ascii=False))
@@ -206,10 +222,13 @@ def _cmd_generate(args) -> int:
         return 0
     if not args.manifest or not args.out:
         raise UserError("generate needs --image PATH (one study) or --manifest M --out PREDS.jsonl (a split)")
+    _refuse_flags(args, "with --manifest; the manifest gives each study's context (use --context for ablations)",
+                  indication=None, history=None, comparison=None, json=False)
     n = G.generate_split(
-        args.model_dir, args.manifest, split=args.split, out=args.out, template=args.template,
+        args.model_dir, args.manifest, split=args.split or "test", out=args.out, template=args.template,
         context=args.context, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-        batch_size=args.batch_size, limit=args.limit, dtype=args.dtype, quantization=args.quantization,
+        batch_size=args.batch_size or 16, limit=args.limit, dtype=args.dtype, overwrite=args.overwrite,
+        quantization=args.quantization,
         **_decoding_kwargs(args),
     )
     if os.environ.get("RANK", "0") == "0":  # once under accelerate launch
@@ -290,12 +309,14 @@ def _add_label(sub) -> None:
 # ---------------------------------------------------------------------------------------------- merge
 def _add_merge(sub) -> None:
     p = sub.add_parser("merge", help="fold a stage chain into one plain transformers checkpoint")
-    p.add_argument("stage_dir")
+    p.add_argument("stage_dir", help="the last stage folder of the chain (its parents are found from stage.json)")
     p.add_argument("--out", required=True, help="release folder")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="dtype of the released weights (default fp32)")
     p.add_argument("--tolerance", type=float, default=None, help="max |logit diff| allowed in verification")
     p.add_argument("--metrics", help="a metrics.json from `clinicalblip eval` to put in the model card")
-    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--max-shard-size", default="2GB",
+                   help="largest safetensors file of the release, e.g. 5GB (default 2GB)")
     p.add_argument("--push-to-hub", metavar="REPO", help="upload the release to this hub repo (needs network + login)")
     p.set_defaults(func=_cmd_merge)
 
@@ -322,8 +343,23 @@ def _not_yet(verb: str) -> int:
     raise UserError(f"'{verb}' is not available in this version")
 
 
+DESCRIPTION = """\
+Radiology report generation with InstructBLIP: prepare a dataset, train LoRA stages, write reports,
+score them, and merge the stages into one checkpoint that plain transformers loads.
+
+typical order:
+  clinicalblip data prepare ... --out manifest.jsonl   (or: data synth --out DIR)
+  clinicalblip train configs/tiny/stage1.yaml          (then stage2.yaml, ...)
+  clinicalblip generate STAGE_DIR --manifest manifest.jsonl --out preds.jsonl
+  clinicalblip eval preds.jsonl --out metrics.json
+  clinicalblip merge STAGE_DIR --out release/
+
+`clinicalblip VERB --help` describes each verb."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clinicalblip", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="clinicalblip", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="{data,train,generate,eval,label,merge}")
     _add_data(sub)
     _add_train(sub)
@@ -334,7 +370,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Known-noisy warnings, silenced one by one (never all: PEFT and DeepSpeed warn about setups that train wrongly).
+# PEFT reads model.is_gradient_checkpointing, which transformers 5 deprecates on every LoRA load.
+QUIET_WARNINGS = [(FutureWarning, r"`is_gradient_checkpointing` is deprecated")]
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    for category, message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

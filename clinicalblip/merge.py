@@ -19,7 +19,7 @@ from peft import PeftModel
 from clinicalblip import __version__
 from clinicalblip.data.collate import StudyCollator, model_inputs
 from clinicalblip.errors import UserError
-from clinicalblip.model import is_decoder_only, torch_dtype
+from clinicalblip.model import is_decoder_only, require_hub_online, torch_dtype
 from clinicalblip.release import RELEASE_FORMAT, RELEASE_META, is_release_dir, write_release_files
 from clinicalblip.stages import (
     StageError,
@@ -150,16 +150,14 @@ def merge_stage_chain(stage_dir: str, out: str, dtype: str = "fp32", tolerance: 
     as it was trained (quantized; reported, not a pass/fail check).
     """
     t0 = time.perf_counter()
+    if push_to_hub:
+        require_hub_online(f"--push-to-hub {push_to_hub}")  # before minutes of merging, not after
     if is_release_dir(stage_dir):
         return {"status": "noop", "message": f"{stage_dir} is already a merged release; nothing to do"}
     if not is_stage_dir(stage_dir):
         raise StageError(f"{stage_dir}: not a stage folder (no stage.json)")
     if dtype not in BYTES:
         raise UserError(f"--dtype must be one of {', '.join(BYTES)}")
-    if push_to_hub and os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", ""):
-        raise UserError("--push-to-hub: HF_HUB_OFFLINE is set (scripts/venv.sh sets it), so the hub cannot be "
-                        "reached; merge without --push-to-hub, then upload with HF_HUB_OFFLINE=0 "
-                        "(huggingface-cli upload REPO " + str(out) + ")")
     out_path = Path(out)
     if out_path.exists() and any(out_path.iterdir()):
         if not (out_path / RELEASE_META).is_file():
@@ -228,6 +226,7 @@ def merge_stage_chain(stage_dir: str, out: str, dtype: str = "fp32", tolerance: 
         meta = {
             "format": RELEASE_FORMAT, "code_version": __version__, "template": template.name,
             "max_views": int(stage_cfg.get("data", {}).get("max_views", 2)),
+            "max_prompt_tokens": int(stage_cfg.get("data", {}).get("max_prompt_tokens", 256)),
             "dtype": dtype, "base": chain[0]["base"],
             "stages": [{"name": s["name"], "dir": s["dir"], "trainable": s.get("trainable"),
                         "template": s.get("template"), "metrics": s.get("metrics"), "data_hash": s.get("data_hash")}

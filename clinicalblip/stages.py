@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from clinicalblip import __version__
 from clinicalblip.config import COMPONENTS, StageConfig
 from clinicalblip.errors import UserError
-from clinicalblip.model import fingerprint, load_pretrained
+from clinicalblip.model import fingerprint, load_pretrained, pinned_hub_base
 from clinicalblip.prompts import Template, template_from_dict
 from clinicalblip.release import is_release_dir  # noqa: F401  (re-exported: stage or release?)
 
@@ -282,7 +282,7 @@ def base_location(chain: list[dict]) -> str:
     root = chain[0]
     loc = root["base"]["path"]
     candidate = os.path.normpath(os.path.join(root["dir"], loc))
-    return candidate if os.path.exists(candidate) else loc
+    return candidate if os.path.exists(candidate) else (pinned_hub_base(root["base"], root["name"]) or loc)
 
 
 def load_template_of(stage_dir: str | os.PathLike) -> Template:

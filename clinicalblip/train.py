@@ -33,6 +33,7 @@ from clinicalblip.data.manifest import read_manifest
 from clinicalblip.errors import UserError
 from clinicalblip.model import (
     build_base,
+    describe_base,
     fingerprint,
     is_decoder_only,
     is_tiny,
@@ -367,9 +368,7 @@ def _load_model(run: Run, records: Records) -> Built:
         else:
             model, processor = load_pretrained(cfg.model.base, dtype="fp32" if quant == "none" else cfg.model.dtype,
                                                trust_remote_code=cfg.model.trust_remote_code, quantization=quant)
-            is_dir = os.path.isdir(cfg.model.base)
-            base = {"name": cfg.model.base, "path": os.path.abspath(cfg.model.base) if is_dir else cfg.model.base,
-                    "fingerprint": fingerprint(cfg.model.base) if is_dir else None}
+            base = describe_base(cfg.model.base)  # a hub id is pinned to its cached snapshot's commit
         parent_desc = "none (base)"
     model.train()
     if quant != "none":
@@ -405,12 +404,14 @@ def _loaders(run: Run, records: Records, built: Built) -> Loaders:
         processor=built.processor, template=records.template, num_query_tokens=built.processor.num_query_tokens,
         decoder_only=is_decoder_only(core_model(built.model)), mode="train", max_views=cfg.data.max_views,
         max_report_tokens=cfg.data.max_report_tokens, context_dropout=cfg.data.context_dropout, seed=cfg.train.seed,
-        image_cache={} if cfg.data.cache_images else None,
+        image_cache={} if cfg.data.cache_images else None, max_prompt_tokens=cfg.data.max_prompt_tokens,
     )
+    collate.check_image_tokens(core_model(built.model).config)  # refuse an <image> id / query count mismatch now
     val_collate = StudyCollator(
         processor=built.processor, template=records.template, num_query_tokens=built.processor.num_query_tokens,
         decoder_only=collate.decoder_only, mode="train", max_views=cfg.data.max_views,
         max_report_tokens=cfg.data.max_report_tokens, image_cache=collate.image_cache,
+        max_prompt_tokens=cfg.data.max_prompt_tokens,
     )
     sampler = EpochSampler(len(records.train), cfg.train.seed)
     train = DataLoader(records.train, batch_size=cfg.train.batch_size, sampler=sampler, collate_fn=collate)
@@ -520,7 +521,7 @@ def _restore(run: Run, records: Records, identity: dict) -> Progress:
     return p
 
 
-def _header(run: Run, records: Records, built: Built, sched: Schedule) -> None:
+def _header(run: Run, records: Records, built: Built, loaders: Loaders, sched: Schedule) -> None:
     cfg, acc = run.cfg, run.accelerator
     eff_batch = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
     backend = f"DeepSpeed ZeRO-{run.zero}" if run.zero else acc.distributed_type.value
@@ -532,6 +533,11 @@ def _header(run: Run, records: Records, built: Built, sched: Schedule) -> None:
             f"({cfg.train.batch_size} x {cfg.train.grad_accum} accum x {acc.num_processes} proc) | "
             f"{sched.total_steps} steps ({sched.num_epochs} epoch(s)) | {backend} on {acc.device}")
     run.log(format_report(built.report))
+    if not run.main:
+        return  # counting shortened prompts tokenizes every study: the main process only
+    run.log(f"prompts: {loaders.collate.count_shortened(records.train)} of {len(records.train)} train studies "
+            f"shortened to data.max_prompt_tokens={cfg.data.max_prompt_tokens} "
+            "(history, then comparison, then indication cut)")
     run.log("=" * 78)
 
 
@@ -721,7 +727,7 @@ def validation_reports(run: Run, model, loaders: Loaders) -> dict | None:
     collate = StudyCollator(
         processor=loaders.collate.processor, template=loaders.collate.template,
         num_query_tokens=loaders.collate.num_query_tokens, decoder_only=loaders.collate.decoder_only,
-        mode="generate", max_views=loaders.collate.max_views,
+        mode="generate", max_views=loaders.collate.max_views, max_prompt_tokens=loaders.collate.max_prompt_tokens,
     )
     mine = records[acc.process_index:: acc.num_processes]
     # Under ZeRO-3 every rank must run the same number of forward passes (synced_gpus); pad with a repeat.
@@ -790,7 +796,7 @@ def train_stage(cfg: StageConfig) -> Path:
     sched = _optimizer(run, records, built, loaders)
     identity = run_identity(cfg, records.data_hash)
     progress = _restore(run, records, identity)
-    _header(run, records, built, sched)
+    _header(run, records, built, loaders, sched)
     if cfg.train.report_to != "none":
         run.accelerator.init_trackers(cfg.name, config={"stage": cfg.name})
     fit = _fit(run, built, loaders, sched, progress, identity)
