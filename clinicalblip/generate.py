@@ -17,21 +17,12 @@ from clinicalblip.data.collate import StudyCollator, model_inputs
 from clinicalblip.data.manifest import read_manifest
 from clinicalblip.errors import UserError
 from clinicalblip.model import is_decoder_only, load_pretrained
-from clinicalblip.prompts import Template, load_template, target_text
+from clinicalblip.prompts import GENERIC_INDICATION, Template, load_template, target_text
 from clinicalblip.release import is_release_dir, read_release, release_template
 from clinicalblip.stages import is_stage_dir, load_stage_model, load_template_of
 
 DEFAULT_MAX_NEW_TOKENS = 128
 DEFAULT_MAX_PROMPT_TOKENS = 256
-
-
-def generic_indication() -> str:
-    try:
-        from clinicalblip.data.synth import GENERIC_INDICATION
-
-        return GENERIC_INDICATION
-    except ImportError:  # pragma: no cover
-        return "Routine chest radiograph."
 
 
 @dataclass
@@ -94,7 +85,7 @@ class ReportModel:
             processor=self.processor, template=template or self.template,
             num_query_tokens=self.processor.num_query_tokens, decoder_only=is_decoder_only(self.model),
             mode="generate", max_views=self.max_views, indication=indication,
-            generic_indication=generic_indication(), blank_images=blank_images,
+            generic_indication=GENERIC_INDICATION, blank_images=blank_images,
             max_prompt_tokens=self.max_prompt_tokens,
         )
 

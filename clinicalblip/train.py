@@ -43,15 +43,8 @@ from clinicalblip.model import (
     torch_dtype,
 )
 from clinicalblip.prompts import Template, load_template, target_text
-from clinicalblip.stages import (
-    apply_trainable,
-    component_of,
-    core_model,
-    format_report,
-    load_stage_model,
-    read_stage,
-    write_stage,
-)
+from clinicalblip.policy import apply_trainable, component_of, core_model, format_report
+from clinicalblip.stages import load_stage_model, read_stage, write_stage
 
 # Keys that may change between a run and its resume (they do not change what is trained).
 RESUMABLE_KEYS = ("train.log_every", "train.save_every", "train.keep_last", "train.report_to", "train.resume",

@@ -165,7 +165,7 @@ def test_val_generate_logs_reports_and_clinical_f1(synth_manifest, tmp_path):
 def test_weight_decay_skips_norms_biases_and_query_tokens():
     from clinicalblip.config import stage_config_from_dict
     from clinicalblip.model import build_base
-    from clinicalblip.stages import apply_trainable
+    from clinicalblip.policy import apply_trainable
     from clinicalblip.train import _param_groups
 
     cfg = stage_config_from_dict({"output_dir": "x", "data": {"manifest": "m"}, "optim": {"weight_decay": 0.1},
