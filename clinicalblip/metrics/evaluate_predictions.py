@@ -225,16 +225,13 @@ def evaluate_predictions(
     uncertain_as: str = "positive",
     chexbert_weights: str | Path | None = None,
     chexbert_tokenizer: str | Path | None = None,
-    html: str | Path | None = None,
-    manifest: str | Path | None = None,
-    thumbnails: bool = True,
-) -> dict:
+    return_cases: bool = False,
+) -> dict | tuple[dict, list[dict], dict]:
     """Score ``pred_path`` and write ``out_path`` (metrics.json); returns the metrics dict.
 
     ``report_md``: True writes ``report.md`` (``<stem>.report.md`` unless the output is ``metrics.json``) and a
-    per-label F1 PNG beside ``out_path``; a path writes the report there; False writes none. ``html``: also write
-    the self-contained case viewer there (``clinicalblip.viewer``; images and context from ``manifest``, else
-    from the manifest named in the predictions' provenance).
+    per-label F1 PNG beside ``out_path``; a path writes the report there; False writes none. ``return_cases``:
+    return ``(metrics, records, cases)`` (``evaluate_records``' per-case data, e.g. for the case viewer).
     """
     records, provenance = read_predictions(pred_path)
     metrics, cases = evaluate_records(
@@ -254,12 +251,7 @@ def evaluate_predictions(
 
         md_path = Path(report_md) if not isinstance(report_md, bool) else _default_report_path(out_path)
         metrics["report"] = str(write_report(metrics, md_path))
-    if html:
-        from clinicalblip.viewer import write_viewer
-
-        metrics["html"] = str(write_viewer(records, metrics, cases, html, manifest=manifest,
-                                           metrics_path=out_path, thumbnails=thumbnails))
-    return metrics
+    return (metrics, records, cases) if return_cases else metrics
 
 
 def _default_report_path(out_path: Path) -> Path:
