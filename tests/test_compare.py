@@ -207,3 +207,40 @@ def test_paired_resampling_direct(systems):
     # bootstrap: B is perfect on every resample with a positive study, A never is
     assert res["clinical_macro_f1"]["ci95"] == [1.0, 1.0]
     assert res["ROUGE_L"]["diff"] == 0 and res["ROUGE_L"]["p"] == 1.0 and res["ROUGE_L"]["ci95"] == [0.0, 0.0]
+
+
+def test_compare_page_links_into_each_viewer(systems, tmp_path):
+    from clinicalblip.viewer import write_compare_html
+
+    res = _run([systems["constant"], systems["perfect"]], resamples=50)
+    (tmp_path / "views").mkdir()
+    page = write_compare_html(res, tmp_path / "out" / "compare.html",
+                              [tmp_path / "views" / "constant.html", tmp_path / "views" / "perfect.html"])
+    text = page.read_text()
+    first = res["disagreements"][0]["id"]
+    assert f"href='../views/constant.html#case={first}'" in text and f"href='../views/perfect.html#case={first}'" in text
+    assert text.count("open in viewer") == 2 * len(res["disagreements"])
+
+
+def test_ablation_table_carries_the_paired_tests(systems, tmp_path):
+    from clinicalblip import demo
+
+    d = tmp_path / "eval"
+    d.mkdir()
+    recs = systems["recs"]
+    almost = [r["findings"] for r in recs]
+    almost[7] = recs[8]["findings"]
+    files = {"real": systems["perfect"], "none": _write(tmp_path / "almost.jsonl", recs, almost),
+             "generic": systems["constant"]}
+    for mode, path in files.items():
+        assert cli.main(["eval", str(path), "--out", str(d / f"metrics_{mode}.json"), "--skip-java-metrics",
+                         "--bootstrap", "0", "--no-report"]) == 0
+    assert cli.main(["compare", *map(str, files.values()), "--names", *files, "--out", str(d / "compare.json"),
+                     "--skip-java-metrics", "--resamples", "2000"]) == 0
+    table = demo.ablations(str(d))
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert "clinical_macro_f1 vs real (95% CI, p)" in rows["ablation"]
+    assert rows["trained (real context)"].rstrip().endswith("|  |  |")  # the baseline has no test against itself
+    assert " n.s. |" in rows["no indication"]  # one study differs: not significant
+    assert "p=0.0010 |" in rows["generic indication"] and "n.s." not in rows["generic indication"]
+    assert (d / "ablations.md").read_text().count("n.s.") >= 1
