@@ -343,7 +343,7 @@ function apply() {
 function row(c) {
   const th = c.views.map((v) => v[0] === null
     ? `<figure><div class="noimg">no image</div>${esc(v[1])}</figure>`
-    : `<figure><img class="thumb" loading="lazy" src="${D.thumbs[v[0]]}" alt="${esc(v[1])}">${esc(v[1])}</figure>`).join('') || '<div class="noimg">no images</div>';
+    : `<figure><img class="thumb" loading="lazy" decoding="async" src="${D.thumbs[v[0]]}" alt="${esc(v[1])}">${esc(v[1])}</figure>`).join('') || '<div class="noimg">no images</div>';
   const ctx = ['indication', 'history', 'comparison'].map((k, i) => c.ctx[i] ? `<div><b>${k}:</b> ${esc(c.ctx[i])}</div>` : '').join('');
   const badges = c.badges.map((b) => `<span class="badge b-${b[1]}${b[2] ? ' b-unc' : ''}" data-label="${esc(OBS[b[0]])}" data-status="${b[1]}" title="${esc(ST[b[1]])}${b[2] ? ' (uncertain)' : ''}">${esc(OBS[b[0]])}${b[1] === 'fp' ? ' FP' : b[1] === 'fn' ? ' FN' : ''}${b[2] ? ' ?' : ''}</span>`).join('') || '<span class="muted">no findings either side</span>';
   const sc = [D.has_rouge ? `ROUGE-L ${f4(c.s.rouge)}` : '', D.has_cider ? `CIDEr ${f4(c.s.cider)}` : '', `disagreements ${c.s.dis}`].filter(Boolean).join(' &middot; ');
