@@ -25,6 +25,7 @@ import logging
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
+from urllib.parse import quote
 
 from tqdm import tqdm
 
@@ -453,7 +454,7 @@ def write_compare_html(result: Mapping, out_html: str | Path, viewers: Sequence[
         cells = []
         for n in names:
             link = links.get(n)
-            view = f" <a href='{esc(link)}#case={esc(d['id'])}'>open in viewer</a>" if link else ""
+            view = f" <a href='{esc(link)}#case={esc(quote(d['id'], safe=''))}'>open in viewer</a>" if link else ""
             cells.append(f"<td><b>{esc(n)}</b>{view}<p>{esc(d['predictions'][n])}</p></td>")
         labs = ", ".join(
             f"{esc(x['label'])} (ref {x['reference']}: " + ", ".join(f"{esc(n)} {v}" for n, v in x["systems"].items())

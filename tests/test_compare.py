@@ -244,3 +244,16 @@ def test_ablation_table_carries_the_paired_tests(systems, tmp_path):
     assert " n.s. |" in rows["no indication"]  # one study differs: not significant
     assert "p=0.0010 |" in rows["generic indication"] and "n.s." not in rows["generic indication"]
     assert (d / "ablations.md").read_text().count("n.s.") >= 1
+
+
+@pytest.mark.parametrize("rows, needle", [
+    ([{"prediction": "a", "reference": "b"}], "has no 'id'"),
+    ([{"id": 1, "prediction": "a", "reference": "b"}, {"id": 1, "prediction": "c", "reference": "b"}],
+     "id '1' appears twice"),
+])
+def test_bad_files_are_one_clear_line(tmp_path, capsys, rows, needle):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli.main(["compare", str(bad), str(bad), "--out", str(tmp_path / "c.json"), "--skip-java-metrics"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1

@@ -222,3 +222,27 @@ def test_viewer_in_headless_chromium(viewer_inputs, report_html, chromium_page, 
     page.screenshot(path=str(shot))
     assert shot.stat().st_size > 10_000
     assert page.js_errors == []
+
+
+def test_view_scores_real_reports_with_uncertain_badges(tmp_path):
+    rows = [
+        {"id": "r/1", "reference": "Right lower lobe consolidation, possibly pneumonia.",
+         "prediction": "Cannot exclude pneumonia. Small left pleural effusion."},
+        {"id": "r2", "reference": "Small left pleural effusion.", "prediction": "No pleural effusion."},
+        {"id": "r3", "reference": "The lungs are clear.", "prediction": "The lungs are clear."},
+    ]
+    preds = tmp_path / "p.jsonl"
+    preds.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "v.html"
+    assert cli.main(["view", str(preds), "--out", str(out), "--skip-java-metrics", "--bootstrap", "50"]) == 0
+    data = _page_data(out)
+    obs = data["observations"]
+    assert data["labeler"] == "chexpert-rules" and len(obs) == 14 and data["manifest"] is None
+    by_id = {c["id"]: c for c in data["cases"]}
+    assert [obs.index("Pneumonia"), "agree", 1] in by_id["r/1"]["badges"]  # uncertain on both sides
+    assert [obs.index("Pleural Effusion"), "fp", 0] in by_id["r/1"]["badges"]
+    # "No pleural effusion." also says No Finding, which the reference does not: two disagreements
+    assert by_id["r2"]["badges"] == [[obs.index("No Finding"), "fp", 0], [obs.index("Pleural Effusion"), "fn", 0]]
+    assert by_id["r2"]["s"]["dis"] == 2
+    assert by_id["r3"]["s"]["dis"] == 0 and by_id["r3"]["views"] == [] and data["thumbs"] == []
+    assert by_id["r3"]["s"]["rouge"] == 1.0
