@@ -206,6 +206,9 @@ def view_predictions(pred_path: str | Path, out_html: str | Path, metrics_path: 
     if metrics_path:
         saved = json.loads(Path(metrics_path).read_text(encoding="utf-8"))
         lab = saved.get("clinical", {}).get("labeler", "")
+        if "chexbert" in lab.lower():
+            raise UserError(f"{metrics_path} was labelled with {lab}; `view --metrics` recomputes the badges with the "
+                            "rule labeler only: use `clinicalblip eval --labeler chexbert ... --html` instead")
         which = labeler if labeler != "auto" else ("synthetic" if lab.startswith("synthetic") else "auto")
         _, cases = evaluate_records(records, saved.get("protocol", protocol), which, bootstrap=0, seed=seed,
                                     skip_java_metrics=True,
