@@ -260,18 +260,109 @@ def _add_eval(sub) -> None:
     p.add_argument("--no-report", action="store_true", help="write metrics.json only")
     p.add_argument("--chexbert-weights", help="local chexbert.pth (with --labeler chexbert)")
     p.add_argument("--chexbert-tokenizer", help="local bert-base-uncased folder (with --labeler chexbert)")
+    _add_viewer_args(p, "--html", "also write the self-contained HTML case viewer here")
 
     def run(args) -> int:
         from clinicalblip.metrics.evaluate_predictions import evaluate_predictions, format_summary
 
-        metrics = evaluate_predictions(
+        metrics, records, cases = evaluate_predictions(
             args.predictions, args.out, protocol=args.protocol, labeler=args.labeler, bootstrap=args.bootstrap,
             seed=args.seed, report_md=not args.no_report, skip_java_metrics=args.skip_java_metrics,
             uncertain_as=args.uncertain_as, chexbert_weights=args.chexbert_weights,
-            chexbert_tokenizer=args.chexbert_tokenizer,
+            chexbert_tokenizer=args.chexbert_tokenizer, return_cases=True,
         )
         print(format_summary(metrics))
         print(f"wrote {args.out}" + (f" and {metrics['report']}" if metrics.get("report") else ""))
+        if args.html:
+            from clinicalblip.viewer import write_viewer
+
+            write_viewer(records, metrics, cases, args.html, manifest=args.manifest, metrics_path=args.out,
+                         thumbnails=not args.no_thumbnails, thumb_size=args.thumb_size)
+            print(f"wrote {args.html} (case viewer, {len(records)} studies)")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _add_viewer_args(p, flag: str, help_text: str) -> None:
+    p.add_argument(flag, required=flag == "--out", help=help_text)
+    p.add_argument("--manifest", help="manifest with the studies' images and context (default: the one named in "
+                                      "the predictions' provenance, PRED.meta.json)")
+    p.add_argument("--thumb-size", type=int, default=160, help="thumbnail long side in pixels (default 160)")
+    p.add_argument("--no-thumbnails", action="store_true", help="no images in the page (smaller file)")
+
+
+def _add_view(sub) -> None:
+    p = sub.add_parser(
+        "view", help="build the self-contained HTML case viewer for a predictions file",
+        description="One offline HTML page (inline CSS/JS, images as downsized data URIs): summary with CIs, "
+                    "per-label chart, and a filterable, paginated case browser with thumbnails, context, reference "
+                    "vs generated text and the labeler's findings as agree / FP / FN / uncertain badges.",
+    )
+    p.add_argument("predictions", help="predictions JSONL")
+    _add_viewer_args(p, "--out", "the HTML file to write")
+    p.add_argument("--metrics", help="metrics.json from `clinicalblip eval` for the summary (else scored here)")
+    p.add_argument("--protocol", choices=["r2gen", "r2gen-mimic", "coco-ptb"], default="r2gen")
+    p.add_argument("--labeler", choices=["auto", "chexpert", "synthetic", "chexbert"], default="auto")
+    p.add_argument("--uncertain-as", choices=["positive", "negative"], default="positive")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (without --metrics)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-java-metrics", action="store_true", help="skip METEOR (without --metrics)")
+
+    def run(args) -> int:
+        from clinicalblip.viewer import view_predictions
+
+        out = view_predictions(args.predictions, args.out, args.metrics, manifest=args.manifest,
+                               protocol=args.protocol, labeler=args.labeler, uncertain_as=args.uncertain_as,
+                               skip_java_metrics=args.skip_java_metrics, bootstrap=args.bootstrap, seed=args.seed,
+                               thumbnails=not args.no_thumbnails, thumb_size=args.thumb_size)
+        print(f"wrote {out}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _add_compare(sub) -> None:
+    p = sub.add_parser(
+        "compare", help="paired significance between systems on the same studies (bootstrap CI, permutation p)",
+        description="Compare predictions files on the studies they share: for every metric the difference B - A "
+                    "(and C - A, ...), a paired bootstrap 95%% CI and a paired approximate-randomisation p-value, "
+                    "corpus-level metrics recomputed from per-study sufficient statistics; Holm-corrected with "
+                    "more than two systems.",
+    )
+    p.add_argument("predictions", nargs="+", help="predictions JSONL files; the first is the baseline A")
+    p.add_argument("--out", required=True, help="compare.json to write")
+    p.add_argument("--html", help="also write an HTML page with the tables and the biggest finding disagreements")
+    p.add_argument("--viewer", action="append", default=None,
+                   help="each system's case viewer, in order (repeat); default PRED.html where it exists")
+    p.add_argument("--names", nargs="+", help="system names (default: the file stems)")
+    p.add_argument("--resamples", type=int, default=10000, help="bootstrap and permutation resamples (10000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--protocol", choices=["r2gen", "r2gen-mimic", "coco-ptb"], default="r2gen")
+    p.add_argument("--labeler", choices=["auto", "chexpert", "synthetic"], default="auto")
+    p.add_argument("--uncertain-as", choices=["positive", "negative"], default="positive")
+    p.add_argument("--skip-java-metrics", action="store_true", help="skip METEOR (it needs Java)")
+    p.add_argument("--min-overlap", type=float, default=0.9,
+                   help="refuse when the files share fewer than this fraction of the largest file's studies")
+
+    def run(args) -> int:
+        from clinicalblip.metrics.compare import compare_files, format_table, guess_viewer
+
+        if args.viewer and len(args.viewer) != len(args.predictions):
+            raise UserError(f"{len(args.viewer)} --viewer pages for {len(args.predictions)} predictions files")
+        result = compare_files(
+            args.predictions, args.out, names=args.names, resamples=args.resamples, seed=args.seed,
+            protocol=args.protocol, labeler=args.labeler, uncertain_as=args.uncertain_as,
+            skip_java_metrics=args.skip_java_metrics, min_overlap=args.min_overlap, progress=True,
+        )
+        print(format_table(result))
+        print(f"wrote {args.out}")
+        if args.html:
+            from clinicalblip.viewer import write_compare_html
+
+            viewers = args.viewer or [guess_viewer(p) for p in args.predictions]
+            write_compare_html(result, args.html, viewers)
+            print(f"wrote {args.html}")
         return 0
 
     p.set_defaults(func=run)
@@ -360,11 +451,13 @@ typical order:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clinicalblip", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{data,train,generate,eval,label,merge}")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{data,train,generate,eval,view,compare,label,merge}")
     _add_data(sub)
     _add_train(sub)
     _add_generate(sub)
     _add_eval(sub)
+    _add_view(sub)
+    _add_compare(sub)
     _add_label(sub)
     _add_merge(sub)
     return parser
