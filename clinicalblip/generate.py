@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from clinicalblip import __version__
 from clinicalblip.data.collate import StudyCollator, model_inputs
-from clinicalblip.data.manifest import read_manifest
+from clinicalblip.data.manifest import file_hash, read_manifest
 from clinicalblip.errors import UserError
 from clinicalblip.model import is_decoder_only, load_pretrained
 from clinicalblip.prompts import GENERIC_INDICATION, Template, load_template, target_text
@@ -253,16 +253,8 @@ def _merge_parts(out_path: Path) -> None:
 
 # The settings a resumed predictions file must share with the run that started it; the rest of the meta file
 # (paths, process count, code version, counts) may change between runs.
-PROVENANCE_KEYS = ("model_hash", "template", "template_hash", "context", "decoding", "dtype", "manifest_hash",
-                   "split", "max_prompt_tokens")
-
-
-def _file_hash(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+PROVENANCE_KEYS = ("model_hash", "template", "template_hash", "context", "decoding", "dtype", "quantization",
+                   "manifest_hash", "split", "max_prompt_tokens")
 
 
 def _template_hash(tpl: Template) -> str:
@@ -346,7 +338,7 @@ def generate_split(model_dir: str, manifest: str, split: str, out: str, template
                 "do_sample": bool(generate_kwargs.get("do_sample", False)), **generate_kwargs}
     settings = {"model_hash": _dir_hash(model_dir), "template": tpl.name, "template_hash": _template_hash(tpl),
                 "context": context, "decoding": decoding, "dtype": dtype, "quantization": quantization,
-                "manifest_hash": _file_hash(manifest),
+                "manifest_hash": file_hash(manifest),
                 "split": split, "max_prompt_tokens": rm.max_prompt_tokens}
     prov_key = _settings_key(settings)
     if main:

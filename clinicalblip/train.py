@@ -29,7 +29,7 @@ from clinicalblip import __version__
 from clinicalblip.config import COMPONENTS, StageConfig
 from clinicalblip.data.check import apply_bad_record_policy
 from clinicalblip.data.collate import StudyCollator, model_inputs
-from clinicalblip.data.manifest import read_manifest
+from clinicalblip.data.manifest import file_hash, read_manifest
 from clinicalblip.errors import UserError
 from clinicalblip.model import (
     build_base,
@@ -67,14 +67,6 @@ class EpochSampler(Sampler):
 
     def __len__(self) -> int:
         return self.n
-
-
-def _file_hash(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def _mixed_precision(dtype: str) -> str:
@@ -300,7 +292,7 @@ def _records(run: Run) -> Records:
         raise UserError(f"{len(empty)} train record(s) with an empty {template.target}: {', '.join(map(str, empty[:5]))}"
                         " (fill them in, or set data.on_bad_record=skip)")
     train = [r for r in train if target_text(template, r)]
-    return Records(train=train, val=val, template=template, data_hash=_file_hash(cfg.data.manifest))
+    return Records(train=train, val=val, template=template, data_hash=file_hash(cfg.data.manifest))
 
 
 @dataclass
