@@ -111,7 +111,7 @@ def test_zero3_resume_after_kill_equals_uninterrupted(stage2):
 
 def test_zero3_select_best_writes_the_best_steps_weights(stage2):
     # a learning rate high enough that validation gets worse after a while: the best step is not the last
-    over = {"train.select_best": "true", "train.eval_every": 1, "optim.lr": 0.05, "train.max_steps": 5}
+    over = {"train.select_best": "true", "train.eval_every": 1, "optim.lr": 0.01, "train.max_steps": 4}
     ref, proc = stage2("best_ref", **over)
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads((ref / "stage.json").read_text())["metrics"]
