@@ -18,10 +18,36 @@ from clinicalblip.prompts import TemplateError
 # ---------------------------------------------------------------------------------------------- data
 def _add_data(sub) -> None:
     p = sub.add_parser("data", help="prepare, check or synthesise datasets (manifests)")
-    dsub = p.add_subparsers(dest="data_cmd", required=True, metavar="{prepare,check,synth}")
+    dsub = p.add_subparsers(dest="data_cmd", required=True, metavar="{prepare,check,synth,cache}")
     _add_data_synth(dsub)
     _add_data_prepare(dsub)
     _add_data_check(dsub)
+    _add_data_cache(dsub)
+
+
+def _add_data_cache(dsub) -> None:
+    p = dsub.add_parser("cache", help="decode + resize every image of a manifest once into a fast image cache",
+                        description="Decode every image once (DICOM VOI pipeline, PNG, JPEG in draft mode), resize "
+                                    "it as the model's processor does, store uint8 pixels with an index. Resumable "
+                                    "(a rerun skips unchanged images), parallel; unreadable images are listed. Train "
+                                    "from it with data.image_cache=DIR (or data.manifest=DIR/manifest.jsonl).")
+    p.add_argument("manifest")
+    p.add_argument("--out", required=True, help="cache folder")
+    p.add_argument("--size", required=True, type=int, help="the processor's input size (e.g. 224 or 384; tiny: 64)")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: every CPU)")
+    p.add_argument("--resample", default="bicubic", choices=["bicubic", "bilinear", "lanczos", "nearest"],
+                   help="the processor's resize filter (BLIP: bicubic)")
+    p.add_argument("--no-draft", action="store_true", help="decode JPEGs at full size (slower; default: draft mode)")
+
+    def run(args) -> int:
+        from clinicalblip.data.cache import build_cache
+
+        summary = build_cache(args.manifest, args.out, args.size, workers=args.workers, resample=args.resample,
+                              jpeg_draft=not args.no_draft)
+        print(summary.format())
+        return 0
+
+    p.set_defaults(func=run)
 
 
 def _add_data_synth(dsub) -> None:
@@ -109,8 +135,11 @@ def _add_data_prepare(dsub) -> None:
 def _add_data_check(dsub) -> None:
     p = dsub.add_parser("check", help="validate every record of a manifest (exit 1 if any is unusable)")
     p.add_argument("manifest")
-    p.add_argument("--images", choices=["decode", "exists", "none"], default="decode",
-                   help="decode every image (default), only check that files exist, or skip images")
+    p.add_argument("--images", choices=["header", "decode", "exists", "none"], default="header",
+                   help="header: existence, size and header read cheaply (default); decode: decode every image; "
+                        "exists: files only; none: skip images")
+    p.add_argument("--decode", action="store_true", help="decode every image fully (same as --images decode)")
+    p.add_argument("--image-cache", help="an image cache folder: images it holds count as decoded")
     p.add_argument("--jobs", type=int, default=None, help="image-decoding threads (default: up to 8)")
     p.add_argument("--max-ids", type=int, default=5, help="offending ids shown per problem (default 5)")
     p.add_argument("--json", metavar="PATH", help="also write the per-problem counts and ids as JSON")
@@ -118,7 +147,8 @@ def _add_data_check(dsub) -> None:
     def run(args) -> int:
         from clinicalblip.data.check import check_manifest
 
-        report = check_manifest(args.manifest, check_images=args.images, jobs=args.jobs)
+        mode = "decode" if args.decode else args.images
+        report = check_manifest(args.manifest, check_images=mode, jobs=args.jobs, image_cache=args.image_cache)
         print(report.format(max_ids=args.max_ids))
         if args.json:
             with open(args.json, "w", encoding="utf-8") as fh:
@@ -171,6 +201,9 @@ def _add_generate(sub) -> None:
                    help="default: bf16 on a GPU that supports it, else fp32")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, default=None, help="only the first N studies of the split")
+    p.add_argument("--image-cache", help="manifest mode: read pixels from this `data cache` folder")
+    p.add_argument("--workers", type=int, default=-1, help="manifest mode: loader workers (default -1: what the "
+                                                          "machine affords; 0: load in the main process)")
     p.add_argument("--json", action="store_true", help="single study: print prompt, qformer_prompt, report as JSON")
     p.set_defaults(func=_cmd_generate)
 
@@ -207,7 +240,8 @@ def _cmd_generate(args) -> int:
     n = G.generate_split(
         args.model_dir, args.manifest, split=args.split, out=args.out, template=args.template,
         context=args.context, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-        batch_size=args.batch_size, limit=args.limit, dtype=args.dtype, **_decoding_kwargs(args),
+        batch_size=args.batch_size, limit=args.limit, dtype=args.dtype, image_cache=args.image_cache,
+        num_workers=args.workers, **_decoding_kwargs(args),
     )
     if os.environ.get("RANK", "0") == "0":  # once under accelerate launch
         print(f"wrote {n} predictions to {args.out}")

@@ -17,14 +17,16 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Sampler
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from clinicalblip import __version__
 from clinicalblip.config import COMPONENTS, StageConfig
+from clinicalblip.data.cache import find_image_cache, pixel_source
 from clinicalblip.data.check import apply_bad_record_policy
 from clinicalblip.data.collate import StudyCollator, model_inputs
+from clinicalblip.data.loader import make_loader
 from clinicalblip.data.manifest import read_manifest
 from clinicalblip.errors import UserError
 from clinicalblip.model import build_base, fingerprint, is_decoder_only, is_tiny, load_pretrained, torch_dtype
@@ -165,7 +167,9 @@ def train_stage(cfg: StageConfig) -> Path:
     # ---- data (read and checked first: a bad manifest should fail before a model loads). The whole
     # manifest is checked, not one split: a patient in two splits is only visible across splits.
     records = read_manifest(cfg.data.manifest)
-    records = apply_bad_record_policy(records, cfg.data.on_bad_record, log=log, check_images=cfg.data.check_images)
+    image_cache = find_image_cache(cfg.data.image_cache, cfg.data.manifest)
+    records = apply_bad_record_policy(records, cfg.data.on_bad_record, log=log, check_images=cfg.data.check_images,
+                                      manifest=cfg.data.manifest, image_cache=image_cache)
     train_records = [r for r in records if r["split"] == cfg.data.train_split]
     if cfg.data.limit:
         train_records = train_records[: cfg.data.limit]
@@ -243,7 +247,8 @@ def train_stage(cfg: StageConfig) -> Path:
         processor=processor, template=template, num_query_tokens=processor.num_query_tokens,
         decoder_only=is_decoder_only(core_model(model)), mode="train", max_views=cfg.data.max_views,
         max_report_tokens=cfg.data.max_report_tokens, context_dropout=cfg.data.context_dropout, seed=cfg.train.seed,
-        image_cache={} if cfg.data.cache_images else None,
+        image_cache=pixel_source(processor.image_processor, image_cache, jpeg_draft=cfg.data.jpeg_draft,
+                                 memory=cfg.data.cache_images),
     )
     val_collate = StudyCollator(
         processor=processor, template=template, num_query_tokens=processor.num_query_tokens,
@@ -251,8 +256,10 @@ def train_stage(cfg: StageConfig) -> Path:
         max_report_tokens=cfg.data.max_report_tokens, image_cache=collate.image_cache,
     )
     sampler = EpochSampler(len(train_records), cfg.train.seed)
-    train_loader = DataLoader(train_records, batch_size=cfg.train.batch_size, sampler=sampler, collate_fn=collate)
-    val_loader = DataLoader(val_records, batch_size=cfg.train.batch_size, shuffle=False, collate_fn=val_collate) \
+    # the sampler carries the epoch into the loader workers (context dropout depends on it)
+    train_loader = make_loader(train_records, cfg.train.batch_size, collate, sampler=sampler,
+                               num_workers=cfg.data.num_workers)
+    val_loader = make_loader(val_records, cfg.train.batch_size, val_collate, num_workers=cfg.data.num_workers) \
         if val_records else None
 
     # ---- optimizer and schedule (optimizer steps, not micro-batches)
@@ -295,6 +302,8 @@ def train_stage(cfg: StageConfig) -> Path:
     log(f"train: {len(train_records)} studies, val: {len(val_records)} | effective batch {eff_batch} "
         f"({cfg.train.batch_size} x {cfg.train.grad_accum} accum x {accelerator.num_processes} proc) | "
         f"{total_steps} steps ({num_epochs} epoch(s)) | device {accelerator.device}")
+    log(f"images: {('cache ' + image_cache) if image_cache else 'raw'} | loader workers per rank: "
+        f"{getattr(train_loader, 'num_workers', 0)}")
     log(format_report(report))
     log("=" * 78)
 
@@ -341,8 +350,7 @@ def train_stage(cfg: StageConfig) -> Path:
         if done:
             break
         train_loader.set_epoch(epoch)
-        sampler.set_epoch(epoch)
-        collate.epoch = epoch
+        sampler.set_epoch(epoch)  # read by the loader when the epoch's pass starts; workers get it per batch
         loader = train_loader
         batches_in_epoch = 0
         if epoch == start_epoch and skip_batches:
