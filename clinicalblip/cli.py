@@ -69,7 +69,7 @@ def _cmd_data_synth(args) -> int:
 
 def _add_data_prepare(dsub) -> None:
     p = dsub.add_parser("prepare", help="turn a dataset (iu-xray, mimic-cxr, jsonl, csv) into a manifest")
-    psub = p.add_subparsers(dest="source", required=True, metavar="{iu-xray,mimic-cxr,jsonl,csv}")
+    psub = p.add_subparsers(dest="source", required=True, metavar="{iu-xray,open-i,mimic-cxr,jsonl,csv}")
 
     iu = psub.add_parser("iu-xray", help="R2Gen annotation.json + the public IU report / projection CSVs")
     iu.add_argument("--annotation", required=True, help="R2Gen annotation.json (split; report = findings)")
@@ -77,6 +77,14 @@ def _add_data_prepare(dsub) -> None:
     iu.add_argument("--projections", help="indiana_projections.csv (Frontal / Lateral per image)")
     iu.add_argument("--images", help="image folder (default: images/ beside annotation.json)")
     iu.add_argument("--out", required=True, help="manifest.jsonl to write")
+
+    oi = psub.add_parser("open-i", help="the official IU X-Ray distribution: NLMCXR_reports.tgz (XML) + images")
+    oi.add_argument("--reports", required=True, help="NLMCXR_reports.tgz, or the folder of its XMLs")
+    oi.add_argument("--images", required=True, help="image folder: NLMCXR_png, Kaggle images_normalized, or DICOM")
+    oi.add_argument("--annotation", help="R2Gen annotation.json: its split and ids (else a seeded patient split)")
+    oi.add_argument("--projections", help="indiana_projections.csv (Frontal / Lateral per image)")
+    oi.add_argument("--seed", type=int, default=0, help="seed of the patient split without --annotation")
+    oi.add_argument("--out", required=True, help="manifest.jsonl to write")
 
     mc = psub.add_parser("mimic-cxr", help="R2Gen annotation.json or the official PhysioNet layout")
     mc.add_argument("--root", help="folder with mimic-cxr-2.0.0-{split,metadata,chexpert}.csv[.gz] (and files/)")
@@ -113,6 +121,11 @@ def _add_data_prepare(dsub) -> None:
 
             summary = prepare_iu_xray(args.annotation, args.out, reports=args.reports,
                                       projections=args.projections, images=args.images)
+        elif args.source == "open-i":
+            from clinicalblip.data.open_i import prepare_open_i
+
+            summary = prepare_open_i(args.reports, args.images, args.out, annotation=args.annotation,
+                                     projections=args.projections, seed=args.seed)
         elif args.source == "mimic-cxr":
             from clinicalblip.data.mimic_cxr import prepare_mimic_cxr
 
