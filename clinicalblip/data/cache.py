@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image
 
 from clinicalblip.data.images import ImageLoadError, load_image, load_image_gray_or_rgb
+from clinicalblip.data.loader import available_cpus
 from clinicalblip.data.manifest import read_manifest, write_manifest
 from clinicalblip.errors import UserError
 
@@ -117,6 +118,16 @@ def _read_jsonl(path: Path) -> list[dict]:
                 except json.JSONDecodeError:
                     continue  # a line cut by a crash: that image is simply built again
     return out
+
+
+def _drop_partial_tail(path: Path) -> None:
+    """A crash mid-write leaves a last line without its newline: cut it before appending after it."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):
+        with open(path, "rb+") as fh:
+            fh.truncate(data.rfind(b"\n") + 1)
 
 
 def _check_meta(out: Path, meta: dict) -> None:
@@ -204,7 +215,8 @@ def build_cache(manifest: str | os.PathLike, out: str | os.PathLike, size: int |
             continue
         todo.append(p)
 
-    n_workers = max(1, workers or len(os.sched_getaffinity(0)))
+    _drop_partial_tail(out / INDEX)
+    n_workers = max(1, workers or available_cpus())
     chunks = [todo[i:i + chunk] for i in range(0, len(todo), chunk)]
     built = 0
     with open(out / INDEX, "a", encoding="utf-8") as index_fh:
