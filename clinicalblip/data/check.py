@@ -139,7 +139,7 @@ _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 
 _PIXEL_TAGS = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00")
 
 
-def _jpeg_header(head: bytes) -> str | None:
+def _jpeg_header(head: bytes, whole_file: bool) -> str | None:
     """None when the JPEG markers reach a frame header with a non-zero size, else the problem."""
     if head[:2] != b"\xff\xd8":
         return "not a JPEG (no SOI marker)"
@@ -160,6 +160,8 @@ def _jpeg_header(head: bytes) -> str | None:
         if marker in (0xD9, 0xDA):
             return "JPEG without a frame header"
         i += 2 + length
+    if whole_file:
+        return "JPEG without a frame header (the file ends first)"
     return None  # very large metadata segments: the header looked fine as far as it was read
 
 
@@ -213,7 +215,7 @@ def header_problem(path: str) -> str | None:
                 ok = len(head) >= 24 and head[12:16] == b"IHDR" and min(struct.unpack(">II", head[16:24])) > 0
                 why = None if ok else "corrupt PNG header"
             elif head[:2] == b"\xff\xd8":
-                why = _jpeg_header(head)
+                why = _jpeg_header(head, whole_file=len(head) < (1 << 16))
             else:
                 from PIL import Image
 
