@@ -194,3 +194,35 @@ def test_header_check_catches_truncated_and_pixel_less_dicom(reference, tmp_path
     assert "no pixel data" in header_problem(str(tmp_path / "nopix.dcm"))
     with pytest.raises(ImageLoadError):
         load_image(tmp_path / "nopix.dcm")
+
+
+@pytest.mark.parametrize("kind", ["window", "sigmoid", "minmax", "monochrome1", "signed"])
+def test_lookup_table_pipeline_equals_the_elementwise_one(kind):
+    """dicom_to_uint8 runs the VOI pipeline once per distinct stored value; the pixels must not change."""
+    from clinicalblip.data import images as I
+
+    rng = np.random.default_rng(0)
+    ds = Dataset()
+    ds.RescaleSlope, ds.RescaleIntercept = 1.5, -1024
+    ds.PhotometricInterpretation = "MONOCHROME1" if kind == "monochrome1" else "MONOCHROME2"
+    if kind in ("window", "sigmoid", "monochrome1"):
+        ds.WindowCenter, ds.WindowWidth = 900, 1500
+    if kind == "sigmoid":
+        ds.VOILUTFunction = "SIGMOID"
+    arr = rng.integers(-2000, 2000, (300, 200)).astype(np.int16) if kind == "signed" \
+        else rng.integers(100, 4095, (300, 200)).astype(np.uint16)
+    direct = I._pipeline(arr, ds, str(ds.PhotometricInterpretation))
+    ds.Rows, ds.Columns = arr.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16 if kind == "signed" else 12, 15 if kind == "signed" else 11
+    ds.PixelRepresentation, ds.SamplesPerPixel = int(kind == "signed"), 1
+    ds.PixelData = arr.tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "x.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        np.testing.assert_array_equal(dicom_to_uint8(path), direct)

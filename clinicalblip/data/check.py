@@ -387,7 +387,12 @@ def _safe_normalize(rec: dict, root: Path, ps: list[Problem]) -> dict:
 
 def check_manifest(path: str | os.PathLike, check_images: str | bool = "header", jobs: int | None = None,
                    image_cache: str | os.PathLike | None = None) -> CheckReport:
-    """Check every line of a manifest file (unreadable lines included) -> CheckReport."""
+    """Check every line of a manifest file (unreadable lines included) -> CheckReport. A cache's manifest
+    copy is checked against its cache (see the module docstring) without naming the cache."""
+    if image_cache is None:
+        from clinicalblip.data.cache import find_image_cache
+
+        image_cache = find_image_cache(None, path)
     records, pre, keys = read_manifest_tolerant(path)
     report = check_records(records, check_images=check_images, jobs=jobs, _pre=pre, _keys=keys,
                            cached=_cache_map(image_cache))
