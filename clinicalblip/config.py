@@ -63,7 +63,8 @@ class DataConfig:
     image_cache: str = ""
     # DataLoader worker processes per rank: -1 = what the machine affords, 0 = load in the main process.
     num_workers: int = -1
-    # Decode JPEGs at the smallest DCT scale still >= the model's input size (raw path; the cache does too).
+    # Decode JPEGs at the smallest DCT scale (JPEG 2000 DICOM: the coarsest wavelet level) still >= the
+    # model's input size: several times faster on full-size radiographs (raw path; the cache does too).
     jpeg_draft: bool = True
 
 

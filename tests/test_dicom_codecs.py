@@ -226,3 +226,20 @@ def test_lookup_table_pipeline_equals_the_elementwise_one(kind):
         path = Path(d) / "x.dcm"
         ds.save_as(path, enforce_file_format=True)
         np.testing.assert_array_equal(dicom_to_uint8(path), direct)
+
+
+def test_jpeg2000_draft_decodes_at_reduced_resolution_and_matches_after_the_resize(tmp_path):
+    """With a draft size, JPEG 2000 drops wavelet levels (as JPEG draft mode uses DCT scaling)."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:384, 0:320] / 384.0
+    arr = ((0.5 + 0.3 * np.sin(5 * x) * np.cos(3 * y)) * 4095).astype(np.uint16)
+    ds = _dataset(arr)
+    ds.compress(JPEG2000Lossless, arr)
+    path = _save(ds, tmp_path / "j2k.dcm")
+    full = dicom_to_uint8(path)
+    small = dicom_to_uint8(path, draft_size=(64, 64))
+    assert full.shape == (384, 320) and small.shape == (96, 80)  # two levels dropped: still >= 64
+    resize = lambda a: np.asarray(Image.fromarray(a).resize((64, 64), Image.Resampling.BICUBIC)).astype(int)  # noqa: E731
+    assert np.abs(resize(full) - resize(small)).mean() < 2.0  # about one gray level: what draft JPEG gives too
+    assert load_image(path, draft_size=(64, 64)).size == (80, 96)

@@ -71,7 +71,7 @@ def load_image_gray_or_rgb(path: str | os.PathLike, draft_size: tuple[int, int] 
         raise ImageLoadError(f"image path is a folder: {path}")
     try:
         if is_dicom(path):
-            im = Image.fromarray(dicom_to_uint8(path))
+            im = Image.fromarray(dicom_to_uint8(path, draft_size=draft_size))
             return im if im.mode in ("L", "RGB") else im.convert("RGB")
         with Image.open(path) as im:
             if draft_size and im.format == "JPEG" and im.mode in ("L", "RGB"):
@@ -107,8 +107,13 @@ def _unit_to_uint8(x: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- DICOM
-def dicom_to_uint8(path: str | os.PathLike) -> np.ndarray:
-    """Pixel data of a DICOM file as uint8, (H, W) for grayscale or (H, W, 3) for colour."""
+def dicom_to_uint8(path: str | os.PathLike, draft_size: tuple[int, int] | None = None) -> np.ndarray:
+    """Pixel data of a DICOM file as uint8, (H, W) for grayscale or (H, W, 3) for colour.
+
+    draft_size: (width, height) the image is headed for; a JPEG 2000 image is then decoded at the coarsest
+    wavelet resolution still at least that large (like JPEG draft mode: far less work, nearly the same
+    pixels after the resize).
+    """
     import pydicom
 
     ds = pydicom.dcmread(path, force=True)
@@ -119,7 +124,9 @@ def dicom_to_uint8(path: str | os.PathLike) -> np.ndarray:
     if missing:
         raise ImageLoadError(f"{path}: {missing}")
     try:
-        arr = ds.pixel_array
+        arr = _j2k_reduced(ds, draft_size) if draft_size else None
+        if arr is None:
+            arr = ds.pixel_array
     except Exception as exc:
         name = getattr(tsyntax, "name", tsyntax)
         raise ImageLoadError(f"cannot decode DICOM pixel data in {path} (transfer syntax {name}): "
@@ -144,6 +151,43 @@ def dicom_to_uint8(path: str | os.PathLike) -> np.ndarray:
         table = _pipeline(domain, ds, photometric, present)
         return table[offsets]
     return _pipeline(arr, ds, photometric)
+
+
+_J2K_SYNTAXES = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")
+
+
+def _j2k_reduced(ds, draft_size: tuple[int, int]) -> np.ndarray | None:
+    """Stored values of a single-frame, unsigned grayscale JPEG 2000 image at reduced resolution through
+    Pillow's OpenJPEG (resolution levels dropped: 2x per level); None when this does not apply."""
+    import io
+
+    from pydicom.encaps import generate_frames
+
+    ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
+    if ts not in _J2K_SYNTAXES or int(ds.get("NumberOfFrames", 1) or 1) != 1 \
+            or int(ds.get("SamplesPerPixel", 1) or 1) != 1 or int(ds.get("PixelRepresentation", 0) or 0) != 0 \
+            or int(ds.get("BitsStored", 16) or 16) > 16:
+        return None
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    reduce = 0
+    while (rows >> (reduce + 1)) >= draft_size[1] and (cols >> (reduce + 1)) >= draft_size[0] and reduce < 5:
+        reduce += 1
+    if reduce == 0:
+        return None
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    # A raw codestream (SOC, SIZ) with one unsigned component; the SIZ segment holds its bit depth.
+    if frame[:4] != b"\xff\x4f\xff\x51" or len(frame) < 43 or frame[40:42] != b"\x00\x01" or frame[42] & 0x80:
+        return None
+    precision = (frame[42] & 0x7F) + 1
+    im = Image.open(io.BytesIO(frame))
+    im.reduce = reduce  # Pillow's JPEG 2000 plugin: resolution levels to discard
+    im.load()
+    arr = np.asarray(im)
+    if im.mode.startswith("I;16") and precision < 16:
+        arr = arr >> (16 - precision)  # Pillow scales samples up to 16 bits; the pipeline wants stored values
+    elif im.mode != "L" and not im.mode.startswith("I;16"):
+        return None
+    return arr
 
 
 def _pipeline(stored: np.ndarray, ds, photometric: str, present: np.ndarray | None = None) -> np.ndarray:
