@@ -316,8 +316,12 @@ def check_records(records: list[dict], check_images: str | bool = "header", root
         paths = list(image_jobs)
         workers = jobs or min(8, (os.cpu_count() or 2))
         # Decoding is mostly C code that releases the GIL: threads give a real speed-up without pickling.
+        # Paths go to the threads in chunks: one future per image costs more than a header check.
+        step = 512
+        chunks = [paths[i:i + step] for i in range(0, len(paths), step)]
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            results = list(pool.map(lambda p: _image_problem(p, mode, cached), paths, chunksize=256))
+            results = [r for part in pool.map(lambda ps: [_image_problem(p, mode, cached) for p in ps], chunks)
+                       for r in part]
         for p, prob in zip(paths, results):
             if prob is not None:
                 for i in image_jobs[p]:
