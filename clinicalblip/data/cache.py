@@ -13,8 +13,9 @@
                         `generate --manifest`) at it uses the cache without further settings
 
 Pixels are what the model's BLIP image processor (Pillow backend) computes before rescaling: the decoded
-8-bit image (DICOM through the VOI / MONOCHROME1 pipeline of images.py, JPEG with DCT-scaled draft decoding)
-resized to (height, width) with Pillow's bicubic filter. Reading one back is a seek and a read; `PixelSource`
+8-bit image (DICOM through the VOI / MONOCHROME1 pipeline of images.py; JPEG with DCT-scaled draft decoding
+and JPEG 2000 DICOM with wavelet levels dropped, both down to no less than the target size) resized to
+(height, width) with Pillow's bicubic filter. Reading one back is a seek and a read; `PixelSource`
 then applies the processor's rescale and normalisation, so cached pixel_values equal the raw path's.
 
 The build is parallel (one process per worker, each writing its own shards) and resumable: the index is
