@@ -68,7 +68,7 @@ def _cmd_data_synth(args) -> int:
 
 
 def _add_data_prepare(dsub) -> None:
-    p = dsub.add_parser("prepare", help="turn a dataset (iu-xray, mimic-cxr, jsonl, csv) into a manifest")
+    p = dsub.add_parser("prepare", help="turn a dataset (iu-xray, open-i, mimic-cxr, jsonl, csv) into a manifest")
     psub = p.add_subparsers(dest="source", required=True, metavar="{iu-xray,open-i,mimic-cxr,jsonl,csv}")
 
     iu = psub.add_parser("iu-xray", help="R2Gen annotation.json + the public IU report / projection CSVs")
