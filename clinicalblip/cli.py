@@ -31,7 +31,7 @@ def _add_data_cache(dsub) -> None:
                                     "it as the model's processor does, store uint8 pixels with an index. Resumable "
                                     "(a rerun skips unchanged images), parallel; unreadable images are listed. Train "
                                     "from it with data.image_cache=DIR (or data.manifest=DIR/manifest.jsonl).")
-    p.add_argument("manifest")
+    p.add_argument("manifest", help="manifest.jsonl whose images to cache")
     p.add_argument("--out", required=True, help="cache folder")
     p.add_argument("--size", required=True, type=int, help="the processor's input size (e.g. 224 or 384; tiny: 64)")
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: every CPU)")
@@ -348,11 +348,14 @@ def _add_view(sub) -> None:
     p.add_argument("predictions", help="predictions JSONL")
     _add_viewer_args(p, "--out", "the HTML file to write")
     p.add_argument("--metrics", help="metrics.json from `clinicalblip eval` for the summary (else scored here)")
-    p.add_argument("--protocol", choices=["r2gen", "r2gen-mimic", "coco-ptb"], default="r2gen")
-    p.add_argument("--labeler", choices=["auto", "chexpert", "synthetic", "chexbert"], default="auto")
-    p.add_argument("--uncertain-as", choices=["positive", "negative"], default="positive")
+    p.add_argument("--protocol", choices=["r2gen", "r2gen-mimic", "coco-ptb"], default="r2gen",
+                   help="NLG protocol: r2gen (IU X-Ray cleaning, default), r2gen-mimic, coco-ptb")
+    p.add_argument("--labeler", choices=["auto", "chexpert", "synthetic", "chexbert"], default="auto",
+                   help="auto: synthetic labels for synthetic records, else the CheXpert-style rules")
+    p.add_argument("--uncertain-as", choices=["positive", "negative"], default="positive",
+                   help="how uncertain (-1) labels count in P/R/F1 (default positive)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (without --metrics)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--skip-java-metrics", action="store_true", help="skip METEOR (without --metrics)")
 
     def run(args) -> int:
@@ -383,10 +386,13 @@ def _add_compare(sub) -> None:
                    help="each system's case viewer, in order (repeat); default PRED.html where it exists")
     p.add_argument("--names", nargs="+", help="system names (default: the file stems)")
     p.add_argument("--resamples", type=int, default=10000, help="bootstrap and permutation resamples (10000)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--protocol", choices=["r2gen", "r2gen-mimic", "coco-ptb"], default="r2gen")
-    p.add_argument("--labeler", choices=["auto", "chexpert", "synthetic"], default="auto")
-    p.add_argument("--uncertain-as", choices=["positive", "negative"], default="positive")
+    p.add_argument("--seed", type=int, default=0, help="resampling seed (the same seed gives the same CIs and p)")
+    p.add_argument("--protocol", choices=["r2gen", "r2gen-mimic", "coco-ptb"], default="r2gen",
+                   help="NLG protocol: r2gen (IU X-Ray cleaning, default), r2gen-mimic, coco-ptb")
+    p.add_argument("--labeler", choices=["auto", "chexpert", "synthetic"], default="auto",
+                   help="auto: synthetic labels for synthetic records, else the CheXpert-style rules")
+    p.add_argument("--uncertain-as", choices=["positive", "negative"], default="positive",
+                   help="how uncertain (-1) labels count in P/R/F1 (default positive)")
     p.add_argument("--skip-java-metrics", action="store_true", help="skip METEOR (it needs Java)")
     p.add_argument("--min-overlap", type=float, default=0.9,
                    help="refuse when the files share fewer than this fraction of the largest file's studies")
