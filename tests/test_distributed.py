@@ -181,3 +181,16 @@ def test_gradient_accumulation_is_exact(stage2, tmp_path):
     assert len(ref) > 50
     for name in ("acc_2x2", "acc_2p_1x2"):
         assert max_diff(grads[name][0], ref) <= 1e-6, name
+
+
+def test_qlora_trains_under_zero2_and_is_refused_under_zero3(stage2):
+    pytest.importorskip("bitsandbytes")
+    q = {"model.quantization": "4bit", "model.dtype": "bf16", "optim.lr": 3e-3}
+    out, proc = stage2("q4_zero2", backend="zero2", batch_size=2, **q)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "quantization: 4bit" in proc.stdout and "DeepSpeed ZeRO-2" in proc.stdout
+    loss = losses(out)
+    assert loss[-1] < loss[0] and json.loads((out / "stage.json").read_text())["has_adapter"]
+    out, proc = stage2("q4_zero3", backend="zero3", batch_size=2, **q)
+    assert proc.returncode != 0 and not (out / "stage.json").exists()
+    assert "under DeepSpeed ZeRO-3 is not supported" in proc.stderr and "Use ZeRO-2" in proc.stderr
