@@ -45,11 +45,15 @@ class ReportModel:
     max_views: int = 2
 
     @classmethod
-    def load(cls, model_dir: str, dtype: str = "fp32", device: str | None = None) -> "ReportModel":
-        """Load a stage folder (the whole chain, merged) or a release folder."""
+    def load(cls, model_dir: str, dtype: str = "fp32", device: str | None = None,
+             quantization: str = "none") -> "ReportModel":
+        """Load a stage folder (the whole chain, merged) or a release folder (optionally 4bit/8bit, GPU only)."""
         path = Path(model_dir)
         if not path.exists():
             raise UserError(f"model folder not found: {model_dir}")
+        if quantization != "none" and not is_release_dir(path):
+            raise UserError(f"quantization {quantization} needs a release folder (clinicalblip merge): "
+                            f"{model_dir} is not one")
         if is_stage_dir(path):
             model, processor, _ = load_stage_model(path, dtype=dtype)
             template = load_template_of(path)
@@ -57,7 +61,7 @@ class ReportModel:
             max_new = int(cfg.get("data", {}).get("max_report_tokens", DEFAULT_MAX_NEW_TOKENS))
             max_views = int(cfg.get("data", {}).get("max_views", 2))
         elif is_release_dir(path):
-            model, processor = load_pretrained(str(path), dtype=dtype)
+            model, processor = load_pretrained(str(path), dtype=dtype, quantization=quantization)
             meta = json.loads((path / RELEASE_META).read_text()) if (path / RELEASE_META).is_file() else {}
             tname = meta.get("template")
             tfile = path / "prompts" / f"{tname}.yaml"
@@ -68,7 +72,9 @@ class ReportModel:
         else:
             raise UserError(f"{model_dir}: neither a stage folder (stage.json) nor a release folder (config.json)")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model.to(device).eval()
+        if quantization == "none":  # bitsandbytes models are placed on the GPU by from_pretrained
+            model.to(device)
+        model.eval()
         return cls(model=model, processor=processor, template=template, model_dir=str(path),
                    max_new_tokens=max_new, max_views=max_views)
 
