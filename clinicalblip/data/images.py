@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from clinicalblip.errors import UserError
 
@@ -91,8 +91,12 @@ def load_image_bytes(data: bytes, name: str = "image", max_pixels: int | None = 
             return _pil_to_rgb(im)
     except ImageLoadError:
         raise
-    except Image.DecompressionBombError:
-        raise ImageLoadError(f"{name}: image declares more pixels than allowed (decompression bomb?)") from None
+    except Image.DecompressionBombError:  # PIL's own guard (at twice Image.MAX_IMAGE_PIXELS)
+        raise ImageLoadError(f"{name}: image declares too many pixels, above the limit of "
+                             f"{max_pixels or Image.MAX_IMAGE_PIXELS:,} pixels") from None
+    except UnidentifiedImageError:
+        raise ImageLoadError(f"cannot decode image {name}: not a PNG, JPEG, DICOM or other known image "
+                             "format") from None
     except Exception as exc:  # PIL and pydicom raise many types for corrupt or unsupported files
         raise ImageLoadError(f"cannot decode image {name}: {type(exc).__name__}: {_short(exc)}") from None
 
