@@ -103,7 +103,7 @@ function badges(el, findings, diff) {
     b.dataset.observation = obs;
     el.appendChild(b);
   };
-  findings.positive.forEach((o) => add(o, "pos"));
+  findings.positive.forEach((o) => add(o, o === "No Finding" ? "clear" : "pos"));
   findings.uncertain.forEach((o) => add(o, "unc", "uncertain"));
   findings.negative.forEach((o) => add(o, "neg", "absent"));
   // A finding one report names and the other does not: show it as "not mentioned" so the difference is visible.
