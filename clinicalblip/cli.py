@@ -326,6 +326,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="waiting studies before 503 + Retry-After (default 64)")
     p.add_argument("--max-file-mb", type=float, default=50.0, help="upload limit per file in MB (default 50)")
     p.add_argument("--max-views", type=int, default=None, help="views per study (default: the model's max_views)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is faster on a busy shared CPU)")
     p.add_argument("--api-key-env", metavar="VAR",
                    help="environment variable holding the API key: every request then needs "
                         "'Authorization: Bearer <key>'")
@@ -337,7 +339,8 @@ def _cmd_serve(args) -> int:
 
     serve(args.model_dir, host=args.host, port=args.port, dtype=args.dtype, quantization=args.quantization,
           max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-          api_key_env=args.api_key_env, max_file_mb=args.max_file_mb, max_views=args.max_views)
+          api_key_env=args.api_key_env, max_file_mb=args.max_file_mb, max_views=args.max_views,
+          threads=args.threads)
     return 0
 
 

@@ -48,7 +48,7 @@ def load_service(model_dir: str, dtype: str | None = None, quantization: str = "
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, dtype: str | None = None,
           quantization: str = "none", max_batch: int = 8, max_wait_ms: float = 15.0, max_queue: int = 64,
           api_key_env: str | None = None, max_file_mb: float = 50.0, max_views: int | None = None,
-          log_level: str = "info") -> None:
+          threads: int | None = None, log_level: str = "info") -> None:
     """Load MODEL_DIR and serve it until interrupted. Binding beyond loopback without an API key warns."""
     from clinicalblip.serve.engine import ServeSettings
 
@@ -68,6 +68,10 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, dtype: str 
               "use the model. Set an API key (--api-key-env VAR) or bind 127.0.0.1.", file=sys.stderr, flush=True)
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     settings = ServeSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                              max_file_mb=max_file_mb, max_views=max_views, api_key=key)
     service = load_service(model_dir, dtype=dtype, quantization=quantization, settings=settings)
