@@ -75,6 +75,11 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, dtype: str 
     settings = ServeSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                              max_file_mb=max_file_mb, max_views=max_views, api_key=key)
     service = load_service(model_dir, dtype=dtype, quantization=quantization, settings=settings)
+    from PIL import Image
+
+    # Uploads are checked against max_pixels on their header; PIL's own guard (it raises above twice this) covers
+    # any other decode in this process.
+    Image.MAX_IMAGE_PIXELS = settings.max_pixels
     from clinicalblip.serve.app import create_app
 
     app = create_app(service)

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-from PIL import Image
 
 from clinicalblip import __version__
 from clinicalblip.data.images import ImageLoadError, load_image_bytes
@@ -135,8 +134,9 @@ class ReportService:
         tok, qtok = rm.processor.tokenizer, rm.processor.qformer_tokenizer
         self.pad_id, self.qpad_id = tok.pad_token_id, qtok.pad_token_id
         self.decoder_only = is_decoder_only(rm.model)
-        # The pixel limit also guards any PIL decode outside load_image_bytes (PIL raises above twice this).
-        Image.MAX_IMAGE_PIXELS = self.settings.max_pixels
+        # Fast tokenizers change their padding/truncation state inside a call, which is not thread-safe
+        # ("Already borrowed"): request threads take turns at tokenising; image decoding stays parallel.
+        self._collate_lock = threading.Lock()
 
     # ------------------------------------------------------------------ facts
     def model_info(self) -> dict:
@@ -245,7 +245,8 @@ class ReportService:
         record = {"id": "study", "images": [{"image": im, "view": v} for im, v in zip(pil, views)], **texts}
         collate = self.rm.collator(tpl)
         collate.max_views = self.max_views
-        batch = collate([record])
+        with self._collate_lock:
+            batch = collate([record])
         ignored = [n for n in TEXT_FIELDS if texts[n] and n not in tpl.slots]
         from clinicalblip.data.collate import ordered_images
 
