@@ -20,9 +20,11 @@ import uuid
 from contextlib import asynccontextmanager
 from importlib.resources import files
 
+import anyio
+import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import MutableHeaders
 
 from clinicalblip.serve.batching import Batcher, Job, QueueFull, ServerClosing
 from clinicalblip.serve.engine import DECODING_FIELDS, TEXT_FIELDS, ReportService
@@ -31,6 +33,7 @@ from clinicalblip.serve.forms import FormError, parse_form
 log = logging.getLogger("clinicalblip.serve")
 STATIC = files("clinicalblip.serve") / "static"
 PREVIEW_MAX_SIDE = 512
+PREP_THREADS = 2
 # The page loads only its own script and style; previews are blob: URLs.
 CSP = "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; frame-ancestors 'none'; base-uri 'none'"
 DOCS_CSP = "default-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; img-src 'self' data: https://fastapi.tiangolo.com"
@@ -80,11 +83,54 @@ _PREVIEW_SCHEMA = {
 }
 
 
+class Guard:
+    """Pure ASGI middleware (cheaper per request than Starlette's BaseHTTPMiddleware): a request id, the API key
+    check, security headers, and one log line per request with what the endpoint chose to add (sizes, timings)."""
+
+    def __init__(self, app, key: bytes | None):
+        self.app, self.key = app, key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = uuid.uuid4().hex[:16]
+        state = scope.setdefault("state", {})
+        state["rid"] = rid
+        t0 = time.perf_counter()
+        method, path = scope["method"], scope["path"]
+        if self.key is not None:
+            auth = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            scheme, _, token = auth.partition(b" ")
+            # compare_digest on bytes: constant time in the key's length, whatever the token is.
+            if not (scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)):
+                log.info("request %s %s %s 401", rid, method, path)
+                response = _error(401, "authorization", "missing or wrong API key (Authorization: Bearer <key>)",
+                                  rid, {"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+        status = [0]
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                headers = MutableHeaders(scope=message)
+                headers["X-Request-ID"] = rid
+                headers.setdefault("X-Content-Type-Options", "nosniff")
+                headers.setdefault("Referrer-Policy", "no-referrer")
+                headers.setdefault("Content-Security-Policy", DOCS_CSP if path == "/docs" else CSP)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+        log.info("request %s %s %s %d %.1fms%s", rid, method, path, status[0], (time.perf_counter() - t0) * 1000,
+                 state.get("log_extra", ""))
+
+
 def create_app(service: ReportService) -> FastAPI:
     """The app for one loaded model. The batcher thread starts and stops with the app's lifespan."""
     s = service.settings
     batcher = Batcher(service.run_batch, max_batch=s.max_batch, max_wait_ms=s.max_wait_ms, max_queue=s.max_queue)
     key = s.api_key.encode("utf-8") if s.api_key else None
+    # Two preprocessing threads, not anyio's 40: dozens would fight the generation thread for the GIL.
+    prep_limiter = anyio.CapacityLimiter(PREP_THREADS)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -99,28 +145,7 @@ def create_app(service: ReportService) -> FastAPI:
                               "Research use only; not for clinical use.")
     app.state.service, app.state.batcher = service, batcher
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        rid = uuid.uuid4().hex[:16]
-        request.state.rid = rid
-        t0 = time.perf_counter()
-        if key is not None:
-            auth = request.headers.get("authorization", "")
-            scheme, _, token = auth.partition(" ")
-            # compare_digest on bytes: constant time in the key's length, whatever the token is.
-            if not (scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode("utf-8"), key)):
-                log.info("request %s %s %s 401", rid, request.method, request.url.path)
-                return _error(401, "authorization", "missing or wrong API key (Authorization: Bearer <key>)", rid,
-                              {"WWW-Authenticate": "Bearer"})
-        response = await call_next(request)
-        response.headers["X-Request-ID"] = rid
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Referrer-Policy", "no-referrer")
-        response.headers.setdefault("Content-Security-Policy", DOCS_CSP if request.url.path == "/docs" else CSP)
-        extra = getattr(request.state, "log_extra", "")
-        log.info("request %s %s %s %d %.1fms%s", rid, request.method, request.url.path, response.status_code,
-                 (time.perf_counter() - t0) * 1000, extra)
-        return response
+    app.add_middleware(Guard, key=key)
 
     @app.exception_handler(Exception)
     async def crash(request: Request, exc: Exception):
@@ -158,7 +183,7 @@ def create_app(service: ReportService) -> FastAPI:
         try:
             form = await _read_form(request, max_files=service.max_views + 1)
             request.state.log_extra = f" in={form.nbytes}B images={len(form.files)}"
-            prepared = await run_in_threadpool(service.prepare, form)
+            prepared = await anyio.to_thread.run_sync(service.prepare, form, limiter=prep_limiter)
         except FormError as exc:
             return _error(exc.status, exc.field, exc.message, rid)
         loop = asyncio.get_running_loop()
@@ -174,6 +199,9 @@ def create_app(service: ReportService) -> FastAPI:
             report = await job.future
         except ServerClosing as exc:
             return _error(503, "server", str(exc), rid)
+        except Exception as exc:  # generation failed for this batch: one clean 500 per request, type only logged
+            log.error("request %s: generation failed: %s", rid, type(exc).__name__)
+            return _error(500, "server", "generation failed; the request id is in the server log", rid)
         timings = {"queue": (job.t_start - job.t_submit) * 1000, "preprocessing": prepared["preprocessing_ms"],
                    "generation": (job.t_end - job.t_start) * 1000,
                    "total": (time.perf_counter() - t_arrive) * 1000}
@@ -199,7 +227,7 @@ def create_app(service: ReportService) -> FastAPI:
                 raise FormError(422, "image", "send exactly one file in the 'image' field")
             f = form.files[0]
             request.state.log_extra = f" in={len(f.data)}B"
-            png = await run_in_threadpool(_preview_png, service, f.data, f.filename)
+            png = await anyio.to_thread.run_sync(_preview_png, service, f.data, f.filename, limiter=prep_limiter)
         except FormError as exc:
             return _error(exc.status, exc.field, exc.message, rid)
         return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
