@@ -50,6 +50,15 @@ def build_tiny_release(workdir: Path) -> Path:
     return workdir / "release"
 
 
+def _proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc), 0 where unavailable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -102,7 +111,7 @@ async def load(url: str, forms, clients: int, duration: float, extra: dict) -> d
     """`clients` loops posting studies until `duration` has passed; in-flight requests are awaited."""
     import httpx
 
-    latencies, codes, batch_sizes, lost = [], Counter(), Counter(), 0
+    latencies, codes, batch_sizes, lost, lost_kinds = [], Counter(), Counter(), 0, Counter()
     t_end = time.perf_counter() + duration
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
 
@@ -115,8 +124,9 @@ async def load(url: str, forms, clients: int, duration: float, extra: dict) -> d
             t0 = time.perf_counter()
             try:
                 r = await c.post(url + "/v1/reports", files=files, data={**data, **extra}, timeout=300)
-            except httpx.HTTPError:
+            except httpx.HTTPError as exc:
                 lost += 1
+                lost_kinds[type(exc).__name__] += 1
                 continue
             codes[r.status_code] += 1
             if r.status_code == 200:
@@ -130,7 +140,8 @@ async def load(url: str, forms, clients: int, duration: float, extra: dict) -> d
     async with httpx.AsyncClient(limits=limits) as c:
         await asyncio.gather(*(client(k, c) for k in range(clients)))
     return {"wall": time.perf_counter() - t0, "client_cpu": time.process_time() - cpu0, "latencies": latencies,
-            "codes": codes, "batch_sizes": batch_sizes, "lost": lost}
+            "codes": codes, "batch_sizes": batch_sizes, "lost": lost,
+            "lost_kinds": lost_kinds}
 
 
 def summarise(max_batch: int, parts: list[dict], args) -> dict:
@@ -147,9 +158,11 @@ def summarise(max_batch: int, parts: list[dict], args) -> dict:
             "requests_ok": ok, "wall_s": round(wall, 2), "requests_per_s": round(ok / wall, 2) if wall else 0.0,
             "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99),
             "codes": {str(k): v for k, v in sorted(codes.items())}, "lost": sum(p["lost"] for p in parts),
+            "lost_kinds": dict(sum((p["lost_kinds"] for p in parts), Counter())),
             "errors": {str(k): v for k, v in sorted(codes.items()) if k not in (200, 503)},
             "mean_batch": round(sum(k * v for k, v in sizes.items()) / max(1, ok), 2),
-            "client_cpu_s": round(sum(p["client_cpu"] for p in parts), 2)}
+            "client_cpu_ms_per_request": round(sum(p["client_cpu"] for p in parts) * 1000 / max(1, ok), 2),
+            "server_cpu_ms_per_request": round(sum(p["server_cpu"] for p in parts) * 1000 / max(1, ok), 2)}
 
 
 async def run_one(model: Path, forms, max_batch: int, args) -> dict:
@@ -164,7 +177,10 @@ async def run_one(model: Path, forms, max_batch: int, args) -> dict:
         async with httpx.AsyncClient() as c:  # warm-up: first calls pay one-off costs
             for files, data in forms[:3]:
                 (await c.post(url + "/v1/reports", files=files, data={**data, **extra}, timeout=300)).raise_for_status()
-        return await load(url, forms, args.clients, args.duration, extra)
+        cpu0 = _proc_cpu(proc.pid)
+        res = await load(url, forms, args.clients, args.duration, extra)
+        res["server_cpu"] = _proc_cpu(proc.pid) - cpu0
+        return res
     finally:
         proc.terminate()
         try:
@@ -212,12 +228,13 @@ def main() -> None:
     base = rows[-1]["requests_per_s"]
     lost = sum(r["lost"] for r in rows) + sum(sum(r["errors"].values()) for r in rows)
     header = (f"{'max_batch':>9} {'clients':>7} {'req/s':>8} {'vs b1':>6} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
-              f"{'mean batch':>10} {'ok':>6}  codes, lost")
+              f"{'mean batch':>10} {'ok':>6} {'srv cpu/req':>11}  codes, lost")
     print(header)
     for r in rows:
         r["speedup"] = round(r["requests_per_s"] / base, 2) if base else None
         print(f"{r['max_batch']:>9} {r['clients']:>7} {r['requests_per_s']:>8.2f} {r['speedup']:>5}x {r['p50_ms']:>8} "
-              f"{r['p95_ms']:>8} {r['p99_ms']:>8} {r['mean_batch']:>10} {r['requests_ok']:>6}  {r['codes']}, "
+              f"{r['p95_ms']:>8} {r['p99_ms']:>8} {r['mean_batch']:>10} {r['requests_ok']:>6} "
+              f"{r['server_cpu_ms_per_request']:>9}ms  {r['codes']}, "
               f"lost {r['lost']}")
     speedup = rows[0]["speedup"] or 0.0
     verdict = "PASS" if speedup >= 3 and lost == 0 else "FAIL"

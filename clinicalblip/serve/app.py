@@ -129,7 +129,8 @@ def create_app(service: ReportService) -> FastAPI:
     s = service.settings
     batcher = Batcher(service.run_batch, max_batch=s.max_batch, max_wait_ms=s.max_wait_ms, max_queue=s.max_queue)
     key = s.api_key.encode("utf-8") if s.api_key else None
-    # Two preprocessing threads, not anyio's 40: dozens would fight the generation thread for the GIL.
+    # Two preprocessing threads, not anyio's 40: bounded memory (a 40 M-pixel upload decodes to 120 MB of RGB)
+    # and fewer threads fighting the generation thread for the GIL.
     prep_limiter = anyio.CapacityLimiter(PREP_THREADS)
 
     @asynccontextmanager
