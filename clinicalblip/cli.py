@@ -481,6 +481,39 @@ def _cmd_merge(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- serve
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="REST API + web page for a stage or release folder (FastAPI on uvicorn)")
+    p.add_argument("model_dir", help="a stage folder or a release folder")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; others warn without a key)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="default: bf16 on a GPU that supports it, else fp32")
+    p.add_argument("--quantization", choices=["none", "4bit", "8bit"], default="none",
+                   help="bitsandbytes quantization of the language model (release folders, CUDA only)")
+    p.add_argument("--max-batch", type=int, default=8, help="studies per generate call (default 8)")
+    p.add_argument("--max-wait-ms", type=float, default=15.0, help="how long a batch waits to fill (default 15)")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting studies before 503 + Retry-After (default 64)")
+    p.add_argument("--max-file-mb", type=float, default=50.0, help="upload limit per file in MB (default 50)")
+    p.add_argument("--max-views", type=int, default=None, help="views per study (default: the model's max_views)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is faster on a busy shared CPU)")
+    p.add_argument("--api-key-env", metavar="VAR",
+                   help="environment variable holding the API key: every request then needs "
+                        "'Authorization: Bearer <key>'")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args) -> int:
+    from clinicalblip.serve import serve
+
+    serve(args.model_dir, host=args.host, port=args.port, dtype=args.dtype, quantization=args.quantization,
+          max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+          api_key_env=args.api_key_env, max_file_mb=args.max_file_mb, max_views=args.max_views,
+          threads=args.threads)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- main
 def _not_yet(verb: str) -> int:
     raise UserError(f"'{verb}' is not available in this version")
@@ -503,7 +536,7 @@ typical order:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clinicalblip", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{data,train,generate,eval,view,compare,label,merge}")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{data,train,generate,eval,view,compare,label,merge,serve}")
     _add_data(sub)
     _add_train(sub)
     _add_generate(sub)
@@ -512,6 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare(sub)
     _add_label(sub)
     _add_merge(sub)
+    _add_serve(sub)
     return parser
 
 

@@ -55,3 +55,26 @@ def stage2_dir(stage1_dir, synth_manifest) -> Path:
     out = stage1_dir.parent / "stage2"
     train_stage(tiny_stage_cfg("stage2.yaml", synth_manifest, out, parent=stage1_dir, **{"lora.init": "gaussian"}))
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_release(synth_manifest, tmp_path_factory) -> Path:
+    """A tiny release trained just long enough (80 steps, ~15 s) to write report sentences: for the server."""
+    from clinicalblip.merge import merge_stage_chain
+    from clinicalblip.train import train_stage
+
+    import torch
+
+    root = tmp_path_factory.mktemp("served")
+    stage = root / "stage1"
+    threads = torch.get_num_threads()
+    # One thread: on a shared 2-core box two OpenMP threads per process spin against other processes (measured
+    # 13x slower under load); on an idle box the tiny model barely gains from the second core.
+    torch.set_num_threads(1)
+    try:
+        train_stage(tiny_stage_cfg("stage1.yaml", synth_manifest, stage,
+                                   **{"train.max_steps": 80, "train.batch_size": 16, "train.log_every": 40}))
+        merge_stage_chain(str(stage), str(root / "release"))
+    finally:
+        torch.set_num_threads(threads)
+    return root / "release"

@@ -203,7 +203,8 @@ class StudyCollator:
             gray = Image.new("RGB", (size.get("width", 224), size.get("height", 224)), (128, 128, 128))
             return self.processor.image_processor([gray] * len(paths), return_tensors="pt")["pixel_values"]
         if self.image_cache is None:
-            imgs = [load_image(p) for p in paths]
+            # In-memory images (the server's uploads) come as PIL images, files as paths.
+            imgs = [p if isinstance(p, Image.Image) else load_image(p) for p in paths]
             return self.processor.image_processor(imgs, return_tensors="pt")["pixel_values"]
         out = []
         for p in paths:
@@ -238,7 +239,7 @@ class StudyCollator:
                 raise ValueError(f"record {rec.get('id')}: no images")
             rendered = self.render(rec, images)
             prompts.append(rendered.prompt)
-            paths += [im["path"] for im in images]
+            paths += [im["image"] if "image" in im else im["path"] for im in images]
             q_texts += [rendered.qformer_prompt] * len(images)
             prompt_ids = tok(rendered.prompt, add_special_tokens=True)["input_ids"]  # fits: see render
             ids = [image_id] * (len(images) * self.num_query_tokens) + prompt_ids

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from clinicalblip.errors import UserError
 
@@ -84,6 +84,45 @@ def load_image_gray_or_rgb(path: str | os.PathLike, draft_size: tuple[int, int] 
         raise ImageLoadError(f"cannot decode image {path}: {type(exc).__name__}: {exc}") from None
 
 
+def load_image_bytes(data: bytes, name: str = "image", max_pixels: int | None = None) -> Image.Image:
+    """`load_image` for bytes held in memory (uploads): nothing is written to disk.
+
+    DICOM is recognised by the 'DICM' marker or a DICOM suffix on `name`. `name` is only used in error messages
+    (callers that must not echo user file names pass a field name such as "images[0]"). With `max_pixels`,
+    an image whose header declares more pixels is refused before its pixel data is decoded (decompression
+    bombs: a few kB of PNG can declare gigabytes of pixels).
+    """
+    import io
+
+    if not data:
+        raise ImageLoadError(f"{name}: empty file")
+    try:
+        if (len(data) >= 132 and data[128:132] == b"DICM") or name.lower().endswith(DICOM_SUFFIXES):
+            arr = dicom_to_uint8(io.BytesIO(data), name=name, max_pixels=max_pixels)
+            return Image.fromarray(arr).convert("RGB")
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise ImageLoadError(f"{name}: image is {w}x{h} = {w * h:,} pixels, above the limit of "
+                                     f"{max_pixels:,} pixels")
+            im.load()
+            return _pil_to_gray_or_rgb(im).convert("RGB")
+    except ImageLoadError:
+        raise
+    except Image.DecompressionBombError:  # PIL's own guard (at twice Image.MAX_IMAGE_PIXELS)
+        raise ImageLoadError(f"{name}: image declares too many pixels, above the limit of "
+                             f"{max_pixels or Image.MAX_IMAGE_PIXELS:,} pixels") from None
+    except UnidentifiedImageError:
+        raise ImageLoadError(f"cannot decode image {name}: not a PNG, JPEG, DICOM or other known image "
+                             "format") from None
+    except Exception as exc:  # PIL and pydicom raise many types for corrupt or unsupported files
+        raise ImageLoadError(f"cannot decode image {name}: {type(exc).__name__}: {_short(exc)}") from None
+
+
+def _short(exc: Exception) -> str:
+    return str(exc).splitlines()[0][:200] if str(exc) else ""
+
+
 def _pil_to_gray_or_rgb(im: Image.Image) -> Image.Image:
     if im.mode in ("RGB", "L"):
         return im.copy() if im.mode == "L" else im.convert("RGB")
@@ -107,22 +146,31 @@ def _unit_to_uint8(x: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- DICOM
-def dicom_to_uint8(path: str | os.PathLike, draft_size: tuple[int, int] | None = None) -> np.ndarray:
-    """Pixel data of a DICOM file as uint8, (H, W) for grayscale or (H, W, 3) for colour.
+def dicom_to_uint8(path, draft_size: tuple[int, int] | None = None, name: str | None = None,
+                   max_pixels: int | None = None) -> np.ndarray:
+    """Pixel data of a DICOM file (a path or a binary file object) as uint8, (H, W) or (H, W, 3) for colour.
 
     draft_size: (width, height) the image is headed for; a JPEG 2000 image is then decoded at the coarsest
     wavelet resolution still at least that large (like JPEG draft mode: far less work, nearly the same
-    pixels after the resize).
+    pixels after the resize). `name` replaces the path in error messages; `max_pixels` refuses oversized
+    images before decoding.
     """
     import pydicom
 
+    label = name or str(path)
     ds = pydicom.dcmread(path, force=True)
+    path = label  # error messages below name the file, never a file object
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ImageLoadError(f"DICOM file has no pixel data: {path}")
     tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     missing = missing_dicom_plugin(tsyntax)
     if missing:
         raise ImageLoadError(f"{path}: {missing}")
+    if max_pixels is not None:
+        n = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0)
+        if n > max_pixels:
+            raise ImageLoadError(f"{path}: DICOM image has {n:,} pixels per frame, above the limit of "
+                                 f"{max_pixels:,} pixels")
     try:
         arr = _j2k_reduced(ds, draft_size) if draft_size else None
         if arr is None:

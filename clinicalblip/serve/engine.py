@@ -1,0 +1,276 @@
+"""The model side of the server: settings, model facts for /v1/model, request validation and preprocessing.
+
+Nothing here knows about HTTP beyond `FormError` (status, field, message); app.py turns it into JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from clinicalblip import __version__
+from clinicalblip.data.images import ImageLoadError, load_image_bytes
+from clinicalblip.generate import ReportModel, _dir_hash
+from clinicalblip.metrics.labeler import OBSERVATIONS, label_report
+from clinicalblip.model import is_decoder_only
+from clinicalblip.prompts import KNOWN_SLOTS, Template, TemplateError, available_templates, load_template
+from clinicalblip.serve.batching import merge_batches
+from clinicalblip.serve.forms import Form, FormError
+
+MB = 2**20
+TEXT_FIELDS = ("indication", "history", "comparison")
+DECODING_FIELDS = ("num_beams", "max_new_tokens", "do_sample", "temperature", "top_p", "repetition_penalty")
+FORM_FIELDS = ("images", "views", "template") + TEXT_FIELDS + DECODING_FIELDS
+DEFAULT_CARD = (
+    "Research on radiology report generation. Not a medical device and not for clinical use: generated reports "
+    "can be wrong, omit findings or invent them, and must not be used for diagnosis without review by a "
+    "radiologist. Performance outside the training data's population, views and report style is unknown. "
+    "(This is a stage folder: no release model card was found; `clinicalblip merge` writes one.)"
+)
+
+
+@dataclass
+class ServeSettings:
+    """Limits and batching knobs. Every limit is reported by GET /v1/model."""
+
+    max_batch: int = 8
+    max_wait_ms: float = 15.0
+    max_queue: int = 64
+    max_file_mb: float = 50.0  # per uploaded file
+    max_views: int | None = None  # per study; None: the number the model was trained with
+    max_text_bytes: int = 16 * 1024  # per text field (an indication is a sentence or two)
+    max_pixels: int = 40_000_000  # per image, checked on the header before decoding (decompression bombs)
+    max_new_tokens_limit: int = 512
+    max_beams: int = 8
+    retry_after_s: int = 1
+    api_key: str | None = None  # when set, every request needs "Authorization: Bearer <key>"
+
+    @property
+    def max_file_bytes(self) -> int:
+        return int(self.max_file_mb * MB)
+
+
+def _intended_use(model_dir: Path) -> tuple[str, str]:
+    """The 'Intended use and limitations' section of a release's model card, or the default text."""
+    card = model_dir / "README.md"
+    if card.is_file():
+        text = card.read_text(encoding="utf-8", errors="replace")
+        lines, keep = [], False
+        for line in text.splitlines():
+            if line.startswith("## "):
+                if keep:
+                    break
+                keep = line[3:].strip().lower().startswith("intended use")
+                continue
+            if keep:
+                lines.append(line)
+        body = "\n".join(lines).strip()
+        if body:
+            return body, "README.md"
+    return DEFAULT_CARD, "default"
+
+
+def model_facts(rm: ReportModel) -> dict:
+    """Base, stages, template, code version and model hash of a loaded model folder."""
+    path = Path(rm.model_dir)
+    facts: dict = {"model_dir": str(path.resolve()), "model_hash": _dir_hash(str(path)), "code_version": __version__}
+    meta_file = path / "clinicalblip.json"
+    if (path / "stage.json").is_file():
+        from clinicalblip.stages import stage_chain
+
+        chain = stage_chain(path)
+        facts.update(kind="stage", base=chain[0].get("base"), stages=[s["name"] for s in chain])
+    else:
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        facts.update(kind="release", base=meta.get("base"), stages=[s.get("name") for s in meta.get("stages", [])],
+                     trained_with=meta.get("code_version"))
+    text, source = _intended_use(path)
+    facts["card"] = {"intended_use": text, "source": source}
+    return facts
+
+
+def _parse_number(form: Form, name: str, kind, lo, hi, default, lo_open: bool = False):
+    raw = form.one(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = kind(raw.strip())
+    except ValueError:
+        raise FormError(422, name, f"'{raw[:40]}' is not {'an integer' if kind is int else 'a number'}") from None
+    if kind is float and not math.isfinite(value):
+        raise FormError(422, name, "must be a finite number")
+    if value < lo or (lo_open and value == lo) or value > hi:
+        left = "(" if lo_open else "["
+        raise FormError(422, name, f"{value} is out of range {left}{lo}, {hi}]")
+    return value
+
+
+def _parse_bool(form: Form, name: str) -> bool:
+    raw = form.one(name)
+    if raw is None or raw.strip() == "":
+        return False
+    v = raw.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise FormError(422, name, f"'{raw[:20]}' is not a boolean (true/false)")
+
+
+class ReportService:
+    """A loaded model plus everything the endpoints need: validation, preprocessing, batched generation."""
+
+    def __init__(self, rm: ReportModel, settings: ServeSettings | None = None):
+        self.rm = rm
+        self.settings = settings or ServeSettings()
+        self.max_views = self.settings.max_views or rm.max_views
+        self.facts = model_facts(rm)
+        self.templates = sorted(set(available_templates()) | {rm.template.name})
+        self._template_cache: dict[str, Template] = {rm.template.name: rm.template}
+        tok, qtok = rm.processor.tokenizer, rm.processor.qformer_tokenizer
+        self.pad_id, self.qpad_id = tok.pad_token_id, qtok.pad_token_id
+        self.decoder_only = is_decoder_only(rm.model)
+        # Fast tokenizers change their padding/truncation state inside a call, which is not thread-safe
+        # ("Already borrowed"): request threads take turns at tokenising; image decoding stays parallel.
+        self._collate_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ facts
+    def model_info(self) -> dict:
+        s = self.settings
+        tpl = self.rm.template
+        return {
+            **self.facts,
+            "template": {"name": tpl.name, "slots": tpl.slots, "target": tpl.target, "description": tpl.description},
+            "templates": self.templates,
+            "decoding_defaults": {"num_beams": 1, "max_new_tokens": self.rm.max_new_tokens, "do_sample": False,
+                                  "temperature": 1.0, "top_p": 1.0, "repetition_penalty": 1.0},
+            "limits": {"max_views": self.max_views, "max_file_bytes": s.max_file_bytes,
+                       "max_text_bytes": s.max_text_bytes, "max_pixels": s.max_pixels,
+                       "max_new_tokens": s.max_new_tokens_limit, "max_beams": s.max_beams,
+                       "max_batch": s.max_batch, "max_wait_ms": s.max_wait_ms, "max_queue": s.max_queue},
+            "labeler": "chexpert-rules", "observations": list(OBSERVATIONS),
+        }
+
+    # ------------------------------------------------------------------ validation
+    def template(self, name: str | None) -> Template:
+        if not name or not name.strip():
+            return self.rm.template
+        name = name.strip()
+        if name not in self._template_cache:
+            if name not in self.templates:
+                raise FormError(422, "template", f"unknown template '{name[:60]}' (available: "
+                                                 f"{', '.join(self.templates)})")
+            try:
+                self._template_cache[name] = load_template(name)
+            except TemplateError as exc:
+                raise FormError(422, "template", str(exc)) from None
+        return self._template_cache[name]
+
+    def decoding(self, form: Form) -> dict:
+        """Validated generate() settings; absurd values are refused, not clamped."""
+        s = self.settings
+        num_beams = _parse_number(form, "num_beams", int, 1, s.max_beams, 1)
+        max_new = _parse_number(form, "max_new_tokens", int, 1, s.max_new_tokens_limit, self.rm.max_new_tokens)
+        do_sample = _parse_bool(form, "do_sample")
+        temperature = _parse_number(form, "temperature", float, 0.0, 5.0, None, lo_open=True)
+        top_p = _parse_number(form, "top_p", float, 0.0, 1.0, None, lo_open=True)
+        rep = _parse_number(form, "repetition_penalty", float, 0.0, 10.0, None, lo_open=True)
+        if do_sample and num_beams > 1:
+            raise FormError(422, "num_beams", "beam search and sampling do not combine: use num_beams 1 with "
+                                              "do_sample")
+        if not do_sample:
+            for name, value in (("temperature", temperature), ("top_p", top_p)):
+                if value is not None and value != 1.0:
+                    raise FormError(422, name, "only applies with do_sample=true")
+        out = {"num_beams": num_beams, "max_new_tokens": max_new, "do_sample": do_sample}
+        if do_sample:
+            out["temperature"] = 1.0 if temperature is None else temperature
+            out["top_p"] = 1.0 if top_p is None else top_p
+        if rep is not None:
+            out["repetition_penalty"] = rep
+        return out
+
+    def check_fields(self, form: Form) -> None:
+        for name in list(form.fields) + [f.field for f in form.files]:
+            if name not in FORM_FIELDS:
+                hint = (f"'{name}' is a template slot the API does not take" if name in KNOWN_SLOTS
+                        else f"unknown field '{name[:40]}'")
+                raise FormError(422, name[:40], f"{hint} (known fields: {', '.join(FORM_FIELDS)})")
+        for f in form.files:
+            if f.field != "images":
+                raise FormError(422, f.field, "files go in the 'images' field")
+        if "images" in form.fields:
+            raise FormError(422, "images", "'images' must be uploaded files, not text")
+
+    # ------------------------------------------------------------------ preprocessing
+    def decode_image(self, data: bytes, filename: str, field: str):
+        """Upload bytes -> RGB PIL image; the file name only decides DICOM-by-suffix and is never echoed."""
+        suffix = Path(filename or "").suffix.lower()[:8]
+        try:
+            return load_image_bytes(data, name=f"{field}{suffix}", max_pixels=self.settings.max_pixels)
+        except ImageLoadError as exc:
+            raise FormError(422, field, str(exc).replace(f"{field}{suffix}", field, 1)) from None
+
+    def prepare(self, form: Form) -> dict:
+        """Validate a study form and build its single-study batch (CPU work: run it in a worker thread)."""
+        t0 = time.perf_counter()
+        self.check_fields(form)
+        images = [f for f in form.files if f.field == "images"]
+        if not images:
+            raise FormError(422, "images", "give at least one image (PNG, JPEG or DICOM), one per view")
+        if len(images) > self.max_views:
+            raise FormError(422, "images", f"{len(images)} images given; this model takes at most "
+                                           f"{self.max_views} views per study")
+        views = form.fields.get("views", [])
+        if views and len(views) != len(images):
+            raise FormError(422, "views", f"{len(views)} view(s) for {len(images)} image(s): give one per image "
+                                          "(an empty value for unknown) or none")
+        views = [(v.strip().upper() or None) for v in views] or [None] * len(images)
+        for i, v in enumerate(views):
+            if v is not None and (len(v) > 32 or not all(c.isalnum() or c in " _-" for c in v)):
+                raise FormError(422, "views", f"view {i}: expected a view name such as PA, AP or LATERAL")
+        texts = {}
+        for name in TEXT_FIELDS:
+            value = form.one(name)
+            if value is not None and "\x00" in value:
+                raise FormError(422, name, "contains a NUL character")
+            texts[name] = value
+        tpl = self.template(form.one("template"))
+        decoding = self.decoding(form)
+        pil = [self.decode_image(f.data, f.filename, f"images[{i}]") for i, f in enumerate(images)]
+        record = {"id": "study", "images": [{"image": im, "view": v} for im, v in zip(pil, views)], **texts}
+        collate = self.rm.collator(tpl)
+        collate.max_views = self.max_views
+        with self._collate_lock:
+            batch = collate([record])
+        ignored = [n for n in TEXT_FIELDS if texts[n] and n not in tpl.slots]
+        from clinicalblip.data.collate import ordered_images
+
+        used = [im.get("view") for im in ordered_images(record, self.max_views)]
+        return {"batch": batch, "decoding": decoding, "template": tpl.name, "prompt": batch["prompts"][0],
+                "views": used, "ignored": ignored, "preprocessing_ms": (time.perf_counter() - t0) * 1000,
+                "image_bytes": [len(f.data) for f in images]}
+
+    # ------------------------------------------------------------------ generation (batcher thread)
+    def run_batch(self, jobs) -> list[str]:
+        batch = merge_batches([j.batch for j in jobs], self.pad_id, self.qpad_id, left_pad=self.decoder_only)
+        d = dict(jobs[0].decoding)
+        return self.rm.generate_batch(batch, max_new_tokens=d.pop("max_new_tokens"), num_beams=d.pop("num_beams"),
+                                      **d)
+
+    @staticmethod
+    def findings(report: str) -> dict:
+        labels = label_report(report)
+        return {"labeler": "chexpert-rules", "labels": labels,
+                "positive": [o for o, v in labels.items() if v == 1],
+                "uncertain": [o for o, v in labels.items() if v == -1],
+                "negative": [o for o, v in labels.items() if v == 0]}
+
+    def settings_dict(self) -> dict:
+        d = asdict(self.settings)
+        d.pop("api_key", None)
+        return d
