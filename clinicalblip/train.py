@@ -27,8 +27,9 @@ from clinicalblip.data.check import apply_bad_record_policy
 from clinicalblip.data.collate import StudyCollator, model_inputs
 from clinicalblip.data.manifest import read_manifest
 from clinicalblip.errors import UserError
-from clinicalblip.model import build_base, fingerprint, is_decoder_only, is_tiny, load_pretrained, torch_dtype
+from clinicalblip.model import build_base, fingerprint, is_builtin, is_decoder_only, load_pretrained, torch_dtype
 from clinicalblip.prompts import load_template, target_text
+from clinicalblip.shapes import full_depth_line
 from clinicalblip.stages import (
     apply_trainable,
     component_of,
@@ -194,20 +195,21 @@ def train_stage(cfg: StageConfig) -> Path:
             if os.path.exists(os.path.join(chain[0]["dir"], base["path"])) else base["path"]
         parent_desc = f"{cfg.parent} ({parent_info['name']})"
     else:
-        corpus = _corpus(train_records) if is_tiny(cfg.model.base) else None
+        corpus = _corpus(train_records) if is_builtin(cfg.model.base) else None
         saved_base = out_dir / "base"
-        if is_tiny(cfg.model.base) and (saved_base / "config.json").is_file() and cfg.train.resume != "none":
+        if is_builtin(cfg.model.base) and (saved_base / "config.json").is_file() and cfg.train.resume != "none":
             # A resumed run reuses the base it built (tokenizer training is not bit-reproducible).
             model, processor = load_pretrained(str(saved_base))
-        elif cfg.model.quantization != "none" and not is_tiny(cfg.model.base):
+        elif cfg.model.quantization != "none" and not is_builtin(cfg.model.base):
             model, processor = load_pretrained(cfg.model.base, dtype=cfg.model.dtype,
                                                trust_remote_code=cfg.model.trust_remote_code,
                                                quantization=cfg.model.quantization)
-        elif is_tiny(cfg.model.base):
+        elif is_builtin(cfg.model.base):
             # Built once, on the main process, and saved with the stage (the chain stays self-contained);
             # the other ranks load that copy, so every rank holds the very same base and tokenizers.
             if main:
-                model, processor = build_base(cfg.model.base, dtype="fp32", corpus=corpus, seed=cfg.train.seed)
+                model, processor = build_base(cfg.model.base, dtype="fp32", corpus=corpus, seed=cfg.train.seed,
+                                              layers=cfg.model.layers)
                 model.save_pretrained(saved_base)
                 processor.save_pretrained(saved_base)
             accelerator.wait_for_everyone()
@@ -215,7 +217,7 @@ def train_stage(cfg: StageConfig) -> Path:
                 model, processor = load_pretrained(str(saved_base))
         else:
             model, processor = build_base(cfg.model.base, dtype="fp32", trust_remote_code=cfg.model.trust_remote_code)
-        if is_tiny(cfg.model.base):
+        if is_builtin(cfg.model.base):
             base = {"name": cfg.model.base, "path": "base", "fingerprint": fingerprint(out_dir / "base")}
         else:
             is_dir = os.path.isdir(cfg.model.base)
@@ -296,6 +298,7 @@ def train_stage(cfg: StageConfig) -> Path:
         f"({cfg.train.batch_size} x {cfg.train.grad_accum} accum x {accelerator.num_processes} proc) | "
         f"{total_steps} steps ({num_epochs} epoch(s)) | device {accelerator.device}")
     log(format_report(report))
+    log(full_depth_line(accelerator.unwrap_model(model), base["name"], cfg))
     log("=" * 78)
 
     metrics_path = out_dir / "metrics.jsonl"
