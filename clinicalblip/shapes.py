@@ -215,6 +215,10 @@ def build_shape_model(preset: str, layers: int = 0, seed: int = 0, dtype: torch.
             with torch.no_grad():
                 # HF starts query tokens at zero; a small random start breaks the symmetry between queries.
                 model.query_tokens.normal_(0.0, 0.02)
+                if config.text_config.model_type == "t5":
+                    # HF draws an untied T5 lm_head with std 1.0: logits of std ~45 and a loss near 1400.
+                    # d_model ** -0.5 gives the usual ~ln(vocab) start, as a trained head would.
+                    model.language_model.lm_head.weight.normal_(0.0, config.text_config.d_model ** -0.5)
     finally:
         torch.set_default_dtype(previous)
     text = config.text_config
