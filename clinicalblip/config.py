@@ -35,7 +35,8 @@ class ModelConfig:
     # fp32 | bf16 | fp16: frozen weights are stored in this dtype and matmuls autocast to it; trainable
     # weights (LoRA, full components) stay fp32 for a stable optimizer.
     dtype: str = "fp32"
-    # none | 4bit | 8bit: the frozen language model loaded through bitsandbytes (QLoRA). Needs a CUDA GPU.
+    # none | 4bit | 8bit: the frozen language model loaded through bitsandbytes (QLoRA); GPU or CPU
+    # (bitsandbytes >= 0.49). Not under DeepSpeed ZeRO-3 (use ZeRO-2 or DDP).
     quantization: str = "none"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False

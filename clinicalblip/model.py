@@ -47,15 +47,18 @@ def build_base(base: str, dtype: str = "fp32", corpus: list[str] | None = None, 
 
 
 def quantization_config(quantization: str, dtype: str):
-    """bitsandbytes config quantizing the language model only (vision, Q-Former, projection, lm_head stay)."""
+    """bitsandbytes config quantizing the language model only (vision, Q-Former, projection, lm_head stay).
+
+    bitsandbytes >= 0.49 runs 4-bit NF4 and 8-bit on the CPU too, so QLoRA trains without a GPU (slowly).
+    """
     if quantization == "none":
         return None
-    if not torch.cuda.is_available():
-        raise UserError(f"model.quantization={quantization} needs a CUDA GPU (bitsandbytes); use quantization none on CPU")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise UserError("model.quantization needs bitsandbytes: pip install 'clinicalblip[gpu]'") from None
+        raise UserError(f"quantization {quantization} needs bitsandbytes: pip install 'clinicalblip[gpu]'") from None
+    if dtype == "fp32":
+        raise UserError(f"quantization {quantization} computes in bf16/fp16: use dtype bf16")
     from transformers import BitsAndBytesConfig
 
     skip = ["vision_model", "qformer", "language_projection", "lm_head"]
@@ -66,6 +69,41 @@ def quantization_config(quantization: str, dtype: str):
                               llm_int8_skip_modules=skip)
 
 
+def _device_map() -> dict:
+    return {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
+
+
+def _plain_cpu_4bit(model):
+    """Keep 4-bit weights in the standard layout on CPU.
+
+    bitsandbytes' CPU inference fast path repacks a Linear4bit weight in place on its first eval forward; the
+    repacked layout needs in_features divisible by the block size and is not what merge/save expect.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # pragma: no cover
+        return model
+    for mod in model.modules():
+        if isinstance(mod, bnb.nn.Linear4bit):
+            mod.support_avx512bf16_for_cpu = False
+    return model
+
+
+def is_quantized(model) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def quantize_from_model(model, quantization: str, dtype: str):
+    """The same weights with the language model quantized, in memory (no full-precision copy on disk)."""
+    qcfg = quantization_config(quantization, dtype)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    qmodel = InstructBlipForConditionalGeneration.from_pretrained(
+        None, config=model.config, state_dict=state, quantization_config=qcfg, device_map=_device_map(),
+        dtype=torch_dtype(dtype))
+    qmodel.generation_config = model.generation_config
+    return _plain_cpu_4bit(qmodel)
+
+
 def load_pretrained(path_or_id: str, dtype: str = "fp32", trust_remote_code: bool = False,
                     quantization: str = "none"):
     """Load model + processor from a folder or hub id (weights through safetensors only)."""
@@ -73,7 +111,7 @@ def load_pretrained(path_or_id: str, dtype: str = "fp32", trust_remote_code: boo
     if local.exists() and not (local / "config.json").is_file():
         raise UserError(f"{path_or_id}: not an InstructBLIP checkpoint folder (no config.json)")
     qcfg = quantization_config(quantization, dtype)
-    extra = {"quantization_config": qcfg, "device_map": {"": torch.cuda.current_device()}} if qcfg else {}
+    extra = {"quantization_config": qcfg, "device_map": _device_map()} if qcfg else {}
     try:
         model = InstructBlipForConditionalGeneration.from_pretrained(
             path_or_id, dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code, **extra
@@ -82,7 +120,7 @@ def load_pretrained(path_or_id: str, dtype: str = "fp32", trust_remote_code: boo
     except OSError as exc:
         hint = "" if local.exists() else " (not a local folder; hub ids need network access and HF_HUB_OFFLINE unset)"
         raise UserError(f"cannot load model '{path_or_id}'{hint}: {str(exc).splitlines()[0]}") from None
-    return model, processor
+    return _plain_cpu_4bit(model) if qcfg else model, processor
 
 
 def is_decoder_only(model) -> bool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -46,6 +47,9 @@ LM_TARGETS = {
     "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
     "t5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],
 }
+
+
+STAGE_FORMAT = "clinicalblip-stage/1"
 
 
 class StageError(UserError):
@@ -151,48 +155,90 @@ def format_report(report: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- folders
-def full_state_dict(model, cfg: StageConfig) -> dict[str, torch.Tensor]:
-    """Weights of the `full` components, keyed as in InstructBlipForConditionalGeneration."""
-    core = core_model(model)
-    full = {c for c in COMPONENTS if getattr(cfg.trainable, c) == "full"}
-    out = {}
-    for name, p in core.named_parameters():
-        if component_of(name) in full:
-            if "lora_" in name or ".base_layer." in name:
-                raise StageError(f"internal: full component parameter {name} is wrapped by LoRA")
-            out[name] = p.detach().to("cpu").contiguous().clone()
-    return out
+STAGE_FILES = ("stage.json", "config.yaml", "template.yaml", "adapter", "trained.safetensors", "processor")
+
+
+def _strip_peft(name: str) -> str:
+    return name[len("base_model.model."):] if name.startswith("base_model.model.") else name
+
+
+def split_trainable_state(model, cfg: StageConfig, state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(LoRA tensors keyed as PEFT saves them, `full` component tensors keyed as in InstructBLIP)."""
+    full_comps = {c for c in COMPONENTS if getattr(cfg.trainable, c) == "full"}
+    lora, full = {}, {}
+    for name, t in state.items():
+        if "lora_" in name:
+            lora[name] = t
+            continue
+        key = _strip_peft(name)
+        if component_of(key) not in full_comps:
+            raise StageError(f"internal: trainable parameter {name} belongs to no lora/full component")
+        if ".base_layer." in key:
+            raise StageError(f"internal: full component parameter {name} is wrapped by LoRA")
+        full[key] = t.contiguous()
+    if lora:
+        from peft.utils import get_peft_model_state_dict
+
+        lora = {k: v.contiguous() for k, v in get_peft_model_state_dict(model, state_dict=lora).items()}
+    return lora, full
 
 
 def write_stage(out_dir: str | os.PathLike, model, processor, cfg: StageConfig, template: Template, report: dict,
                 base: dict, parent: str | None, metrics: dict | None = None, data_hash: str | None = None,
-                state_dict_full: dict | None = None, adapter_state: dict | None = None) -> Path:
-    """Write the stage folder (final weights + description). `model` may be a PeftModel."""
+                trainable_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the stage folder from the trainable weights (`trainable_state`, e.g. gathered under ZeRO-3).
+
+    The folder is assembled in a temporary sibling and swapped in: files of an earlier stage written to the
+    same folder (an adapter, full weights) cannot survive, and a crash leaves the old stage intact.
+    Training state beside the stage (checkpoints/, base/, metrics.jsonl, trackers) is carried over.
+    """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if isinstance(model, PeftModel):
-        model.save_pretrained(out / "adapter", safe_serialization=True, state_dict=adapter_state)
-    full = state_dict_full if state_dict_full is not None else full_state_dict(model, cfg)
+    if trainable_state is None:
+        trainable_state = {n: p.detach().to("cpu", torch.float32, copy=True)
+                           for n, p in model.named_parameters() if p.requires_grad}
+    lora, full = split_trainable_state(model, cfg, trainable_state)
+    has_adapter = isinstance(model, PeftModel)
+    if has_adapter != bool(lora):
+        raise StageError(f"internal: adapter model={has_adapter} but {len(lora)} LoRA tensors")
+    tmp = out.parent / f".{out.name}.writing"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    if has_adapter:
+        (tmp / "adapter").mkdir()
+        model.peft_config["default"].save_pretrained(str(tmp / "adapter"))
+        save_file(lora, str(tmp / "adapter" / "adapter_model.safetensors"), metadata={"format": "pt"})
     if full:
-        save_file({k: v.contiguous() for k, v in full.items()}, str(out / "trained.safetensors"),
-                  metadata={"format": "pt"})
-    processor.save_pretrained(out / "processor")
-    (out / "template.yaml").write_text(yaml.safe_dump(template.to_dict(), sort_keys=False), encoding="utf-8")
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+        save_file(full, str(tmp / "trained.safetensors"), metadata={"format": "pt"})
+    processor.save_pretrained(tmp / "processor")
+    (tmp / "template.yaml").write_text(yaml.safe_dump(template.to_dict(), sort_keys=False), encoding="utf-8")
+    (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
     info = {
-        "format": "clinicalblip-stage/1",
+        "format": STAGE_FORMAT,
         "name": cfg.name,
         "parent": os.path.relpath(parent, out) if parent else None,
         "base": base,
         "trainable": report,
         "template": template.name,
-        "has_adapter": isinstance(model, PeftModel),
+        "has_adapter": has_adapter,
         "full_components": sorted({component_of(k) for k in full}),
         "data_hash": data_hash,
         "code_version": __version__,
         "metrics": metrics or {},
     }
-    (out / "stage.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+    (tmp / "stage.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+    if out.exists():
+        for entry in out.iterdir():  # training state stays with the stage; old stage files do not
+            if entry.name not in STAGE_FILES:
+                os.replace(entry, tmp / entry.name)
+        old = out.parent / f".{out.name}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
     return out
 
 
@@ -251,9 +297,14 @@ def load_template_of(stage_dir: str | os.PathLike) -> Template:
 
 
 def _apply_stage(model, stage: dict, merge: bool):
+    """Apply one stage as its stage.json describes it (and nothing else found in the folder)."""
     d = Path(stage["dir"])
+    full_comps = stage.get("full_components") or []
     full = d / "trained.safetensors"
-    if full.is_file():
+    if full_comps:
+        if not full.is_file():
+            raise StageError(f"{d}: stage.json lists fully trained {', '.join(full_comps)} but "
+                             f"trained.safetensors is missing; retrain the stage or restore the file")
         try:
             sd = load_file(str(full))
         except Exception as exc:
@@ -263,10 +314,16 @@ def _apply_stage(model, stage: dict, merge: bool):
         unknown = [k for k in sd if k not in own]
         if unknown:
             raise StageError(f"{full}: weights do not fit this model (e.g. '{unknown[0]}')")
+        foreign = sorted({component_of(k) for k in sd} - set(full_comps))
+        if foreign:
+            raise StageError(f"{full}: holds {', '.join(foreign)}, which stage.json does not list as trained; "
+                             "the folder mixes two stages: retrain it")
         with torch.no_grad():
             for k, v in sd.items():
                 own[k].copy_(v.to(own[k].dtype))
-    if (d / "adapter").is_dir():
+    if stage.get("has_adapter"):
+        if not (d / "adapter").is_dir():
+            raise StageError(f"{d}: stage.json says the stage has a LoRA adapter but adapter/ is missing")
         try:
             model = PeftModel.from_pretrained(model, str(d / "adapter"), is_trainable=False)
         except Exception as exc:

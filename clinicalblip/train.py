@@ -1,22 +1,26 @@
-"""One training stage: a single linear Accelerate loop (plain python or `accelerate launch`).
+"""One training stage: a single linear Accelerate loop (plain python, `accelerate launch`, DDP or DeepSpeed).
 
-Reads top to bottom: accelerator, model (base or parent chain) + trainable policy, data, optimizer and
-schedule, resume, the loop (accumulate, clip, step, log, validate, checkpoint), then the stage folder.
+`train_stage` reads top to bottom as named steps: checks, records, model and policy, loaders, optimizer,
+restore, fit (the one loop), finish (the stage folder). The same code runs on a CPU (gloo), one GPU, many
+GPUs (DDP) and DeepSpeed ZeRO-2/3, with or without a quantized (QLoRA) language model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -27,8 +31,17 @@ from clinicalblip.data.check import apply_bad_record_policy
 from clinicalblip.data.collate import StudyCollator, model_inputs
 from clinicalblip.data.manifest import read_manifest
 from clinicalblip.errors import UserError
-from clinicalblip.model import build_base, fingerprint, is_builtin, is_decoder_only, load_pretrained, torch_dtype
-from clinicalblip.prompts import load_template, target_text
+from clinicalblip.model import (
+    build_base,
+    fingerprint,
+    is_builtin,
+    is_decoder_only,
+    load_pretrained,
+    quantization_config,
+    quantize_from_model,
+    torch_dtype,
+)
+from clinicalblip.prompts import Template, load_template, target_text
 from clinicalblip.shapes import full_depth_line
 from clinicalblip.stages import (
     apply_trainable,
@@ -39,6 +52,11 @@ from clinicalblip.stages import (
     read_stage,
     write_stage,
 )
+
+# Keys that may change between a run and its resume (they do not change what is trained).
+RESUMABLE_KEYS = ("train.log_every", "train.save_every", "train.keep_last", "train.report_to", "train.resume",
+                  "train.val_generate", "data.num_workers", "data.check_images", "data.cache_images",
+                  "data.image_cache", "output_dir")
 
 
 class EpochSampler(Sampler):
@@ -81,15 +99,23 @@ def _peak_memory_gib() -> float:
         return float("nan")
 
 
+def _no_decay(name: str, p: torch.Tensor) -> bool:
+    """Norm weights, biases and the query tokens are not decayed (decay would pull them towards 0)."""
+    return p.ndim < 2 or name.endswith(".bias") or component_of(name) == "query_tokens" or "norm" in name.lower()
+
+
 def _param_groups(model, cfg: StageConfig) -> list[dict]:
-    groups: dict[str, list] = {}
+    groups: dict[tuple[str, bool], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            groups.setdefault(component_of(name), []).append(p)
+            groups.setdefault((component_of(name), _no_decay(name, p)), []).append(p)
     out = []
     for comp in COMPONENTS:
-        if comp in groups:
-            out.append({"params": groups[comp], "lr": cfg.optim.lr * cfg.optim.lr_mult.get(comp, 1.0), "name": comp})
+        for no_decay in (False, True):
+            if (comp, no_decay) in groups:
+                out.append({"params": groups[(comp, no_decay)], "name": comp + ("/no_decay" if no_decay else ""),
+                            "lr": cfg.optim.lr * cfg.optim.lr_mult.get(comp, 1.0),
+                            "weight_decay": 0.0 if no_decay else cfg.optim.weight_decay})
     return out
 
 
@@ -100,6 +126,28 @@ def _corpus(records: list[dict]) -> list[str]:
             if r.get(k):
                 texts.append(r[k])
     return texts
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and k not in ("lr_mult",):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def run_identity(cfg: StageConfig, data_hash: str) -> dict:
+    """What a checkpoint must agree with to be resumed: the resolved config (minus RESUMABLE_KEYS) + data."""
+    flat = {k: v for k, v in _flatten(cfg.to_dict()).items() if k not in RESUMABLE_KEYS}
+    blob = json.dumps(flat, sort_keys=True, default=str)
+    return {"config": flat, "config_hash": hashlib.sha256(blob.encode()).hexdigest()[:16], "data_hash": data_hash}
+
+
+def token_counts(labels: torch.Tensor, decoder_only: bool) -> torch.Tensor:
+    """Number of supervised (report) tokens, counted as the loss counts them."""
+    return ((labels[:, 1:] if decoder_only else labels) != -100).sum()
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, decoder_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,95 +185,187 @@ def _checkpoint_dirs(ckpt_root: Path) -> list[Path]:
     return sorted(dirs, key=lambda d: int(d.name.split("-")[1]))
 
 
-def train_stage(cfg: StageConfig) -> Path:
-    """Train one stage and write its folder. Returns the stage folder path."""
-    # Combinations that cannot work are refused before anything is built or loaded.
-    if cfg.model.dtype == "fp16" and not torch.cuda.is_available():
-        raise UserError("model.dtype=fp16 is not supported on CPU: use fp32 (or bf16)")
-    if cfg.model.quantization != "none":
-        from clinicalblip.model import quantization_config
+def zero_stage(accelerator) -> int:
+    """0 without DeepSpeed, else the ZeRO stage."""
+    ds = accelerator.state.deepspeed_plugin
+    return int(ds.zero_stage) if ds is not None else 0
 
-        quantization_config(cfg.model.quantization, cfg.model.dtype)  # needs a GPU and bitsandbytes
-    accelerator = Accelerator(
-        # without a GPU, ranks started by `accelerate launch --multi_gpu` / torchrun form a gloo group on CPU
-        cpu=not torch.cuda.is_available(),
+
+def gather_trainable(model, accelerator) -> dict[str, torch.Tensor]:
+    """Full fp32 copies of every trainable parameter, on the CPU of the main process (None elsewhere).
+
+    Collective: every rank must call it. Under DeepSpeed the fp32 master weights are read (under ZeRO-3 the
+    parameters themselves are shape-[0] placeholders; under bf16 the module holds rounded copies).
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    out = {}
+    if zero_stage(accelerator):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        for name, p in unwrapped.named_parameters():
+            if p.requires_grad:
+                full = safe_get_full_fp32_param(p)
+                if accelerator.is_main_process:
+                    out[name] = full.detach().to("cpu", torch.float32, copy=True)
+    else:
+        for name, p in unwrapped.named_parameters():
+            if p.requires_grad and accelerator.is_main_process:
+                out[name] = p.detach().to("cpu", torch.float32, copy=True)
+    return out if accelerator.is_main_process else None
+
+
+# ---------------------------------------------------------------------------------------------- steps
+@dataclass
+class Run:
+    """What every step shares: the config, the accelerator and where output goes."""
+
+    cfg: StageConfig
+    accelerator: Accelerator
+    out_dir: Path
+    log: Callable[[str], None]
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def zero(self) -> int:
+        return zero_stage(self.accelerator)
+
+
+def make_accelerator(cfg: StageConfig) -> Accelerator:
+    """The Accelerator for a stage; on a GPU-less machine launched ranks form a gloo group (DDP or DeepSpeed)."""
+    launched = int(os.environ.get("LOCAL_RANK", -1)) != -1
+    use_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    kwargs = {}
+    if not torch.cuda.is_available():
+        if use_ds:
+            # cpu=True would switch DeepSpeed off; without a backend accelerate would fall back to one process
+            # per rank (both "main", data not sharded). DeepSpeed's CPU accelerator takes the gloo group.
+            if launched:
+                kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+        else:
+            kwargs["cpu"] = True  # torchrun / accelerate launch ranks then form a gloo group (MULTI_CPU)
+    return Accelerator(
         gradient_accumulation_steps=cfg.train.grad_accum,
         mixed_precision=_mixed_precision(cfg.model.dtype),
         log_with=None if cfg.train.report_to == "none" else cfg.train.report_to,
         project_dir=cfg.output_dir,
+        **kwargs,
     )
-    ds = accelerator.state.deepspeed_plugin
-    if cfg.model.quantization != "none" and ds is not None and ds.zero_stage == 3:
-        raise UserError(f"model.quantization={cfg.model.quantization} under DeepSpeed ZeRO-3 is not supported here: "
-                        "ZeRO-3 would shard the packed quantized weights. Use ZeRO-2 or plain DDP for QLoRA")
+
+
+def _checks(cfg: StageConfig) -> Run:
+    """Refuse combinations that cannot work before anything is built or loaded; make the accelerator."""
+    if cfg.model.dtype == "fp16" and not torch.cuda.is_available():
+        raise UserError("model.dtype=fp16 is not supported on CPU: use fp32 (or bf16)")
+    if cfg.model.quantization != "none":
+        quantization_config(cfg.model.quantization, cfg.model.dtype)  # bitsandbytes present?
+    accelerator = make_accelerator(cfg)
+    zero = zero_stage(accelerator)
+    if cfg.model.quantization != "none" and zero == 3:
+        raise UserError(f"model.quantization={cfg.model.quantization} under DeepSpeed ZeRO-3 is not supported: "
+                        "ZeRO-3 would shard the packed quantized weights. Use ZeRO-2 "
+                        "(configs/accelerate/zero2.yaml) or plain DDP for QLoRA")
     main = accelerator.is_main_process
     log = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
     set_seed(cfg.train.seed)
-    out_dir = Path(cfg.output_dir)
+    return Run(cfg=cfg, accelerator=accelerator, out_dir=Path(cfg.output_dir), log=log)
 
-    # ---- data (read and checked first: a bad manifest should fail before a model loads). The whole
-    # manifest is checked, not one split: a patient in two splits is only visible across splits.
+
+@dataclass
+class Records:
+    train: list[dict]
+    val: list[dict]
+    template: Template
+    data_hash: str
+
+
+def _records(run: Run) -> Records:
+    """Read and check the manifest (a bad manifest fails before a model loads), select the splits."""
+    cfg = run.cfg
+    # The whole manifest is checked, not one split: a patient in two splits is only visible across splits.
     records = read_manifest(cfg.data.manifest)
-    records = apply_bad_record_policy(records, cfg.data.on_bad_record, log=log, check_images=cfg.data.check_images)
-    train_records = [r for r in records if r["split"] == cfg.data.train_split]
+    records = apply_bad_record_policy(records, cfg.data.on_bad_record, log=run.log, check_images=cfg.data.check_images)
+    train = [r for r in records if r["split"] == cfg.data.train_split]
     if cfg.data.limit:
-        train_records = train_records[: cfg.data.limit]
-    if not train_records:
+        train = train[: cfg.data.limit]
+    if not train:
         raise UserError(f"{cfg.data.manifest}: no usable '{cfg.data.train_split}' records")
-    val_records = [r for r in records if r["split"] == cfg.data.val_split][: cfg.data.val_max]
+    val = [r for r in records if r["split"] == cfg.data.val_split][: cfg.data.val_max]
     template = load_template(cfg.data.template)
-    empty = [r["id"] for r in train_records if not target_text(template, r)]
+    empty = [r["id"] for r in train if not target_text(template, r)]
     if empty and cfg.data.on_bad_record == "error":
-        raise UserError(f"{len(empty)} train record(s) with an empty {template.target}: {', '.join(map(str, empty[:5]))}")
-    train_records = [r for r in train_records if target_text(template, r)]
+        raise UserError(f"{len(empty)} train record(s) with an empty {template.target}: {', '.join(map(str, empty[:5]))}"
+                        " (fill them in, or set data.on_bad_record=skip)")
+    train = [r for r in train if target_text(template, r)]
+    return Records(train=train, val=val, template=template, data_hash=_file_hash(cfg.data.manifest))
 
-    # ---- model: the parent chain (merged) or the base, then this stage's trainable policy
+
+@dataclass
+class Built:
+    model: object
+    processor: object
+    report: dict
+    base: dict
+    parent_desc: str
+
+
+def _model(run: Run, records: Records) -> Built:
+    """The parent chain (merged) or the base, then this stage's trainable policy and precision."""
+    if run.zero != 3:
+        return _load_model(run, records)
+    # Under ZeRO-3, transformers partitions weights while loading (zero.Init, switched on by the config that
+    # accelerate registers, whatever zero3_init_flag says); a parent's weights and LoRA could then not be
+    # applied. Every rank loads whole weights instead, and deepspeed.initialize partitions them.
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        return _load_model(run, records)
+    finally:
+        run.accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+
+
+def _load_model(run: Run, records: Records) -> Built:
+    cfg, out_dir, main, acc = run.cfg, run.out_dir, run.main, run.accelerator
+    quant = cfg.model.quantization
     if cfg.parent:
         model, processor, chain = load_stage_model(cfg.parent)
-        if cfg.model.quantization != "none":
-            # Quantization happens at load time: the merged parent is written aside and loaded quantized.
-            merged_dir = out_dir / ".parent_merged"
-            if main:
-                model.save_pretrained(merged_dir)
-            accelerator.wait_for_everyone()
-            model, _ = load_pretrained(str(merged_dir), dtype=cfg.model.dtype, quantization=cfg.model.quantization)
+        if quant != "none":
+            # QLoRA child: the merged parent chain is quantized in memory (no full-precision copy on disk).
+            model = quantize_from_model(model, quant, cfg.model.dtype)
         parent_info = read_stage(cfg.parent)
         base = dict(chain[0]["base"])
         base["path"] = os.path.relpath(os.path.join(chain[0]["dir"], base["path"]), out_dir.resolve()) \
             if os.path.exists(os.path.join(chain[0]["dir"], base["path"])) else base["path"]
         parent_desc = f"{cfg.parent} ({parent_info['name']})"
     else:
-        corpus = _corpus(train_records) if is_builtin(cfg.model.base) else None
         saved_base = out_dir / "base"
-        if is_builtin(cfg.model.base) and (saved_base / "config.json").is_file() and cfg.train.resume != "none":
-            # A resumed run reuses the base it built (tokenizer training is not bit-reproducible).
-            model, processor = load_pretrained(str(saved_base))
-        elif cfg.model.quantization != "none" and not is_builtin(cfg.model.base):
-            model, processor = load_pretrained(cfg.model.base, dtype=cfg.model.dtype,
-                                               trust_remote_code=cfg.model.trust_remote_code,
-                                               quantization=cfg.model.quantization)
-        elif is_builtin(cfg.model.base):
-            # Built once, on the main process, and saved with the stage (the chain stays self-contained);
-            # the other ranks load that copy, so every rank holds the very same base and tokenizers.
-            if main:
-                model, processor = build_base(cfg.model.base, dtype="fp32", corpus=corpus, seed=cfg.train.seed,
-                                              layers=cfg.model.layers)
-                model.save_pretrained(saved_base)
-                processor.save_pretrained(saved_base)
-            accelerator.wait_for_everyone()
-            if not main:
-                model, processor = load_pretrained(str(saved_base))
-        else:
-            model, processor = build_base(cfg.model.base, dtype="fp32", trust_remote_code=cfg.model.trust_remote_code)
         if is_builtin(cfg.model.base):
-            base = {"name": cfg.model.base, "path": "base", "fingerprint": fingerprint(out_dir / "base")}
+            if not ((saved_base / "config.json").is_file() and cfg.train.resume != "none"):
+                # Built once, on the main process, and saved with the stage (the chain stays self-contained).
+                if main:
+                    model, processor = build_base(cfg.model.base, dtype="fp32", corpus=_corpus(records.train),
+                                                  seed=cfg.train.seed, layers=cfg.model.layers)
+                    model.save_pretrained(saved_base)
+                    processor.save_pretrained(saved_base)
+                    del model
+                acc.wait_for_everyone()
+            # Every rank loads the saved copy: the very same base everywhere, and under ZeRO-3 a model built
+            # from config after the Accelerator exists would be partitioned half-initialised.
+            model, processor = load_pretrained(str(saved_base), quantization=quant,
+                                               dtype="fp32" if quant == "none" else cfg.model.dtype)
+            base = {"name": cfg.model.base, "path": "base", "fingerprint": fingerprint(saved_base)}
         else:
+            model, processor = load_pretrained(cfg.model.base, dtype="fp32" if quant == "none" else cfg.model.dtype,
+                                               trust_remote_code=cfg.model.trust_remote_code, quantization=quant)
             is_dir = os.path.isdir(cfg.model.base)
             base = {"name": cfg.model.base, "path": os.path.abspath(cfg.model.base) if is_dir else cfg.model.base,
                     "fingerprint": fingerprint(cfg.model.base) if is_dir else None}
         parent_desc = "none (base)"
     model.train()
-    if cfg.model.quantization != "none":
+    if quant != "none":
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.model.gradient_checkpointing)
@@ -234,48 +374,98 @@ def train_stage(cfg: StageConfig) -> Path:
         # with a frozen embedding layer, checkpointed blocks need inputs that require grad (PEFT's note)
         model.enable_input_require_grads()
     model, report = apply_trainable(model, cfg)
-    if cfg.model.dtype != "fp32":
+    if cfg.model.dtype != "fp32" and not run.zero:
         # Frozen weights in the low-precision dtype (half the memory); trainable ones fp32 for the optimizer.
+        # Under DeepSpeed the engine casts the whole module to bf16 and keeps fp32 master weights itself.
         low = torch_dtype(cfg.model.dtype)
         for p in model.parameters():
-            if p.is_floating_point():
+            if p.is_floating_point() and p.dtype in (torch.float32, torch.float16, torch.bfloat16):
                 p.data = p.data.to(torch.float32 if p.requires_grad else low)
+    return Built(model=model, processor=processor, report=report, base=base, parent_desc=parent_desc)
 
+
+@dataclass
+class Loaders:
+    collate: StudyCollator
+    sampler: EpochSampler
+    train: DataLoader
+    val: DataLoader | None
+
+
+def _loaders(run: Run, records: Records, built: Built) -> Loaders:
+    cfg = run.cfg
     collate = StudyCollator(
-        processor=processor, template=template, num_query_tokens=processor.num_query_tokens,
-        decoder_only=is_decoder_only(core_model(model)), mode="train", max_views=cfg.data.max_views,
+        processor=built.processor, template=records.template, num_query_tokens=built.processor.num_query_tokens,
+        decoder_only=is_decoder_only(core_model(built.model)), mode="train", max_views=cfg.data.max_views,
         max_report_tokens=cfg.data.max_report_tokens, context_dropout=cfg.data.context_dropout, seed=cfg.train.seed,
         image_cache={} if cfg.data.cache_images else None,
     )
     val_collate = StudyCollator(
-        processor=processor, template=template, num_query_tokens=processor.num_query_tokens,
+        processor=built.processor, template=records.template, num_query_tokens=built.processor.num_query_tokens,
         decoder_only=collate.decoder_only, mode="train", max_views=cfg.data.max_views,
         max_report_tokens=cfg.data.max_report_tokens, image_cache=collate.image_cache,
     )
-    sampler = EpochSampler(len(train_records), cfg.train.seed)
-    train_loader = DataLoader(train_records, batch_size=cfg.train.batch_size, sampler=sampler, collate_fn=collate)
-    val_loader = DataLoader(val_records, batch_size=cfg.train.batch_size, shuffle=False, collate_fn=val_collate) \
-        if val_records else None
+    sampler = EpochSampler(len(records.train), cfg.train.seed)
+    train = DataLoader(records.train, batch_size=cfg.train.batch_size, sampler=sampler, collate_fn=collate)
+    val = DataLoader(records.val, batch_size=cfg.train.batch_size, shuffle=False, collate_fn=val_collate) \
+        if records.val else None
+    return Loaders(collate=collate, sampler=sampler, train=train, val=val)
 
-    # ---- optimizer and schedule (optimizer steps, not micro-batches)
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+
+@dataclass
+class Schedule:
+    optimizer: object
+    scheduler: object
+    total_steps: int
+    steps_per_epoch: int
+    num_epochs: int
+
+
+def _optimizer(run: Run, records: Records, built: Built, loaders: Loaders) -> Schedule:
+    """AdamW per component (decay / no decay), the schedule in optimizer steps; everything prepared."""
+    cfg, acc = run.cfg, run.accelerator
+    optimizer = torch.optim.AdamW(_param_groups(built.model, cfg), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   weight_decay=cfg.optim.weight_decay)
-    steps_per_epoch = math.ceil(math.ceil(len(train_records) / (cfg.train.batch_size * accelerator.num_processes))
+    steps_per_epoch = math.ceil(math.ceil(len(records.train) / (cfg.train.batch_size * acc.num_processes))
                                 / cfg.train.grad_accum)
     total_steps = cfg.train.max_steps or max(1, math.ceil(steps_per_epoch * cfg.train.epochs))
     num_epochs = math.ceil(total_steps / steps_per_epoch)
     scheduler = get_scheduler(
         cfg.optim.schedule if cfg.optim.schedule != "constant" else "constant_with_warmup", optimizer,
-        num_warmup_steps=int(cfg.optim.warmup_ratio * total_steps) * accelerator.num_processes,
-        num_training_steps=total_steps * accelerator.num_processes,
+        num_warmup_steps=int(cfg.optim.warmup_ratio * total_steps) * acc.num_processes,
+        num_training_steps=total_steps * acc.num_processes,
     )
-    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
-    if val_loader is not None:
-        val_loader = accelerator.prepare(val_loader)
+    ds = acc.state.deepspeed_plugin
+    if ds is not None:
+        # accelerate turns "gradient_clipping": "auto" into 1.0; the stage YAML owns clipping (0 = off).
+        ds.deepspeed_config["gradient_clipping"] = float(cfg.optim.max_grad_norm)
+        ds.gradient_clipping = float(cfg.optim.max_grad_norm)
+        # accelerate sizes the ZeRO buckets from model.config.hidden_size, which InstructBLIP's composite
+        # config lacks: size them from the language model's width (accelerate's own formulas).
+        h = core_model(built.model).config.text_config.hidden_size
+        zero_cfg = ds.deepspeed_config.setdefault("zero_optimization", {})
+        for key, value in (("reduce_bucket_size", h * h), ("stage3_prefetch_bucket_size", int(0.9 * h * h)),
+                           ("stage3_param_persistence_threshold", 10 * h)):
+            if zero_cfg.get(key) == "auto":
+                zero_cfg[key] = value
+    built.model, optimizer, loaders.train, scheduler = acc.prepare(built.model, optimizer, loaders.train, scheduler)
+    if loaders.val is not None:
+        loaders.val = acc.prepare(loaders.val)
+    return Schedule(optimizer=optimizer, scheduler=scheduler, total_steps=total_steps,
+                    steps_per_epoch=steps_per_epoch, num_epochs=num_epochs)
 
-    # ---- resume: newest checkpoint (auto) or a given one; data order continues where it stopped
-    ckpt_root = out_dir / "checkpoints"
-    global_step, start_epoch, skip_batches = 0, 0, 0
+
+@dataclass
+class Progress:
+    global_step: int = 0
+    epoch: int = 0
+    skip_batches: int = 0
+
+
+def _restore(run: Run, records: Records, identity: dict) -> Progress:
+    """Resume from the newest checkpoint (auto) or a given one, refusing one made with another config/data."""
+    cfg, acc = run.cfg, run.accelerator
+    ckpt_root = run.out_dir / "checkpoints"
     resume_dir = None
     if cfg.train.resume == "auto":
         found = _checkpoint_dirs(ckpt_root)
@@ -284,158 +474,299 @@ def train_stage(cfg: StageConfig) -> Path:
         resume_dir = Path(cfg.train.resume)
         if not (resume_dir / "progress.json").is_file():
             raise UserError(f"train.resume={cfg.train.resume}: not a checkpoint folder (no progress.json)")
-    if resume_dir is not None:
-        accelerator.load_state(str(resume_dir))
-        progress = json.loads((resume_dir / "progress.json").read_text())
-        global_step, start_epoch, skip_batches = progress["global_step"], progress["epoch"], progress["batches_in_epoch"]
-        log(f"resumed from {resume_dir} at step {global_step} (epoch {start_epoch}, batch {skip_batches})")
+    if resume_dir is None:
+        old = _checkpoint_dirs(ckpt_root)
+        if old:
+            run.log(f"train.resume={cfg.train.resume}: starting over; removing {len(old)} old checkpoint(s) in {ckpt_root}")
+        acc.wait_for_everyone()
+        if run.main:
+            shutil.rmtree(ckpt_root, ignore_errors=True)
+            # A fresh start owns metrics.jsonl: an earlier run's rows would mix into this one's curve.
+            (run.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        acc.wait_for_everyone()
+        return Progress()
+    progress = json.loads((resume_dir / "progress.json").read_text())
+    saved = progress.get("identity")
+    if saved is None:
+        raise UserError(f"{resume_dir}: checkpoint without a config record (made by an older clinicalblip); "
+                        "start over with train.resume=none")
+    if saved["data_hash"] != identity["data_hash"]:
+        raise UserError(f"{resume_dir}: the manifest {cfg.data.manifest} changed since this checkpoint "
+                        f"(data hash {saved['data_hash']} -> {identity['data_hash']}); resuming would mix two datasets. "
+                        "Restore the manifest, or start over with train.resume=none")
+    if saved["config_hash"] != identity["config_hash"]:
+        keys = sorted(set(saved["config"]) | set(identity["config"]))
+        diff = [f"{k}: {saved['config'].get(k)!r} -> {identity['config'].get(k)!r}" for k in keys
+                if saved["config"].get(k) != identity["config"].get(k)]
+        raise UserError(f"{resume_dir}: the config differs from the one this checkpoint was trained with: "
+                        f"{'; '.join(diff)}. Undo the change to resume, or start over with train.resume=none "
+                        f"(keys that may change on resume: {', '.join(RESUMABLE_KEYS)})")
+    acc.load_state(str(resume_dir))
+    p = Progress(progress["global_step"], progress["epoch"], progress["batches_in_epoch"])
+    run.log(f"resumed from {resume_dir} at step {p.global_step} (epoch {p.epoch}, batch {p.skip_batches})")
+    return p
 
-    eff_batch = cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
-    log("=" * 78)
-    log(f"clinicalblip {__version__} | stage '{cfg.name}' -> {out_dir}")
-    log(f"parent: {parent_desc} | base: {base['name']} | template: {template.name} | dtype: {cfg.model.dtype}")
-    log(f"train: {len(train_records)} studies, val: {len(val_records)} | effective batch {eff_batch} "
-        f"({cfg.train.batch_size} x {cfg.train.grad_accum} accum x {accelerator.num_processes} proc) | "
-        f"{total_steps} steps ({num_epochs} epoch(s)) | device {accelerator.device}")
-    log(format_report(report))
-    log(full_depth_line(accelerator.unwrap_model(model), base["name"], cfg))
-    log("=" * 78)
 
-    metrics_path = out_dir / "metrics.jsonl"
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+def _header(run: Run, records: Records, built: Built, sched: Schedule) -> None:
+    cfg, acc = run.cfg, run.accelerator
+    eff_batch = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
+    backend = f"DeepSpeed ZeRO-{run.zero}" if run.zero else acc.distributed_type.value
+    run.log("=" * 78)
+    run.log(f"clinicalblip {__version__} | stage '{cfg.name}' -> {run.out_dir}")
+    run.log(f"parent: {built.parent_desc} | base: {built.base['name']} | template: {records.template.name} | "
+            f"dtype: {cfg.model.dtype} | quantization: {cfg.model.quantization}")
+    run.log(f"train: {len(records.train)} studies, val: {len(records.val)} | effective batch {eff_batch} "
+            f"({cfg.train.batch_size} x {cfg.train.grad_accum} accum x {acc.num_processes} proc) | "
+            f"{sched.total_steps} steps ({sched.num_epochs} epoch(s)) | {backend} on {acc.device}")
+    run.log(format_report(built.report))
+    run.log(full_depth_line(acc.unwrap_model(built.model), built.base["name"], cfg))
+    run.log("=" * 78)
+
+
+@dataclass
+class Fit:
+    global_step: int
+    last_val: float | None = None
+    best_val: float = float("inf")
+    best_state: dict | None = field(default=None, repr=False)
+    best_step: int | None = None
+
+
+def _save_checkpoint(run: Run, global_step: int, epoch: int, batches_in_epoch: int, identity: dict) -> None:
+    # Written aside, then renamed: a crash mid-save never leaves a half checkpoint that 'auto' would pick.
+    acc, ckpt_root = run.accelerator, run.out_dir / "checkpoints"
+    final, tmp = ckpt_root / f"step-{global_step}", ckpt_root / f".tmp-step-{global_step}"
+    if run.main and tmp.exists():
+        shutil.rmtree(tmp)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    if run.main:
+        (tmp / "progress.json").write_text(json.dumps(
+            {"global_step": global_step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "identity": identity}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in _checkpoint_dirs(ckpt_root)[: -run.cfg.train.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+
+
+def _windows(loader, size: int):
+    """Micro-batches grouped by optimizer step (the last window of an epoch may be shorter)."""
+    window = []
+    for batch in loader:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def _fit(run: Run, built: Built, loaders: Loaders, sched: Schedule, progress: Progress, identity: dict) -> Fit:
+    """The loop: windows of micro-batches, one optimizer step each; log, validate, checkpoint."""
+    cfg, acc = run.cfg, run.accelerator
+    model, optimizer, scheduler = built.model, sched.optimizer, sched.scheduler
+    decoder_only = loaders.collate.decoder_only
+    metrics_path = run.out_dir / "metrics.jsonl"
+    if run.main:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
 
     def log_metrics(row: dict) -> None:
-        if main:
+        if run.main:
             with open(metrics_path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(row) + "\n")
         if cfg.train.report_to != "none":
-            accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=global_step)
+            acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=fit.global_step)
 
-    def save_checkpoint(epoch: int, batches_in_epoch: int) -> None:
-        # Written aside, then renamed: a crash mid-save never leaves a half checkpoint that 'auto' would pick.
-        final = ckpt_root / f"step-{global_step}"
-        tmp = ckpt_root / f".tmp-step-{global_step}"
-        if main and tmp.exists():
-            shutil.rmtree(tmp)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        if main:
-            (tmp / "progress.json").write_text(json.dumps(
-                {"global_step": global_step, "epoch": epoch, "batches_in_epoch": batches_in_epoch}))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            for old in _checkpoint_dirs(ckpt_root)[: -cfg.train.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
-
-    if cfg.train.report_to != "none":
-        accelerator.init_trackers(cfg.name, config={"stage": cfg.name})
-
-    # ---- the loop
-    model.train()
-    best_val, last_val, best_state, best_step = float("inf"), None, None, None
+    fit = Fit(global_step=progress.global_step)
     t_interval, samples_interval, loss_interval, n_interval = time.perf_counter(), 0, 0.0, 0
-    bar = tqdm(total=total_steps, initial=global_step, desc=cfg.name, disable=not accelerator.is_local_main_process,
-               dynamic_ncols=True)
-    done = global_step >= total_steps
-    for epoch in range(start_epoch, num_epochs):
+    bar = tqdm(total=sched.total_steps, initial=fit.global_step, desc=cfg.name,
+               disable=not acc.is_local_main_process, dynamic_ncols=True)
+    model.train()
+    done = fit.global_step >= sched.total_steps
+    for epoch in range(progress.epoch, sched.num_epochs):
         if done:
             break
-        train_loader.set_epoch(epoch)
-        sampler.set_epoch(epoch)
-        collate.epoch = epoch
-        loader = train_loader
-        batches_in_epoch = 0
-        if epoch == start_epoch and skip_batches:
-            loader = accelerator.skip_first_batches(train_loader, skip_batches)
-            batches_in_epoch = skip_batches
-        for batch in loader:
-            batches_in_epoch += 1
-            with accelerator.accumulate(model):
-                inputs = model_inputs(batch)
-                logits = model(**inputs).logits
-                loss_sum, n_tok = token_loss_sum(logits, inputs["labels"], collate.decoder_only)
-                # Normalise by the report tokens of this micro-step on ALL ranks: DDP then averages to the
-                # same gradient as one process holding the whole batch (a per-rank mean would weight ranks
-                # with short reports too much).
-                n_global = accelerator.reduce(n_tok.detach().clone(), "sum").clamp(min=1)
-                loss = loss_sum * accelerator.num_processes / n_global
-                accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_interval += (loss.detach().float() / accelerator.num_processes).item()
+        loaders.train.set_epoch(epoch)
+        loaders.sampler.set_epoch(epoch)
+        loaders.collate.epoch = epoch
+        loader, batches_in_epoch = loaders.train, 0
+        if epoch == progress.epoch and progress.skip_batches:
+            loader = acc.skip_first_batches(loaders.train, progress.skip_batches)
+            batches_in_epoch = progress.skip_batches
+        for window in _windows(loader, cfg.train.grad_accum):
+            # Normalise by the report tokens of the whole window on ALL ranks: the summed gradient then equals
+            # one process holding the whole effective batch (a per-micro-step or per-rank mean would weight
+            # short reports too much). accelerate/DeepSpeed divide by grad_accum and DDP averages over ranks:
+            # both undone here.
+            n_window = sum(token_counts(b["labels"], decoder_only) for b in window).to(acc.device)
+            n_global = acc.reduce(n_window.detach().clone(), "sum").clamp(min=1).float()
+            scale = acc.num_processes * cfg.train.grad_accum / n_global
+            for i, batch in enumerate(window):
+                boundary = i == len(window) - 1
+                # sync_gradients drives DDP no_sync, DeepSpeed's accumulation boundary and the optimizer step
+                acc.sync_gradients = boundary
+                with contextlib.nullcontext() if boundary else acc.no_sync(model):
+                    inputs = model_inputs(batch)
+                    logits = model(**inputs).logits
+                    loss_sum, _ = token_loss_sum(logits, inputs["labels"], decoder_only)
+                    loss = loss_sum * scale
+                    acc.backward(loss)
+                loss_interval += (loss_sum.detach().float() / n_global).item()  # this rank's share
+                samples_interval += len(batch["ids"]) * acc.num_processes
+            grad_norm = None
+            if run.zero:
+                grad_norm = acc.deepspeed_engine_wrapped.get_global_grad_norm()  # DeepSpeed clipped in backward
+            else:  # max_grad_norm 0: no clipping, but the norm is still logged
+                grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm or float("inf"))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            batches_in_epoch += len(window)
             n_interval += 1
-            samples_interval += len(batch["ids"]) * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
+            fit.global_step += 1
             bar.update(1)
-            if global_step % cfg.train.log_every == 0 or global_step == total_steps:
+            if fit.global_step % cfg.train.log_every == 0 or fit.global_step == sched.total_steps:
                 dt = time.perf_counter() - t_interval
-                row = {"step": global_step, "epoch": epoch, "loss": loss_interval / max(n_interval, 1),
+                # the ranks' shares add up to the mean loss of each step's effective batch
+                mean_loss = acc.reduce(torch.tensor(loss_interval, device=acc.device), "sum").item()
+                row = {"step": fit.global_step, "epoch": epoch, "loss": mean_loss / max(n_interval, 1),
                        "lr": scheduler.get_last_lr()[0],
                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
                        "samples_per_s": samples_interval / max(dt, 1e-9), "peak_mem_gib": _peak_memory_gib()}
                 bar.set_postfix(loss=f"{row['loss']:.3f}")
-                if main:
-                    tqdm.write(f"step {global_step}/{total_steps} | epoch {epoch} | loss {row['loss']:.4f} | "
+                if run.main:
+                    tqdm.write(f"step {fit.global_step}/{sched.total_steps} | epoch {epoch} | loss {row['loss']:.4f} | "
                                f"lr {row['lr']:.2e} | grad {row['grad_norm'] or 0:.2f} | "
                                f"{row['samples_per_s']:.1f} samples/s | peak {row['peak_mem_gib']:.2f} GiB")
                 log_metrics(row)
                 t_interval, samples_interval, loss_interval, n_interval = time.perf_counter(), 0, 0.0, 0
-            end_of_epoch = batches_in_epoch >= len(train_loader)
-            if val_loader is not None and (
-                (cfg.train.eval_every and global_step % cfg.train.eval_every == 0)
+            end_of_epoch = batches_in_epoch >= len(loaders.train)
+            if loaders.val is not None and (
+                (cfg.train.eval_every and fit.global_step % cfg.train.eval_every == 0)
                 or (not cfg.train.eval_every and end_of_epoch)
             ):
-                last_val = evaluate_loss(model, val_loader, accelerator)
-                if last_val < best_val and cfg.train.select_best:
-                    best_state = {n: p.detach().to("cpu", copy=True) for n, p in
-                                  accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
-                    best_step = global_step
-                best_val = min(best_val, last_val)
-                log_metrics({"step": global_step, "epoch": epoch, "val_loss": last_val})
-                if main:
-                    tqdm.write(f"step {global_step} | val_loss {last_val:.4f}")
-            if cfg.train.save_every and global_step % cfg.train.save_every == 0 and global_step < total_steps:
-                save_checkpoint(epoch if not end_of_epoch else epoch + 1, batches_in_epoch if not end_of_epoch else 0)
-            if os.environ.get("CLINICALBLIP_TEST_KILL_AT_STEP") == str(global_step):
+                _validate(run, model, loaders, fit, epoch, log_metrics)
+            if cfg.train.save_every and fit.global_step % cfg.train.save_every == 0 and fit.global_step < sched.total_steps:
+                _save_checkpoint(run, fit.global_step, epoch + 1 if end_of_epoch else epoch,
+                                 0 if end_of_epoch else batches_in_epoch, identity)
+            if os.environ.get("CLINICALBLIP_TEST_KILL_AT_STEP") == str(fit.global_step):
                 os._exit(137)  # tests: die like a SIGKILL (no cleanup, no stage folder)
-            if global_step >= total_steps:
+            if fit.global_step >= sched.total_steps:
                 done = True
                 break
     bar.close()
-    if val_loader is not None and (last_val is None or cfg.train.eval_every):
-        last_val = evaluate_loss(model, val_loader, accelerator)
-        best_val = min(best_val, last_val)
-        log_metrics({"step": global_step, "val_loss": last_val})
+    acc.sync_gradients = True
+    if loaders.val is not None and (fit.last_val is None or cfg.train.eval_every):
+        fit.last_val = evaluate_loss(model, loaders.val, acc)
+        fit.best_val = min(fit.best_val, fit.last_val)
+        log_metrics({"step": fit.global_step, "val_loss": fit.last_val})
+    return fit
 
-    # ---- the stage folder
-    accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
-    if cfg.train.select_best and best_state is not None and last_val is not None and best_val < last_val:
-        with torch.no_grad():
-            for n, p in unwrapped.named_parameters():
-                if n in best_state:
-                    p.copy_(best_state[n].to(p.device))
-        log(f"select_best: writing the weights of step {best_step} (val_loss {best_val:.4f} < final {last_val:.4f})")
-        last_val = best_val
-    if main:
-        metrics = {"val_loss": last_val, "best_val_loss": best_val if best_val < float("inf") else None,
-                   "best_step": best_step, "steps": global_step, "train_studies": len(train_records)}
-        write_stage(out_dir, unwrapped, processor, cfg, template, report, base=base,
-                    parent=os.path.abspath(cfg.parent) if cfg.parent else None, metrics=metrics,
-                    data_hash=_file_hash(cfg.data.manifest))
-        log(f"stage '{cfg.name}' written to {out_dir} (val_loss {last_val if last_val is None else round(last_val, 4)})")
-    accelerator.wait_for_everyone()
-    if main and (out_dir / ".parent_merged").exists():
-        shutil.rmtree(out_dir / ".parent_merged", ignore_errors=True)
+
+def _validate(run: Run, model, loaders: Loaders, fit: Fit, epoch: int, log_metrics) -> None:
+    """Validation loss (all ranks); with select_best, a gathered snapshot of the best trainable weights."""
+    acc = run.accelerator
+    acc.sync_gradients = True
+    fit.last_val = evaluate_loss(model, loaders.val, acc)
+    if fit.last_val < fit.best_val and run.cfg.train.select_best:
+        fit.best_state = gather_trainable(model, acc)  # collective: every rank takes part
+        fit.best_step = fit.global_step
+    fit.best_val = min(fit.best_val, fit.last_val)
+    log_metrics({"step": fit.global_step, "epoch": epoch, "val_loss": fit.last_val})
+    if run.main:
+        tqdm.write(f"step {fit.global_step} | val_loss {fit.last_val:.4f}")
+    if run.cfg.train.val_generate:
+        row = validation_reports(run, model, loaders)
+        if row:
+            row.update(step=fit.global_step, epoch=epoch)
+            log_metrics(row)
+
+
+def validation_reports(run: Run, model, loaders: Loaders) -> dict | None:
+    """Greedy reports for the first `train.val_generate` val studies and their clinical F1 (main process)."""
+    from clinicalblip.metrics.clinical import clinical_scores
+    from clinicalblip.metrics.labeler import label_report
+
+    acc, cfg = run.accelerator, run.cfg
+    records = loaders.val.dataset[: cfg.train.val_generate] if hasattr(loaders.val, "dataset") else []
+    if not records:
+        return None
+    collate = StudyCollator(
+        processor=loaders.collate.processor, template=loaders.collate.template,
+        num_query_tokens=loaders.collate.num_query_tokens, decoder_only=loaders.collate.decoder_only,
+        mode="generate", max_views=loaders.collate.max_views,
+    )
+    mine = records[acc.process_index:: acc.num_processes]
+    # Under ZeRO-3 every rank must run the same number of forward passes (synced_gpus); pad with a repeat.
+    per_rank = math.ceil(len(records) / acc.num_processes)
+    mine = (mine + records[:1] * per_rank)[:per_rank]
+    unwrapped = core_model(acc.unwrap_model(model))
+    was_training = unwrapped.training
+    unwrapped.eval()
+    texts = []
+    with torch.no_grad():
+        for i in range(0, len(mine), cfg.train.batch_size):
+            chunk = mine[i: i + cfg.train.batch_size]
+            batch = collate(chunk)
+            inputs = {k: v.to(acc.device) for k, v in model_inputs(batch).items()}
+            inputs["pixel_values"] = inputs["pixel_values"].to(next(unwrapped.parameters()).dtype)
+            out = unwrapped.generate(**inputs, max_new_tokens=cfg.data.max_report_tokens, num_beams=1,
+                                     do_sample=False, synced_gpus=run.zero == 3)
+            if loaders.collate.decoder_only and out.shape[1] > inputs["input_ids"].shape[1]:
+                out = out[:, inputs["input_ids"].shape[1]:]
+            texts += [(str(r["id"]), t.strip()) for r, t in zip(
+                chunk, loaders.collate.processor.tokenizer.batch_decode(out, skip_special_tokens=True))]
+    unwrapped.train(was_training)
+    from accelerate.utils import gather_object
+
+    pairs = dict(gather_object(texts))
+    if not run.main:
+        return None
+    refs = {str(r["id"]): target_text(loaders.collate.template, r) for r in records}
+    ids = [i for i in refs if i in pairs]
+    scores = clinical_scores([label_report(refs[i]) for i in ids], [label_report(pairs[i]) for i in ids],
+                             resamples=0)
+    return {"val_generated": len(ids), "val_clinical_macro_f1": scores["macro"]["f1"],
+            "val_clinical_micro_f1": scores["micro"]["f1"], "val_sample": {ids[0]: pairs[ids[0]]} if ids else {}}
+
+
+def _finish(run: Run, records: Records, built: Built, fit: Fit) -> Path:
+    """Gather the trainable weights on every rank, write the stage folder on the main process."""
+    acc, cfg = run.accelerator, run.cfg
+    acc.wait_for_everyone()
+    state = gather_trainable(built.model, acc)  # collective (ZeRO-3: the parameters are partitioned)
+    if cfg.train.select_best and fit.best_state is not None and fit.last_val is not None and fit.best_val < fit.last_val:
+        state = fit.best_state
+        run.log(f"select_best: writing the weights of step {fit.best_step} (val_loss {fit.best_val:.4f} "
+                f"< final {fit.last_val:.4f})")
+        fit.last_val = fit.best_val
+    if run.main:
+        metrics = {"val_loss": fit.last_val, "best_val_loss": fit.best_val if fit.best_val < float("inf") else None,
+                   "best_step": fit.best_step, "steps": fit.global_step, "train_studies": len(records.train)}
+        write_stage(run.out_dir, acc.unwrap_model(built.model), built.processor, cfg, records.template, built.report,
+                    base=built.base, parent=os.path.abspath(cfg.parent) if cfg.parent else None, metrics=metrics,
+                    data_hash=records.data_hash, trainable_state=state)
+        run.log(f"stage '{cfg.name}' written to {run.out_dir} "
+                f"(val_loss {fit.last_val if fit.last_val is None else round(fit.last_val, 4)})")
+    acc.wait_for_everyone()
     if cfg.train.report_to != "none":
-        accelerator.end_training()
-    return out_dir
+        acc.end_training()
+    return run.out_dir
+
+
+def train_stage(cfg: StageConfig) -> Path:
+    """Train one stage and write its folder. Returns the stage folder path."""
+    run = _checks(cfg)
+    records = _records(run)
+    built = _model(run, records)
+    loaders = _loaders(run, records, built)
+    sched = _optimizer(run, records, built, loaders)
+    identity = run_identity(cfg, records.data_hash)
+    progress = _restore(run, records, identity)
+    _header(run, records, built, sched)
+    if cfg.train.report_to != "none":
+        run.accelerator.init_trackers(cfg.name, config={"stage": cfg.name})
+    fit = _fit(run, built, loaders, sched, progress, identity)
+    return _finish(run, records, built, fit)
