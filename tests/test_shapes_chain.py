@@ -1,6 +1,6 @@
-"""The shipped vicuna7b stage 1 -> stage 2 chain at the real widths (model.layers: 1), merged and reloaded.
+"""The shipped vicuna7b and flant5xl stage chains at the real widths (model.layers: 1), merged and reloaded.
 
-Slow (about 3 minutes on 2 cores, 4 GiB): opt in with `./test.sh -m slow tests/test_shapes_chain.py`.
+Slow (about 8 minutes on 2 cores, 4 GiB): opt in with `./test.sh -m slow tests/test_shapes_chain.py`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ SHORT = ["model.layers=1", "data.limit=6", "train.max_steps=2", "train.batch_siz
          "train.log_every=1", "train.save_every=0"]
 
 
-def _cfg(name: str, manifest: Path, out: Path, *over: str):
+def _cfg(name: str, manifest: Path, out: Path, *over: str, family: str = "vicuna7b"):
     from clinicalblip.config import stage_config_from_dict
 
-    data = yaml.safe_load((REPO / "configs" / "vicuna7b" / name).read_text())
+    data = yaml.safe_load((REPO / "configs" / family / name).read_text())
     data["data"]["manifest"] = str(manifest)
     data["output_dir"] = str(out)
     return stage_config_from_dict(data, SHORT + list(over))
@@ -81,3 +81,52 @@ def test_vicuna7b_chain_at_real_widths(tmp_path, capsys):
     assert main(["generate", str(release), "--image", image, "--image", lateral, "--max-new-tokens", "4",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["num_views"] == 2
+
+
+def _release_generates(stage: Path, release: Path, manifest: Path, capsys) -> str:
+    """Merge with the CLI, reload with plain transformers, and check its greedy text against `generate`'s."""
+    from PIL import Image
+    from transformers import InstructBlipForConditionalGeneration, InstructBlipProcessor
+
+    from clinicalblip.cli import main
+
+    assert main(["merge", str(stage), "--out", str(release)]) == 0
+    model = InstructBlipForConditionalGeneration.from_pretrained(release).eval()
+    processor = InstructBlipProcessor.from_pretrained(release)
+    image = str(manifest.parent / "images" / "synth-00004_frontal.png")
+    capsys.readouterr()
+    assert main(["generate", str(release), "--image", image, "--max-new-tokens", "6", "--json"]) == 0
+    ours = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    inputs = processor(images=Image.open(image).convert("RGB"), text=ours["prompt"], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=6, do_sample=False, num_beams=1)
+    if model.config.use_decoder_only_language_model:
+        out = out[:, inputs["input_ids"].shape[1]:]
+    assert processor.tokenizer.decode(out[0], skip_special_tokens=True).strip() == ours["report"]
+    return ours["report"]
+
+
+@pytest.mark.slow
+def test_vicuna7b_stage3_and_flant5xl_chain_run_end_to_end(tmp_path, capsys):
+    from clinicalblip.data.synth import write_synthetic_dataset
+    from clinicalblip.stages import read_stage
+    from clinicalblip.train import train_stage
+
+    manifest = write_synthetic_dataset(tmp_path / "data", n=16, seed=6)
+    # vicuna7b stage 3 (findings + impression, LLM LoRA r=8) on top of stages 1 and 2
+    v1 = train_stage(_cfg("stage1.yaml", manifest, tmp_path / "v1", "model.base=shape-vicuna7b"))
+    v2 = train_stage(_cfg("stage2.yaml", manifest, tmp_path / "v2", f"parent={v1}"))
+    v3 = train_stage(_cfg("stage3.yaml", manifest, tmp_path / "v3", f"parent={v2}"))
+    assert read_stage(v3)["template"] == "findings_impression_with_context"
+    _release_generates(v3, tmp_path / "v_release", manifest, capsys)
+
+    # flant5xl stage 1 -> 2: the T5 encoder-decoder at 2048 wide, LoRA on q/k/v/o/wi_0/wi_1/wo
+    f1 = train_stage(_cfg("stage1.yaml", manifest, tmp_path / "f1", "model.base=shape-flant5xl", family="flant5xl"))
+    f2 = train_stage(_cfg("stage2.yaml", manifest, tmp_path / "f2", f"parent={f1}", family="flant5xl"))
+    header = capsys.readouterr().out
+    assert "full depth: 222,649,088 trainable / 3,992,560,384 total" in header  # the real 24 + 24 layers
+    assert read_stage(f2)["trainable"]["language_model"]["trainable"] > 0
+    _release_generates(f2, tmp_path / "f_release", manifest, capsys)
+    cfg = json.loads((tmp_path / "f_release" / "config.json").read_text())
+    assert (cfg["text_config"]["d_model"], cfg["text_config"]["vocab_size"], cfg["image_token_index"]) == \
+        (2048, 32128, 32100)
