@@ -7,8 +7,15 @@
 #   generic       every indication replaced by an uninformative one
 #   blank_image   every image replaced by a blank one (does it read the image at all?)
 #
+# Per run: preds_<mode>.jsonl, metrics_<mode>.json, preds_<mode>.html (the offline case viewer); then
+# compare.json / compare.html (each ablation vs real: paired bootstrap CI and permutation p, Holm-corrected) and
+# ablations.md (the table, with those p-values).
+#
 #   ./eval.sh MODEL_DIR MANIFEST [SPLIT] [OUT_DIR]
 # defaults: the demo model and data from ./train.sh, split test, OUT_DIR=MODEL_DIR/eval
+# Each ablation has its own predictions file (OUT_DIR/preds_CONTEXT.jsonl + .meta.json). A rerun resumes each
+# file; after retraining, or with other settings, generate refuses and names the difference: remove OUT_DIR
+# or run with GENERATE_ARGS=--overwrite. GENERATE_ARGS goes to every generate call (e.g. "--num-beams 3").
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/venv.sh
@@ -18,8 +25,17 @@ SPLIT="${3:-test}"
 OUT="${4:-$MODEL/eval}"
 mkdir -p "$OUT"
 
-for ctx in real none shuffled generic blank_image; do
-  clinicalblip generate "$MODEL" --manifest "$MANIFEST" --split "$SPLIT" --context "$ctx" --out "$OUT/preds_$ctx.jsonl"
-  clinicalblip eval "$OUT/preds_$ctx.jsonl" --out "$OUT/metrics_$ctx.json" > /dev/null
+MODES="real none shuffled generic blank_image"
+for ctx in $MODES; do
+  # shellcheck disable=SC2086  # GENERATE_ARGS: several flags
+  clinicalblip generate "$MODEL" --manifest "$MANIFEST" --split "$SPLIT" --context "$ctx" --out "$OUT/preds_$ctx.jsonl" \
+    ${GENERATE_ARGS:-}
+  clinicalblip eval "$OUT/preds_$ctx.jsonl" --out "$OUT/metrics_$ctx.json" --html "$OUT/preds_$ctx.html" > /dev/null
 done
+# Paired significance of every ablation against the real-context run (Holm-corrected over the four ablations):
+# compare.json, compare.html (biggest finding disagreements, linked into each run's viewer preds_<mode>.html).
+clinicalblip compare $(for ctx in $MODES; do echo "$OUT/preds_$ctx.jsonl"; done) --names $MODES \
+  --out "$OUT/compare.json" --html "$OUT/compare.html"
+# The real run's viewer once more, now with the ablation rows and their p-values in its summary.
+clinicalblip view "$OUT/preds_real.jsonl" --metrics "$OUT/metrics_real.json" --out "$OUT/preds_real.html" > /dev/null
 python -m clinicalblip.demo ablations "$OUT"

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # clinicalblip runbook.
 #
-#   ./train.sh                      the embedded default, end to end on a CPU (~10 min): synthetic data,
-#                                   every tiny stage in order, generation on the test split (+ ablations),
-#                                   evaluation, merge -> runs/demo/summary.json
+#   ./train.sh                      the embedded default, end to end on a CPU (~7.5 min on 2 cores, set-up
+#                                   included): synthetic data, every tiny stage in order, generation on the
+#                                   test split (+ ablations), evaluation, merge -> runs/demo/summary.json
 #   ./train.sh CONFIG_DIR [k=v ...] the stages of a config set (stage*.yaml in name order), each starting
 #                                   from the previous stage's folder, with the overrides applied to every stage
 #
@@ -37,7 +37,8 @@ start=$(date +%s)
 # 2. The tiny stages, in order; stage 2 starts from stage 1's folder (see the YAML comments).
 #    On a CPU machine with 2+ cores the stages run as DDP over gloo (accelerate launch), one single-threaded
 #    process per core: as fast as one multi-threaded process (2 cores: ~130 samples/s either way) but
-#    bit-reproducible from run to run, which multi-threaded CPU kernels are not. The per-process batch is
+#    repeatable from run to run on the same machine, which multi-threaded CPU kernels are not (another CPU
+#    or PyTorch build rounds differently: see README). The per-process batch is
 #    divided so the global batch stays the configs' 16 (the same optimisation as one process; see
 #    tests/test_resume_ddp.py). CLINICALBLIP_NPROC=1 trains in one process.
 NPROC="${CLINICALBLIP_NPROC:-$(python -c 'import os, torch; print(1 if torch.cuda.is_available() else min(2, len(os.sched_getaffinity(0))))')}"

@@ -28,8 +28,9 @@ def _add_data_synth(dsub) -> None:
     p = dsub.add_parser("synth", help="write the built-in synthetic chest X-ray dataset (images + manifest.jsonl)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--n", type=int, default=2000, help="number of studies (default 2000)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed: the same seed writes the same images and reports (default 0)")
+    p.add_argument("--image-size", type=int, default=64, help="image width and height in pixels (default 64)")
     p.set_defaults(func=_cmd_data_synth)
 
 
@@ -73,7 +74,8 @@ def _add_data_prepare(dsub) -> None:
                             "impression report (a whole report, split into sections)")
         t.add_argument("--images", help="folder that relative image paths start from (default: the input's folder)")
         t.add_argument("--split", help="split for rows without one (e.g. test)")
-        t.add_argument("--encoding", default="utf-8-sig", help="text encoding of the input (default utf-8)")
+        t.add_argument("--encoding", default="utf-8-sig",
+                       help="text encoding of the input (default utf-8-sig: UTF-8, a leading byte-order mark dropped)")
         if fmt == "csv":
             t.add_argument("--delimiter", help="column delimiter (default: ',' or tab, detected)")
         t.add_argument("--keep-columns", action="store_true", help="keep unmapped columns as extra manifest keys")
@@ -108,7 +110,7 @@ def _add_data_prepare(dsub) -> None:
 
 def _add_data_check(dsub) -> None:
     p = dsub.add_parser("check", help="validate every record of a manifest (exit 1 if any is unusable)")
-    p.add_argument("manifest")
+    p.add_argument("manifest", help="manifest.jsonl to check")
     p.add_argument("--images", choices=["decode", "exists", "none"], default="decode",
                    help="decode every image (default), only check that files exist, or skip images")
     p.add_argument("--jobs", type=int, default=None, help="image-decoding threads (default: up to 8)")
@@ -150,27 +152,33 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="write reports: one study (--image ...) or a manifest split")
     p.add_argument("model_dir", help="a stage folder or a release folder")
     p.add_argument("--manifest", help="manifest.jsonl (with --split and --out)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--out", help="predictions JSONL to write (manifest mode)")
+    p.add_argument("--split", default=None, help="manifest mode: the split to generate (default test)")
+    p.add_argument("--out", help="manifest mode: predictions JSONL to write; single study: also write the result "
+                                 "(prompt, report, settings) as JSON to this file")
     p.add_argument("--image", action="append", default=[], help="image path, repeat once per view (single study)")
-    p.add_argument("--indication")
-    p.add_argument("--history")
-    p.add_argument("--comparison")
+    p.add_argument("--indication", help="single study: the indication (reason for the exam)")
+    p.add_argument("--history", help="single study: the clinical history")
+    p.add_argument("--comparison", help="single study: the prior exam compared with, if any")
     p.add_argument("--template", help="prompt template name (default: the one the stage was trained with)")
     p.add_argument("--context", choices=["real", "none", "generic", "shuffled", "blank_image"], default="real",
-                   help="manifest mode ablations: real indications, none, a generic one, another study's, "
-                        "or blank images")
-    p.add_argument("--max-new-tokens", type=int, default=None)
+                   help="ablations: real context (default), no indication, a generic one, another study's "
+                        "(manifest mode only), or blank images")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="longest report in tokens (default: the stage's data.max_report_tokens)")
     p.add_argument("--num-beams", type=int, default=1, help="1 = greedy (default), >1 = beam search")
     p.add_argument("--sample", action="store_true", help="sampling instead of greedy/beam")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=None)
-    p.add_argument("--no-repeat-ngram-size", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (with --sample)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling probability mass (with --sample)")
+    p.add_argument("--repetition-penalty", type=float, default=None, help=">1 discourages repeated tokens")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=None, help="never repeat an n-gram of this size")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
-                   help="default: bf16 on a GPU that supports it, else fp32")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--limit", type=int, default=None, help="only the first N studies of the split")
+                   help="default: bf16 on a GPU that supports it, else fp32 (both modes)")
+    p.add_argument("--quantization", choices=["none", "4bit", "8bit"], default="none",
+                   help="load the language model in 4-bit NF4 or 8-bit (bitsandbytes; GPU or CPU), like --load-4bit")
+    p.add_argument("--batch-size", type=int, default=None, help="manifest mode: studies per batch (default 16)")
+    p.add_argument("--limit", type=int, default=None, help="manifest mode: only the first N studies of the split")
+    p.add_argument("--overwrite", action="store_true",
+                   help="manifest mode: start --out over instead of resuming it (a resume needs the same settings)")
     p.add_argument("--json", action="store_true", help="single study: print prompt, qformer_prompt, report as JSON")
     p.set_defaults(func=_cmd_generate)
 
@@ -186,16 +194,26 @@ def _decoding_kwargs(args) -> dict:
     return kw
 
 
+def _refuse_flags(args, why: str, **unset) -> None:
+    """A flag the chosen mode would ignore is an error, not a silent no-op."""
+    given = ["--" + k.replace("_", "-") for k, default in unset.items() if getattr(args, k) != default]
+    if given:
+        raise UserError(f"{', '.join(given)} cannot be used {why}")
+
+
 def _cmd_generate(args) -> int:
     from clinicalblip import generate as G
 
     if args.image:
         if args.manifest:
             raise UserError("give either --image (one study) or --manifest (a split), not both")
+        _refuse_flags(args, "with --image (one study); they apply to a manifest split",
+                      split=None, batch_size=None, limit=None, overwrite=False)
         result = G.generate_single(
             args.model_dir, images=args.image, indication=args.indication, history=args.history,
             comparison=args.comparison, template=args.template, max_new_tokens=args.max_new_tokens,
-            num_beams=args.num_beams, **_decoding_kwargs(args),
+            num_beams=args.num_beams, context=args.context, dtype=args.dtype, out=args.out,
+            **_decoding_kwargs(args),
         )
         if args.json:
             print(json.dumps(result, ensure_ascii=False))
@@ -204,10 +222,14 @@ def _cmd_generate(args) -> int:
         return 0
     if not args.manifest or not args.out:
         raise UserError("generate needs --image PATH (one study) or --manifest M --out PREDS.jsonl (a split)")
+    _refuse_flags(args, "with --manifest; the manifest gives each study's context (use --context for ablations)",
+                  indication=None, history=None, comparison=None, json=False)
     n = G.generate_split(
-        args.model_dir, args.manifest, split=args.split, out=args.out, template=args.template,
+        args.model_dir, args.manifest, split=args.split or "test", out=args.out, template=args.template,
         context=args.context, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-        batch_size=args.batch_size, limit=args.limit, dtype=args.dtype, **_decoding_kwargs(args),
+        batch_size=args.batch_size or 16, limit=args.limit, dtype=args.dtype, overwrite=args.overwrite,
+        quantization=args.quantization,
+        **_decoding_kwargs(args),
     )
     if os.environ.get("RANK", "0") == "0":  # once under accelerate launch
         print(f"wrote {n} predictions to {args.out}")
@@ -238,18 +260,109 @@ def _add_eval(sub) -> None:
     p.add_argument("--no-report", action="store_true", help="write metrics.json only")
     p.add_argument("--chexbert-weights", help="local chexbert.pth (with --labeler chexbert)")
     p.add_argument("--chexbert-tokenizer", help="local bert-base-uncased folder (with --labeler chexbert)")
+    _add_viewer_args(p, "--html", "also write the self-contained HTML case viewer here")
 
     def run(args) -> int:
         from clinicalblip.metrics.evaluate_predictions import evaluate_predictions, format_summary
 
-        metrics = evaluate_predictions(
+        metrics, records, cases = evaluate_predictions(
             args.predictions, args.out, protocol=args.protocol, labeler=args.labeler, bootstrap=args.bootstrap,
             seed=args.seed, report_md=not args.no_report, skip_java_metrics=args.skip_java_metrics,
             uncertain_as=args.uncertain_as, chexbert_weights=args.chexbert_weights,
-            chexbert_tokenizer=args.chexbert_tokenizer,
+            chexbert_tokenizer=args.chexbert_tokenizer, return_cases=True,
         )
         print(format_summary(metrics))
         print(f"wrote {args.out}" + (f" and {metrics['report']}" if metrics.get("report") else ""))
+        if args.html:
+            from clinicalblip.viewer import write_viewer
+
+            write_viewer(records, metrics, cases, args.html, manifest=args.manifest, metrics_path=args.out,
+                         thumbnails=not args.no_thumbnails, thumb_size=args.thumb_size)
+            print(f"wrote {args.html} (case viewer, {len(records)} studies)")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _add_viewer_args(p, flag: str, help_text: str) -> None:
+    p.add_argument(flag, required=flag == "--out", help=help_text)
+    p.add_argument("--manifest", help="manifest with the studies' images and context (default: the one named in "
+                                      "the predictions' provenance, PRED.meta.json)")
+    p.add_argument("--thumb-size", type=int, default=160, help="thumbnail long side in pixels (default 160)")
+    p.add_argument("--no-thumbnails", action="store_true", help="no images in the page (smaller file)")
+
+
+def _add_view(sub) -> None:
+    p = sub.add_parser(
+        "view", help="build the self-contained HTML case viewer for a predictions file",
+        description="One offline HTML page (inline CSS/JS, images as downsized data URIs): summary with CIs, "
+                    "per-label chart, and a filterable, paginated case browser with thumbnails, context, reference "
+                    "vs generated text and the labeler's findings as agree / FP / FN / uncertain badges.",
+    )
+    p.add_argument("predictions", help="predictions JSONL")
+    _add_viewer_args(p, "--out", "the HTML file to write")
+    p.add_argument("--metrics", help="metrics.json from `clinicalblip eval` for the summary (else scored here)")
+    p.add_argument("--protocol", choices=["r2gen", "r2gen-mimic", "coco-ptb"], default="r2gen")
+    p.add_argument("--labeler", choices=["auto", "chexpert", "synthetic", "chexbert"], default="auto")
+    p.add_argument("--uncertain-as", choices=["positive", "negative"], default="positive")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (without --metrics)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-java-metrics", action="store_true", help="skip METEOR (without --metrics)")
+
+    def run(args) -> int:
+        from clinicalblip.viewer import view_predictions
+
+        out = view_predictions(args.predictions, args.out, args.metrics, manifest=args.manifest,
+                               protocol=args.protocol, labeler=args.labeler, uncertain_as=args.uncertain_as,
+                               skip_java_metrics=args.skip_java_metrics, bootstrap=args.bootstrap, seed=args.seed,
+                               thumbnails=not args.no_thumbnails, thumb_size=args.thumb_size)
+        print(f"wrote {out}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _add_compare(sub) -> None:
+    p = sub.add_parser(
+        "compare", help="paired significance between systems on the same studies (bootstrap CI, permutation p)",
+        description="Compare predictions files on the studies they share: for every metric the difference B - A "
+                    "(and C - A, ...), a paired bootstrap 95%% CI and a paired approximate-randomisation p-value, "
+                    "corpus-level metrics recomputed from per-study sufficient statistics; Holm-corrected with "
+                    "more than two systems.",
+    )
+    p.add_argument("predictions", nargs="+", help="predictions JSONL files; the first is the baseline A")
+    p.add_argument("--out", required=True, help="compare.json to write")
+    p.add_argument("--html", help="also write an HTML page with the tables and the biggest finding disagreements")
+    p.add_argument("--viewer", action="append", default=None,
+                   help="each system's case viewer, in order (repeat); default PRED.html where it exists")
+    p.add_argument("--names", nargs="+", help="system names (default: the file stems)")
+    p.add_argument("--resamples", type=int, default=10000, help="bootstrap and permutation resamples (10000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--protocol", choices=["r2gen", "r2gen-mimic", "coco-ptb"], default="r2gen")
+    p.add_argument("--labeler", choices=["auto", "chexpert", "synthetic"], default="auto")
+    p.add_argument("--uncertain-as", choices=["positive", "negative"], default="positive")
+    p.add_argument("--skip-java-metrics", action="store_true", help="skip METEOR (it needs Java)")
+    p.add_argument("--min-overlap", type=float, default=0.9,
+                   help="refuse when the files share fewer than this fraction of the largest file's studies")
+
+    def run(args) -> int:
+        from clinicalblip.metrics.compare import compare_files, format_table, guess_viewer
+
+        if args.viewer and len(args.viewer) != len(args.predictions):
+            raise UserError(f"{len(args.viewer)} --viewer pages for {len(args.predictions)} predictions files")
+        result = compare_files(
+            args.predictions, args.out, names=args.names, resamples=args.resamples, seed=args.seed,
+            protocol=args.protocol, labeler=args.labeler, uncertain_as=args.uncertain_as,
+            skip_java_metrics=args.skip_java_metrics, min_overlap=args.min_overlap, progress=True,
+        )
+        print(format_table(result))
+        print(f"wrote {args.out}")
+        if args.html:
+            from clinicalblip.viewer import write_compare_html
+
+            viewers = args.viewer or [guess_viewer(p) for p in args.predictions]
+            write_compare_html(result, args.html, viewers)
+            print(f"wrote {args.html}")
         return 0
 
     p.set_defaults(func=run)
@@ -287,12 +400,14 @@ def _add_label(sub) -> None:
 # ---------------------------------------------------------------------------------------------- merge
 def _add_merge(sub) -> None:
     p = sub.add_parser("merge", help="fold a stage chain into one plain transformers checkpoint")
-    p.add_argument("stage_dir")
+    p.add_argument("stage_dir", help="the last stage folder of the chain (its parents are found from stage.json)")
     p.add_argument("--out", required=True, help="release folder")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="dtype of the released weights (default fp32)")
     p.add_argument("--tolerance", type=float, default=None, help="max |logit diff| allowed in verification")
     p.add_argument("--metrics", help="a metrics.json from `clinicalblip eval` to put in the model card")
-    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--max-shard-size", default="2GB",
+                   help="largest safetensors file of the release, e.g. 5GB (default 2GB)")
     p.add_argument("--push-to-hub", metavar="REPO", help="upload the release to this hub repo (needs network + login)")
     p.set_defaults(func=_cmd_merge)
 
@@ -308,6 +423,9 @@ def _cmd_merge(args) -> int:
         print(f"merged {' -> '.join(info['stages'])} into {info['release_dir']} ({info['dtype']}, "
               f"{info['weights_bytes'] / 2**20:.1f} MiB); verification max |logit diff| "
               f"{info['max_abs_logit_diff']:.2e} <= {info['tolerance']:.0e}")
+        if "max_abs_logit_diff_vs_trained" in info:
+            print(f"the last stage trained quantized (QLoRA): the release differs from the quantized chain by "
+                  f"{info['max_abs_logit_diff_vs_trained']:.3g} (recorded in clinicalblip.json and the card)")
     return 0
 
 
@@ -316,19 +434,45 @@ def _not_yet(verb: str) -> int:
     raise UserError(f"'{verb}' is not available in this version")
 
 
+DESCRIPTION = """\
+Radiology report generation with InstructBLIP: prepare a dataset, train LoRA stages, write reports,
+score them, and merge the stages into one checkpoint that plain transformers loads.
+
+typical order:
+  clinicalblip data prepare ... --out manifest.jsonl   (or: data synth --out DIR)
+  clinicalblip train configs/tiny/stage1.yaml          (then stage2.yaml, ...)
+  clinicalblip generate STAGE_DIR --manifest manifest.jsonl --out preds.jsonl
+  clinicalblip eval preds.jsonl --out metrics.json
+  clinicalblip merge STAGE_DIR --out release/
+
+`clinicalblip VERB --help` describes each verb."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clinicalblip", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{data,train,generate,eval,label,merge}")
+    parser = argparse.ArgumentParser(prog="clinicalblip", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{data,train,generate,eval,view,compare,label,merge}")
     _add_data(sub)
     _add_train(sub)
     _add_generate(sub)
     _add_eval(sub)
+    _add_view(sub)
+    _add_compare(sub)
     _add_label(sub)
     _add_merge(sub)
     return parser
 
 
+# Known-noisy warnings, silenced one by one (never all: PEFT and DeepSpeed warn about setups that train wrongly).
+# PEFT reads model.is_gradient_checkpointing, which transformers 5 deprecates on every LoRA load.
+QUIET_WARNINGS = [(FutureWarning, r"`is_gradient_checkpointing` is deprecated")]
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    for category, message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

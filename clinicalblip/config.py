@@ -33,7 +33,9 @@ class ModelConfig:
     # ignored when the stage has a parent.
     base: str = "tiny"
     # fp32 | bf16 | fp16: frozen weights are stored in this dtype and matmuls autocast to it; trainable
-    # weights (LoRA, full components) stay fp32 for a stable optimizer.
+    # weights (LoRA, full components) stay fp32 for a stable optimizer. Under DeepSpeed the engine casts
+    # the whole module to this dtype and keeps fp32 master weights in the optimizer (the stage is written
+    # from those masters).
     dtype: str = "fp32"
     # none | 4bit | 8bit: the frozen language model loaded through bitsandbytes (QLoRA); GPU or CPU
     # (bitsandbytes >= 0.49). Not under DeepSpeed ZeRO-3 (use ZeRO-2 or DDP).
@@ -55,6 +57,10 @@ class DataConfig:
     # generation without an indication stays in distribution.
     context_dropout: float = 0.0
     max_report_tokens: int = 128
+    # Longest prompt in LLM tokens, image tokens not counted. A longer prompt is shortened in its context
+    # slots (history first, then comparison, then indication, words cut from the end), never in the
+    # instruction; the run header and generation's meta file count the shortened studies.
+    max_prompt_tokens: int = 256
     max_views: int = 2
     on_bad_record: str = "error"  # error | skip (skip logs the count and ids of every dropped record)
     # How images are checked before training: decode (catches corrupt files; default), exists, none.
@@ -301,6 +307,8 @@ def validate(cfg: StageConfig) -> None:
         raise ConfigError(f"data.on_bad_record must be error or skip, got '{cfg.data.on_bad_record}'")
     if cfg.data.check_images not in ("decode", "exists", "none"):
         raise ConfigError(f"data.check_images must be decode, exists or none, got '{cfg.data.check_images}'")
+    if cfg.data.max_prompt_tokens < 1:
+        raise ConfigError("data.max_prompt_tokens must be >= 1")
     if not 0.0 <= cfg.data.context_dropout <= 1.0:
         raise ConfigError("data.context_dropout must be in [0, 1]")
     if cfg.optim.schedule not in ("cosine", "linear", "constant"):

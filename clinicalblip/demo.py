@@ -89,18 +89,40 @@ ABLATIONS = (("real", "trained (real context)"), ("none", "no indication"), ("sh
              ("generic", "generic indication"), ("blank_image", "blank image"))
 
 
+def _paired_cell(test: dict | None) -> str:
+    """'-0.1130 [-0.15, -0.08] p=0.0004' from a compare.json metric block; 'n.s.' when not significant."""
+    if not test:
+        return ""
+    p = test.get("p_holm", test["p"])
+    lo, hi = test["ci95"]
+    return f"{test['diff']:+.4f} [{lo:+.3f}, {hi:+.3f}] p={p:.4f}" + ("" if test.get("significant") else " n.s.")
+
+
 def ablations(eval_dir: str) -> str:
-    """eval.sh's table: one row per input ablation, from EVAL_DIR/metrics_<mode>.json; also written as report.md."""
+    """eval.sh's table: one row per input ablation, from EVAL_DIR/metrics_<mode>.json; also written as
+    ablations.md. With EVAL_DIR/compare.json (`clinicalblip compare` of the ablations against the real run), two
+    more columns: the paired difference vs real with its 95 % CI and Holm-corrected p, for BLEU-4 and macro F1."""
     d = Path(eval_dir)
-    header = "| ablation | " + " | ".join(COLUMNS) + " |"
-    rows = [header, "|" + " --- |" * (len(COLUMNS) + 1)]
+    tests: dict = {}
+    if (d / "compare.json").is_file():
+        for c in json.loads((d / "compare.json").read_text()).get("comparisons", []):
+            tests[c["b"]] = c["metrics"]
+    paired = ("BLEU_4", "clinical_macro_f1") if tests else ()
+    header = "| ablation | " + " | ".join(COLUMNS) + "".join(f" | {c} vs real (95% CI, p)" for c in paired) + " |"
+    rows = [header, "|" + " --- |" * (len(COLUMNS) + 1 + len(paired))]
     for mode, label in ABLATIONS:
         f = d / f"metrics_{mode}.json"
         if not f.is_file():
             continue
         m = _metric_block(f)
-        rows.append(f"| {label} | " + " | ".join(f"{m.get(c, float('nan')):.4f}" for c in COLUMNS) + " |")
+        cells = ["n/a" if m.get(c) is None else f"{m[c]:.4f}" for c in COLUMNS]  # None: skipped (no Java)
+        cells += [_paired_cell(tests.get(mode, {}).get(c)) for c in paired]
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
     table = "\n".join(rows)
+    if paired:
+        table += ("\n\nPaired tests against the real-context run (`clinicalblip compare`, compare.json): difference, "
+                  "bootstrap 95% CI, approximate-randomisation p Holm-corrected over the ablations; n.s. = not "
+                  "significant at 0.05.")
     (d / "ablations.md").write_text("# Input ablations\n\n" + table + "\n")
     print(table)
     return table

@@ -14,23 +14,15 @@ from tqdm.auto import tqdm
 
 from clinicalblip import __version__
 from clinicalblip.data.collate import StudyCollator, model_inputs
-from clinicalblip.data.manifest import read_manifest
+from clinicalblip.data.manifest import file_hash, read_manifest
 from clinicalblip.errors import UserError
 from clinicalblip.model import is_decoder_only, load_pretrained
-from clinicalblip.prompts import Template, load_template, target_text, template_from_dict
-from clinicalblip.stages import is_release_dir, is_stage_dir, load_stage_model, load_template_of
+from clinicalblip.prompts import GENERIC_INDICATION, Template, load_template, target_text
+from clinicalblip.release import is_release_dir, read_release, release_template
+from clinicalblip.stages import is_stage_dir, load_stage_model, load_template_of
 
-RELEASE_META = "clinicalblip.json"
 DEFAULT_MAX_NEW_TOKENS = 128
-
-
-def generic_indication() -> str:
-    try:
-        from clinicalblip.data.synth import GENERIC_INDICATION
-
-        return GENERIC_INDICATION
-    except ImportError:  # pragma: no cover
-        return "Routine chest radiograph."
+DEFAULT_MAX_PROMPT_TOKENS = 256
 
 
 @dataclass
@@ -43,34 +35,45 @@ class ReportModel:
     model_dir: str
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     max_views: int = 2
+    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
 
     @classmethod
-    def load(cls, model_dir: str, dtype: str = "fp32", device: str | None = None) -> "ReportModel":
-        """Load a stage folder (the whole chain, merged) or a release folder."""
+    def load(cls, model_dir: str, dtype: str = "fp32", device: str | None = None,
+             quantization: str = "none") -> "ReportModel":
+        """Load a stage folder (the whole chain, merged) or a release folder.
+
+        quantization 4bit | 8bit loads the language model through bitsandbytes (GPU or CPU), like peers'
+        --load-4bit; a stage is then loaded as its QLoRA training saw it (its LoRA live on the quantized chain).
+        """
         path = Path(model_dir)
         if not path.exists():
             raise UserError(f"model folder not found: {model_dir}")
+        if quantization != "none" and dtype == "fp32":
+            dtype = "bf16"  # bitsandbytes computes in bf16
         if is_stage_dir(path):
-            model, processor, _ = load_stage_model(path, dtype=dtype)
+            model, processor, _ = load_stage_model(path, dtype=dtype, quantization=quantization)
             template = load_template_of(path)
             cfg = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
             max_new = int(cfg.get("data", {}).get("max_report_tokens", DEFAULT_MAX_NEW_TOKENS))
             max_views = int(cfg.get("data", {}).get("max_views", 2))
+            max_prompt = int(cfg.get("data", {}).get("max_prompt_tokens", DEFAULT_MAX_PROMPT_TOKENS))
         elif is_release_dir(path):
-            model, processor = load_pretrained(str(path), dtype=dtype)
-            meta = json.loads((path / RELEASE_META).read_text()) if (path / RELEASE_META).is_file() else {}
-            tname = meta.get("template")
-            tfile = path / "prompts" / f"{tname}.yaml"
-            template = template_from_dict(yaml.safe_load(tfile.read_text()), str(tfile)) if tname and tfile.is_file() \
-                else load_template("findings_with_context")
+            model, processor = load_pretrained(str(path), dtype=dtype, quantization=quantization)
+            meta = read_release(path)
+            template = release_template(path, meta) or load_template("findings_with_context")
             max_new = int(getattr(model.generation_config, "max_new_tokens", None) or DEFAULT_MAX_NEW_TOKENS)
             max_views = int(meta.get("max_views", 2))
+            max_prompt = int(meta.get("max_prompt_tokens", DEFAULT_MAX_PROMPT_TOKENS))
         else:
             raise UserError(f"{model_dir}: neither a stage folder (stage.json) nor a release folder (config.json)")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model.to(device).eval()
-        return cls(model=model, processor=processor, template=template, model_dir=str(path),
-                   max_new_tokens=max_new, max_views=max_views)
+        rm = cls(model=model, processor=processor, template=template, model_dir=str(path),
+                 max_new_tokens=max_new, max_views=max_views, max_prompt_tokens=max_prompt)
+        rm.collator().check_image_tokens(model.config)  # before any weights move or any study is generated
+        if quantization == "none":  # bitsandbytes models are placed by their device_map
+            model.to(device)
+        model.eval()
+        return rm
 
     @property
     def device(self):
@@ -82,7 +85,8 @@ class ReportModel:
             processor=self.processor, template=template or self.template,
             num_query_tokens=self.processor.num_query_tokens, decoder_only=is_decoder_only(self.model),
             mode="generate", max_views=self.max_views, indication=indication,
-            generic_indication=generic_indication(), blank_images=blank_images,
+            generic_indication=GENERIC_INDICATION, blank_images=blank_images,
+            max_prompt_tokens=self.max_prompt_tokens,
         )
 
     @torch.no_grad()
@@ -101,46 +105,90 @@ class ReportModel:
 
     def report(self, images: list[str], indication: str | None = None, history: str | None = None,
                comparison: str | None = None, views: list[str] | None = None, template: str | None = None,
-               max_new_tokens: int | None = None, num_beams: int = 1, **generate_kwargs) -> dict:
-        """One study: image paths (one per view) + clinical context -> {prompt, qformer_prompt, report, ...}."""
+               max_new_tokens: int | None = None, num_beams: int = 1, context: str = "real",
+               **generate_kwargs) -> dict:
+        """One study: image paths (one per view) + clinical context -> {prompt, qformer_prompt, report, ...}.
+
+        context: real | none (indication left out) | generic (replaced) | blank_image, as in generate_split;
+        'shuffled' needs other studies and is refused.
+        """
         if not images:
             raise UserError("give at least one image (one per view)")
+        if context not in CONTEXT_MODES:
+            raise UserError(f"unknown context mode '{context}' (known: {', '.join(CONTEXT_MODES)})")
+        if context == "shuffled":
+            raise UserError("--context shuffled gives each study another study's indication: it needs a manifest "
+                            "split (--manifest), not one study (--image)")
         tpl = load_template(template) if template else self.template
         views = views or [None] * len(images)
         if len(views) != len(images):
             raise UserError(f"{len(images)} image(s) but {len(views)} view name(s)")
         record = {"id": "study", "images": [{"path": p, "view": v} for p, v in zip(images, views)],
                   "indication": indication, "history": history, "comparison": comparison}
-        collate = self.collator(tpl)
+        collate = self.collator(tpl, indication="real" if context == "blank_image" else context,
+                                blank_images=context == "blank_image")
         collate.max_views = max(self.max_views, len(images))
         batch = collate([record])
         n_new = max_new_tokens or self.max_new_tokens
         text = self.generate_batch(batch, max_new_tokens=n_new, num_beams=num_beams, **generate_kwargs)[0]
         rendered = collate.render(record, record["images"])
         return {"prompt": rendered.prompt, "qformer_prompt": rendered.qformer_prompt, "report": text,
-                "max_new_tokens": n_new, "template": tpl.name, "num_views": len(images)}
+                "max_new_tokens": n_new, "template": tpl.name, "num_views": len(images), "context": context,
+                "dtype": _dtype_name(self.model.dtype), "prompt_shortened": bool(collate.shortened)}
+
+
+def _dtype_name(dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def default_dtype(device: str | torch.device) -> str:
+    """bf16 on a GPU that supports it, else fp32: the one default of both generation modes."""
+    is_cuda = torch.device(device).type == "cuda"
+    return "bf16" if is_cuda and torch.cuda.is_bf16_supported() else "fp32"
 
 
 def generate_single(model_dir: str, images: list[str], indication: str | None = None, history: str | None = None,
                     comparison: str | None = None, template: str | None = None, max_new_tokens: int | None = None,
-                    num_beams: int = 1, **generate_kwargs) -> dict:
+                    num_beams: int = 1, context: str = "real", dtype: str | None = None, out: str | None = None,
+                    views: list[str] | None = None, quantization: str = "none", **generate_kwargs) -> dict:
+    """One study, with the same dtype default as generate_split (so both modes write the same text).
+
+    out: also write the result as JSON to this file.
+    """
     from clinicalblip.data.images import load_image
 
+    if context == "shuffled":
+        raise UserError("--context shuffled gives each study another study's indication: it needs a manifest "
+                        "split (--manifest), not one study (--image)")
     for p in images:  # fail on a bad image before the model loads
         load_image(p)
-    rm = ReportModel.load(model_dir)
-    return rm.report(images, indication=indication, history=history, comparison=comparison, template=template,
-                     max_new_tokens=max_new_tokens, num_beams=num_beams, **generate_kwargs)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rm = ReportModel.load(model_dir, dtype=dtype or default_dtype(device), device=device, quantization=quantization)
+    result = rm.report(images, indication=indication, history=history, comparison=comparison, template=template,
+                       views=views, max_new_tokens=max_new_tokens, num_beams=num_beams, context=context,
+                       **generate_kwargs)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return result
 
 
 def _dir_hash(model_dir: str) -> str:
+    """A hash of the model generation runs: every stage of a chain (a retrained parent changes it too)."""
+    from clinicalblip.model import fingerprint
+    from clinicalblip.stages import stage_chain
+
+    dirs = [Path(st["dir"]) for st in stage_chain(model_dir)] if is_stage_dir(model_dir) else [Path(model_dir)]
     h = hashlib.sha256()
-    for name in ("stage.json", "config.json", "clinicalblip.json", "adapter/adapter_config.json"):
-        p = Path(model_dir) / name
-        if p.is_file():
-            h.update(p.read_bytes())
-    for p in sorted(Path(model_dir).glob("*.safetensors")) + sorted(Path(model_dir).glob("adapter/*.safetensors")):
-        h.update(f"{p.name}:{p.stat().st_size}".encode())
+    for d in dirs:
+        for name in ("stage.json", "config.json", "clinicalblip.json", "adapter/adapter_config.json"):
+            p = d / name
+            if p.is_file():
+                h.update(p.read_bytes())
+        # weight files by size and content edges (model.fingerprint): same-shaped retrained weights differ
+        h.update(fingerprint(d).encode())
+        if (d / "adapter").is_dir():
+            h.update(fingerprint(d / "adapter").encode())
     return h.hexdigest()[:16]
 
 
@@ -203,16 +251,67 @@ def _merge_parts(out_path: Path) -> None:
             part.unlink()
 
 
+# The settings a resumed predictions file must share with the run that started it; the rest of the meta file
+# (paths, process count, code version, counts) may change between runs.
+PROVENANCE_KEYS = ("model_hash", "template", "template_hash", "context", "decoding", "dtype", "quantization",
+                   "manifest_hash", "split", "max_prompt_tokens")
+
+
+def _template_hash(tpl: Template) -> str:
+    return hashlib.sha256(json.dumps(tpl.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _settings_key(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def check_resume(out_path: Path, settings: dict, key: str) -> None:
+    """Refuse to append to a predictions file written with other settings (or of unknown origin).
+
+    Raises UserError naming the file, the differing keys (old -> new) and the way out (--overwrite or
+    another --out).
+    """
+    out_path = Path(out_path)
+    meta_path = Path(str(out_path) + ".meta.json")
+    has_rows = out_path.is_file() and out_path.stat().st_size > 0
+    if not has_rows:
+        return
+    fix = "pass --overwrite to start the file over, or write to another --out"
+    if not meta_path.is_file():
+        raise UserError(f"{out_path} already holds predictions but {meta_path.name} is missing, so their "
+                        f"settings are unknown: {fix}")
+    try:
+        old = json.loads(meta_path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{meta_path}: unreadable provenance file: {fix}") from None
+    diff = [f"{k}: {old.get(k)!r} -> {settings[k]!r}" for k in PROVENANCE_KEYS if old.get(k) != settings[k]]
+    if diff:
+        raise UserError(f"{out_path} was generated with other settings ({'; '.join(diff)}); resuming would mix "
+                        f"them in one file: {fix}")
+    with open(out_path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash: dropped and regenerated
+            if row.get("provenance") != key:
+                raise UserError(f"{out_path} line {n} (id {row.get('id')}): written by another run (provenance "
+                                f"{row.get('provenance')!r}, this run {key!r}): {fix}")
+
+
 def generate_split(model_dir: str, manifest: str, split: str, out: str, template: str | None = None,
                    context: str = "real", max_new_tokens: int | None = None, num_beams: int = 1,
                    batch_size: int = 16, limit: int | None = None, dtype: str | None = None,
-                   **generate_kwargs) -> int:
+                   overwrite: bool = False, quantization: str = "none", **generate_kwargs) -> int:
     """Generate a report for every study of a split; output written as it goes, a rerun skips finished ids.
 
     context: real | none (indication left out) | generic (replaced by an uninformative one) | shuffled (another
     study's indication) | blank_image (real context, every image replaced by a blank one).
     Under `accelerate launch --num_processes N` every rank takes every N-th pending study and writes its own
     part file; rank 0 folds the parts into `out` at the end (and at the start of a rerun after a crash).
+    A rerun resumes only with the same settings (model, template, context, decoding, dtype, manifest, split:
+    see PROVENANCE_KEYS); other settings are refused, naming the difference, unless overwrite=True, which
+    starts the file over. Every row carries the short hash of those settings as "provenance".
     generate_kwargs go to `model.generate` (do_sample, temperature, top_p, repetition_penalty,
     no_repeat_ngram_size, length_penalty, ...).
     """
@@ -223,37 +322,50 @@ def generate_split(model_dir: str, manifest: str, split: str, out: str, template
     records = read_manifest(manifest, split=split)
     if not records:
         raise UserError(f"{manifest}: no records in split '{split}'")
+    if context == "shuffled":  # before --limit: a rerun with another limit keeps every study's donor
+        records = _shuffle_indications(records)
     if limit:
         records = records[:limit]
-    if context == "shuffled":
-        records = _shuffle_indications(records)
     # cpu=True when there is no GPU: under torchrun the ranks then form a gloo group (MULTI_CPU).
     state = PartialState(cpu=not torch.cuda.is_available())
     main = state.is_main_process
-    dtype = dtype or ("bf16" if state.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
-    rm = ReportModel.load(model_dir, dtype=dtype, device=str(state.device))
+    dtype = dtype or default_dtype(state.device)
+    rm = ReportModel.load(model_dir, dtype=dtype, device=str(state.device), quantization=quantization)
     tpl = load_template(template) if template else rm.template
     out_path = Path(out)
+    meta_path = Path(str(out_path) + ".meta.json")
+    decoding = {"num_beams": num_beams, "max_new_tokens": max_new_tokens or rm.max_new_tokens,
+                "do_sample": bool(generate_kwargs.get("do_sample", False)), **generate_kwargs}
+    settings = {"model_hash": _dir_hash(model_dir), "template": tpl.name, "template_hash": _template_hash(tpl),
+                "context": context, "decoding": decoding, "dtype": dtype, "quantization": quantization,
+                "manifest_hash": file_hash(manifest),
+                "split": split, "max_prompt_tokens": rm.max_prompt_tokens}
+    prov_key = _settings_key(settings)
     if main:
         out_path.parent.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for stale in [out_path, meta_path, *out_path.parent.glob(out_path.name + ".part*")]:
+                stale.unlink(missing_ok=True)
         _merge_parts(out_path)  # leftovers of an interrupted multi-process run
+    state.wait_for_everyone()
+    check_resume(out_path, settings, prov_key)  # every rank: they all refuse together
     state.wait_for_everyone()
     done = _done_ids(out_path)
     todo = sorted((r for r in records if str(r["id"]) not in done), key=lambda r: str(r["id"]))
     todo = todo[state.process_index:: state.num_processes]
-    decoding = {"num_beams": num_beams, "max_new_tokens": max_new_tokens or rm.max_new_tokens,
-                "do_sample": bool(generate_kwargs.get("do_sample", False)), **generate_kwargs}
-    if main:
-        provenance = {
-            "model_dir": os.path.abspath(model_dir), "model_hash": _dir_hash(model_dir), "template": tpl.name,
-            "context": context, "decoding": decoding, "dtype": dtype, "num_processes": state.num_processes,
-            "manifest": os.path.abspath(manifest), "split": split, "code_version": __version__,
-        }
-        Path(str(out_path) + ".meta.json").write_text(json.dumps(provenance, indent=2))
-    # Similar lengths together: less padding per batch (views decide the image tokens, then the prompt).
-    todo.sort(key=lambda r: (len(r["images"]), len(r.get("indication") or "") + len(r.get("history") or "")))
     collate = rm.collator(tpl, indication="real" if context in ("shuffled", "blank_image") else context,
                           blank_images=context == "blank_image")
+    if main:
+        provenance = {
+            **settings, "provenance": prov_key, "model_dir": os.path.abspath(model_dir),
+            "manifest": os.path.abspath(manifest), "num_processes": state.num_processes,
+            "code_version": __version__,
+            # studies whose context (history, then comparison, then indication) was cut to fit the prompt
+            "prompts_shortened": collate.count_shortened(records), "studies": len(records),
+        }
+        meta_path.write_text(json.dumps(provenance, indent=2))
+    # Similar lengths together: less padding per batch (views decide the image tokens, then the prompt).
+    todo.sort(key=lambda r: (len(r["images"]), len(r.get("indication") or "") + len(r.get("history") or "")))
     part = out_path if state.num_processes == 1 else Path(f"{out_path}.part{state.process_index}")
     _drop_partial_tail(part)
     with open(part, "a", encoding="utf-8") as fh:
@@ -262,7 +374,8 @@ def generate_split(model_dir: str, manifest: str, split: str, out: str, template
             batch = collate(chunk)
             texts = rm.generate_batch(batch, max_new_tokens=max_new_tokens, num_beams=num_beams, **generate_kwargs)
             for rec, text, prompt in zip(chunk, texts, batch["prompts"]):
-                row = {"id": rec["id"], "prediction": text, "reference": target_text(tpl, rec), "prompt": prompt}
+                row = {"id": rec["id"], "prediction": text, "reference": target_text(tpl, rec), "prompt": prompt,
+                       "provenance": prov_key}
                 for key in ("dataset", "labels", "split"):
                     if key in rec:
                         row[key] = rec[key]

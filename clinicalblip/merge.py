@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
 import tempfile
 import time
@@ -17,17 +19,16 @@ from peft import PeftModel
 from clinicalblip import __version__
 from clinicalblip.data.collate import StudyCollator, model_inputs
 from clinicalblip.errors import UserError
-from clinicalblip.model import is_builtin, is_decoder_only, torch_dtype
+from clinicalblip.model import is_builtin, is_decoder_only, require_hub_online, torch_dtype
+from clinicalblip.release import RELEASE_FORMAT, RELEASE_META, is_release_dir, write_release_files
 from clinicalblip.stages import (
     StageError,
-    is_release_dir,
     is_stage_dir,
     load_stage_model,
     load_template_of,
     stage_chain,
 )
 
-RELEASE_META = "clinicalblip.json"
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -105,24 +106,52 @@ def _model_card(chain: list[dict], meta: dict, dtype: str) -> str:
         "## Verification", "",
         f"After merging, the release reloaded from disk and the adapter chain ran the same probe batch: max |logit "
         f"difference| = {meta['verification']['max_abs_logit_diff']:.3g} (tolerance "
-        f"{meta['verification']['tolerance']:.3g}, dtype {dtype}).", "",
+        f"{meta['verification']['tolerance']:.3g}, dtype {dtype})."
+        + ("" if "max_abs_logit_diff_vs_trained" not in meta["verification"] else
+           f" The last stage was trained on a {meta['verification']['trained_quantization']} quantized language "
+           f"model (QLoRA); the release folds its adapter into the unquantized base, and differs from the "
+           f"quantized chain it was trained as by max |logit difference| = "
+           f"{meta['verification']['max_abs_logit_diff_vs_trained']:.3g}."), "",
         "## Intended use and limitations", "",
         "Research on radiology report generation. Not a medical device: generated reports can be wrong, "
         "omit findings or invent them, and must not be used for diagnosis without review by a radiologist. "
         "Performance outside the training data's population, views and report style is unknown.",
-        "" if not tiny else f"This checkpoint started from random weights ({base_name}, built by clinicalblip); it is only "
-        "useful for testing the pipeline.", "",
+        "" if not tiny else f"This checkpoint started from random weights ({base_name}, built by clinicalblip); "
+        "it is only useful for testing the pipeline.", "",
         "## Licence", "", licence, "",
         f"Made with clinicalblip {__version__}.", "",
     ]
     return "\n".join(lines)
 
 
+def _stage_quantization(chain: list[dict]) -> str:
+    """The quantization the last stage trained with ('none' when it trained in full precision)."""
+    cfg_path = Path(chain[-1]["dir"]) / "config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
+    return (cfg.get("model") or {}).get("quantization", "none")
+
+
+def _max_diff(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |difference|; NaN when either side is not finite (NaN > tol is False: it must never pass)."""
+    if not (torch.isfinite(got).all() and torch.isfinite(ref).all()):
+        return float("nan")
+    return (got - ref).abs().max().item()
+
+
 def merge_stage_chain(stage_dir: str, out: str, dtype: str = "fp32", tolerance: float | None = None,
                       max_shard_size: str = "2GB", metrics: str | None = None,
                       push_to_hub: str | None = None) -> dict:
-    """Fold every stage of the chain into the base weights (full precision), write + verify the release."""
+    """Fold every stage of the chain into the base weights (full precision), write + verify the release.
+
+    The release is assembled in a temporary sibling of `out` and renamed into place only once its reloaded
+    logits match the adapter chain: a failed merge leaves nothing at `out` (an earlier release stays).
+    A chain whose last stage trained on a quantized (QLoRA) model is folded into the unquantized base, as
+    peers do; both differences are recorded: against the unquantized chain (verified) and against the chain
+    as it was trained (quantized; reported, not a pass/fail check).
+    """
     t0 = time.perf_counter()
+    if push_to_hub:
+        require_hub_online(f"--push-to-hub {push_to_hub}")  # before minutes of merging, not after
     if is_release_dir(stage_dir):
         return {"status": "noop", "message": f"{stage_dir} is already a merged release; nothing to do"}
     if not is_stage_dir(stage_dir):
@@ -135,70 +164,94 @@ def merge_stage_chain(stage_dir: str, out: str, dtype: str = "fp32", tolerance: 
             raise UserError(f"{out}: exists and is not an earlier release; choose an empty folder")
     chain = stage_chain(stage_dir)
     template = load_template_of(stage_dir)
+    quantization = _stage_quantization(chain)
 
     # The adapter chain: every stage merged but the last, whose LoRA stays live.
     chain_model, processor, chain = load_stage_model(stage_dir, keep_last_unmerged=True)
     n_params = sum(p.numel() for n, p in chain_model.named_parameters() if "lora_" not in n)
     need = int(n_params * BYTES[dtype] * 1.1)
-    target_parent = out_path if out_path.exists() else out_path.parent
+    target_parent = out_path.parent
     target_parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(target_parent).free
     if free < need:
         raise UserError(f"not enough disk in {target_parent}: the release needs ~{need / 2**30:.2f} GiB, "
                         f"{free / 2**30:.2f} GiB free")
+    tmp_out = target_parent / f".{out_path.name}.merging"
+    if tmp_out.exists():
+        shutil.rmtree(tmp_out)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            probe = _probe_batch(processor, template, is_decoder_only(chain_model), Path(tmp))
+            ref = _logits(chain_model, probe)
+            merged = chain_model.merge_and_unload() if isinstance(chain_model, PeftModel) else chain_model
+            leftovers = [n for n, _ in merged.named_parameters() if "lora_" in n]
+            if leftovers:
+                raise StageError(f"merge left LoRA parameters behind (e.g. {leftovers[0]})")
+            merged = merged.to(torch_dtype(dtype))
+            gen_cfg = merged.generation_config
+            cfg_path = Path(stage_dir) / "config.yaml"
+            stage_cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
+            gen_cfg.max_new_tokens = int(stage_cfg.get("data", {}).get("max_report_tokens", 128))
+            gen_cfg.num_beams, gen_cfg.do_sample = 1, False
+            gen_cfg.pad_token_id = processor.tokenizer.pad_token_id
+            gen_cfg.eos_token_id = processor.tokenizer.eos_token_id
+            tmp_out.mkdir(parents=True)
+            merged.save_pretrained(tmp_out, max_shard_size=max_shard_size, safe_serialization=True)
+            processor.save_pretrained(tmp_out)
+            del merged, chain_model
 
-    with tempfile.TemporaryDirectory() as tmp:
-        probe = _probe_batch(processor, template, is_decoder_only(chain_model), Path(tmp))
-        ref = _logits(chain_model, probe)
-        merged = chain_model.merge_and_unload() if isinstance(chain_model, PeftModel) else chain_model
-        leftovers = [n for n, _ in merged.named_parameters() if "lora_" in n]
-        if leftovers:
-            raise StageError(f"merge left LoRA parameters behind (e.g. {leftovers[0]})")
-        merged = merged.to(torch_dtype(dtype))
-        gen_cfg = merged.generation_config
-        cfg_path = Path(stage_dir) / "config.yaml"
-        stage_cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
-        gen_cfg.max_new_tokens = int(stage_cfg.get("data", {}).get("max_report_tokens", 128))
-        gen_cfg.num_beams, gen_cfg.do_sample = 1, False
-        gen_cfg.pad_token_id = processor.tokenizer.pad_token_id
-        gen_cfg.eos_token_id = processor.tokenizer.eos_token_id
-        stage_out = out_path
-        stage_out.mkdir(parents=True, exist_ok=True)
-        merged.save_pretrained(stage_out, max_shard_size=max_shard_size, safe_serialization=True)
-        processor.save_pretrained(stage_out)
-        (stage_out / "prompts").mkdir(exist_ok=True)
-        (stage_out / "prompts" / f"{template.name}.yaml").write_text(
-            yaml.safe_dump(template.to_dict(), sort_keys=False), encoding="utf-8")
+            # Verify what was written, not what is in memory: reload the release with plain transformers.
+            from transformers import InstructBlipForConditionalGeneration
 
-        # Verify what was written, not what is in memory: reload the release with plain transformers.
-        from transformers import InstructBlipForConditionalGeneration
-
-        reloaded = InstructBlipForConditionalGeneration.from_pretrained(stage_out, dtype=torch_dtype(dtype))
-        got = _logits(reloaded, probe)
-        diff = (got - ref).abs().max().item()
-        scale = max(1.0, ref.abs().max().item())
-        tol = tolerance if tolerance is not None else (1e-3 if dtype == "fp32" else 3e-2 * scale)
-        del reloaded
-
-    meta = {
-        "format": "clinicalblip-release/1", "code_version": __version__, "template": template.name,
-        "max_views": int(stage_cfg.get("data", {}).get("max_views", 2)),
-        "dtype": dtype, "base": chain[0]["base"],
-        "stages": [{"name": s["name"], "dir": s["dir"], "trainable": s.get("trainable"), "template": s.get("template"),
-                    "metrics": s.get("metrics"), "data_hash": s.get("data_hash")} for s in chain],
-        "verification": {"max_abs_logit_diff": diff, "tolerance": tol, "probe_studies": 2},
-    }
-    if metrics:
-        meta["eval"] = json.loads(Path(metrics).read_text())
-    (out_path / RELEASE_META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    (out_path / "README.md").write_text(_model_card(chain, meta, dtype), encoding="utf-8")
-    if diff > tol:
-        raise StageError(f"verification failed: release logits differ from the adapter chain by {diff:.3g} "
-                         f"(tolerance {tol:.3g}); the release at {out} must not be used")
+            reloaded = InstructBlipForConditionalGeneration.from_pretrained(tmp_out, dtype=torch_dtype(dtype))
+            got = _logits(reloaded, probe)
+            diff = _max_diff(got, ref)
+            scale = max(1.0, ref.abs().max().item()) if torch.isfinite(ref).all() else 1.0
+            tol = tolerance if tolerance is not None else (1e-3 if dtype == "fp32" else 3e-2 * scale)
+            del reloaded
+            trained_diff = None
+            if quantization != "none":
+                as_trained, _, _ = load_stage_model(stage_dir, dtype="bf16", quantization=quantization)
+                trained_diff = _max_diff(got, _logits(as_trained, probe))
+                del as_trained
+        if not diff <= tol:  # NaN fails too
+            what = "non-finite logits (NaN/Inf)" if math.isnan(diff) else f"logits that differ by {diff:.3g}"
+            raise StageError(f"verification failed: the release reloaded from disk gives {what} against the adapter "
+                             f"chain (tolerance {tol:.3g}); nothing was written to {out}. Check the stages for "
+                             "NaN weights (clinicalblip generate on the last stage) or merge with --dtype fp32")
+        verification = {"max_abs_logit_diff": diff, "tolerance": tol, "probe_studies": 2,
+                        "against": "the adapter chain, unquantized (full precision)"}
+        if trained_diff is not None:
+            verification.update(trained_quantization=quantization, max_abs_logit_diff_vs_trained=trained_diff)
+        meta = {
+            "format": RELEASE_FORMAT, "code_version": __version__, "template": template.name,
+            "max_views": int(stage_cfg.get("data", {}).get("max_views", 2)),
+            "max_prompt_tokens": int(stage_cfg.get("data", {}).get("max_prompt_tokens", 256)),
+            "dtype": dtype, "base": chain[0]["base"],
+            "stages": [{"name": s["name"], "dir": s["dir"], "trainable": s.get("trainable"),
+                        "template": s.get("template"), "metrics": s.get("metrics"), "data_hash": s.get("data_hash")}
+                       for s in chain],
+            "verification": verification,
+        }
+        if metrics:
+            meta["eval"] = json.loads(Path(metrics).read_text())
+        write_release_files(tmp_out, template, meta, _model_card(chain, meta, dtype))
+        if out_path.exists():
+            old = target_parent / f".{out_path.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_path, old)
+            os.replace(tmp_out, out_path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp_out, out_path)
+    finally:
+        shutil.rmtree(tmp_out, ignore_errors=True)
     size = sum(f.stat().st_size for f in out_path.glob("*.safetensors"))
     info = {"status": "merged", "release_dir": str(out_path), "stages": [s["name"] for s in chain], "dtype": dtype,
             "max_abs_logit_diff": diff, "tolerance": tol, "weights_bytes": size,
             "seconds": round(time.perf_counter() - t0, 2)}
+    if trained_diff is not None:
+        info["max_abs_logit_diff_vs_trained"] = trained_diff
     if push_to_hub:
         from huggingface_hub import HfApi
 

@@ -110,6 +110,12 @@ def load_pretrained(path_or_id: str, dtype: str = "fp32", trust_remote_code: boo
     local = Path(path_or_id)
     if local.exists() and not (local / "config.json").is_file():
         raise UserError(f"{path_or_id}: not an InstructBLIP checkpoint folder (no config.json)")
+    if not local.exists() and hub_offline():
+        # Offline, a hub id means the snapshot the cache's refs/main names: resolved here, the same way
+        # describe_base pins it, so what is loaded is what the stage records.
+        snap = hub_snapshot(path_or_id)
+        if snap is not None:
+            path_or_id = str(snap)
     qcfg = quantization_config(quantization, dtype)
     extra = {"quantization_config": qcfg, "device_map": _device_map()} if qcfg else {}
     try:
@@ -148,3 +154,75 @@ def fingerprint(folder: str | os.PathLike) -> str:
                 fh.seek(size - (1 << 20))
                 h.update(fh.read(1 << 20))
     return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- hub bases
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE set (scripts/venv.sh sets it): the hub must not be contacted."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def require_hub_online(action: str) -> None:
+    """Refuse an action that needs the hub while HF_HUB_OFFLINE is set, saying how to allow it."""
+    if hub_offline():
+        raise UserError(f"{action} needs the Hugging Face Hub, but HF_HUB_OFFLINE=1 is set (scripts/venv.sh sets "
+                        "it): run it with HF_HUB_OFFLINE=0 after `huggingface-cli login`, or upload the folder "
+                        "yourself later")
+
+
+def hub_cache_dir() -> str:
+    """The HF hub cache, read from the environment at call time (HF_HUB_CACHE, else HF_HOME/hub)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def hub_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
+    """The cached snapshot folder (`snapshots/<commit>`) of a hub model, or None when it is not cached.
+
+    revision None follows the cache's refs/main (what an offline load resolves to); a commit hash names one
+    snapshot. Never touches the network.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        got = try_to_load_from_cache(repo_id, "config.json", cache_dir=hub_cache_dir(), revision=revision)
+    except Exception:  # not a valid repo id (e.g. a mistyped local path): nothing cached under it
+        return None
+    return Path(got).parent if isinstance(got, str) else None
+
+
+def describe_base(base: str) -> dict:
+    """The `base` record of a root stage: local folder (absolute path + fingerprint) or hub id pinned to the
+    resolved commit of its cached snapshot and that folder's fingerprint."""
+    if os.path.isdir(base):
+        return {"name": base, "path": os.path.abspath(base), "fingerprint": fingerprint(base)}
+    snap = hub_snapshot(base)
+    return {"name": base, "path": base, "revision": snap.name if snap else None,
+            "fingerprint": fingerprint(snap) if snap else None}
+
+
+def pinned_hub_base(base: dict, stage: str) -> str | None:
+    """The snapshot folder of the revision a chain's hub base was pinned to (None: not a pinned hub base).
+
+    The recorded commit is loaded even when refs/main has moved on; when that snapshot is gone, the load
+    stops naming both revisions (the caller then checks the folder's fingerprint against the record).
+    """
+    revision, repo_id = base.get("revision"), base.get("path") or base.get("name")
+    if not revision or not repo_id:
+        return None
+    pinned = hub_snapshot(repo_id, revision=revision)
+    if pinned is not None:
+        return str(pinned)
+    current = hub_snapshot(repo_id)
+    fetch = f"`huggingface-cli download {repo_id} --revision {revision}`"
+    if current is None:
+        raise UserError(f"base model {repo_id} revision {revision} (stage '{stage}') is not in the hub cache "
+                         f"{hub_cache_dir()}: fetch it with {fetch}")
+    raise UserError(f"base model {repo_id} now resolves to revision {current.name}, but stage '{stage}' was "
+                     f"trained on revision {revision}: fetch that revision with {fetch}, or retrain the chain on "
+                     f"{current.name}")

@@ -16,6 +16,10 @@ from pathlib import Path
 
 import yaml
 
+# The uninformative indication of the "generic" context ablation (and one of the synthetic data's routine
+# phrases): what a request with no clinical question looks like.
+GENERIC_INDICATION = "Routine chest radiograph."
+
 KNOWN_SLOTS = ("indication", "history", "comparison", "views", "age", "sex", "hints")
 TARGETS = ("findings", "impression", "findings_impression")
 _SLOT_RE = re.compile(r"\{(\w+)\}")

@@ -252,7 +252,7 @@ def full_depth_counts(config: InstructBlipConfig, base: str, cfg) -> dict:
     replaces any `model.layers` cut. The model is built on the meta device (no memory, no init), so this
     costs about a second even for 7B.
     """
-    from clinicalblip.stages import apply_trainable
+    from clinicalblip.policy import apply_trainable
 
     full = shape_config(base) if is_shape(base) else copy.deepcopy(config)
     cfg = copy.deepcopy(cfg)
@@ -266,7 +266,7 @@ def full_depth_counts(config: InstructBlipConfig, base: str, cfg) -> dict:
 
 def full_depth_line(model, base: str, cfg) -> str:
     """One header line: trainable / total parameters at full depth (the real model, even when layers are cut)."""
-    from clinicalblip.stages import core_model
+    from clinicalblip.policy import core_model
 
     try:
         c = full_depth_counts(core_model(model).config, base, cfg)

@@ -1,4 +1,4 @@
-"""Stage folders, the per-component trainable policy, and loading a chain of stages.
+"""The stage folder format (writer and reader) and loading a chain of stages; the trainable policy is policy.py.
 
 A stage folder is self-describing:
 
@@ -19,139 +19,27 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
 import torch
 import yaml
-from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model
-from peft.tuners.lora import LoraLayer
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from clinicalblip import __version__
 from clinicalblip.config import COMPONENTS, StageConfig
 from clinicalblip.errors import UserError
-from clinicalblip.model import fingerprint, load_pretrained
+from clinicalblip.model import fingerprint, load_pretrained, pinned_hub_base
+from clinicalblip.policy import component_of, core_model
 from clinicalblip.prompts import Template, template_from_dict
-
-DEFAULT_TARGETS = {
-    "vision_model": ["qkv", "projection", "fc1", "fc2"],
-    "qformer": ["query", "key", "value", "dense"],
-    "language_projection": [],  # the Linear itself
-}
-LM_TARGETS = {
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-    "t5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],
-}
-
+from clinicalblip.release import is_release_dir  # noqa: F401  (re-exported: stage or release?)
 
 STAGE_FORMAT = "clinicalblip-stage/1"
 
 
 class StageError(UserError):
     """A stage folder or chain that cannot be used."""
-
-
-def core_model(model):
-    """The InstructBLIP module underneath a PeftModel (LoRA layers injected in place) or the model itself."""
-    return model.get_base_model() if isinstance(model, PeftModel) else model
-
-
-def component_of(param_name: str) -> str:
-    name = param_name
-    for prefix in ("base_model.model.", "module."):
-        if name.startswith(prefix):
-            name = name[len(prefix):]
-    return name.split(".", 1)[0]
-
-
-def _lm_targets(model) -> list[str]:
-    mtype = getattr(model.config.text_config, "model_type", "")
-    if mtype in LM_TARGETS:
-        return LM_TARGETS[mtype]
-    return ["q_proj", "k_proj", "v_proj", "o_proj"]
-
-
-def lora_target_regex(model, cfg: StageConfig) -> tuple[str, dict, dict, dict]:
-    """Regex over module names for every `lora` component + per-component rank/alpha/dropout patterns."""
-    parts, rank, alpha, dropout = [], {}, {}, {}
-    for comp in COMPONENTS:
-        if getattr(cfg.trainable, comp) != "lora":
-            continue
-        spec = getattr(cfg.lora, comp)
-        targets = spec.targets or (_lm_targets(model) if comp == "language_model" else DEFAULT_TARGETS[comp])
-        if targets:
-            pat = rf"{comp}(?:\..*)?\.(?:{'|'.join(re.escape(t) for t in targets)})"
-        else:
-            pat = re.escape(comp)
-        parts.append(pat)
-        key = rf"{comp}(?:\..*)?" if targets else re.escape(comp)
-        rank[key], alpha[key], dropout[comp] = spec.r, spec.alpha, spec.dropout
-    return "|".join(f"(?:{p})" for p in parts), rank, alpha, dropout
-
-
-def apply_trainable(model, cfg: StageConfig):
-    """Freeze everything, then add LoRA / unfreeze per component. Returns (model, report).
-
-    The returned model is a PeftModel when some component is `lora` (call `core_model()` for the
-    InstructBLIP module that runs forward/generate), else the input model.
-    """
-    model.requires_grad_(False)
-    regex, rank, alpha, dropout = lora_target_regex(model, cfg)
-    if regex:
-        first = next(iter(rank))
-        lcfg = PeftLoraConfig(
-            target_modules=regex, r=rank[first], lora_alpha=alpha[first], rank_pattern=rank, alpha_pattern=alpha,
-            lora_dropout=max(dropout.values()), bias="none",
-        )
-        model = get_peft_model(model, lcfg)
-        for name, module in model.named_modules():
-            if isinstance(module, LoraLayer) and "default" in module.lora_dropout:
-                p = dropout[component_of(name)]
-                module.lora_dropout["default"] = torch.nn.Dropout(p) if p > 0 else torch.nn.Identity()
-        if cfg.lora.init == "gaussian":
-            # Non-identity start (tests): with lora_B = 0 a merged model equals the base trivially.
-            g = torch.Generator().manual_seed(cfg.train.seed + 1)
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    with torch.no_grad():
-                        p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    core = core_model(model)
-    for comp in COMPONENTS:
-        if getattr(cfg.trainable, comp) == "full":
-            target = getattr(core, comp)
-            if isinstance(target, torch.nn.Parameter):
-                target.requires_grad_(True)
-            else:
-                target.requires_grad_(True)
-    return model, trainable_report(model, cfg)
-
-
-def trainable_report(model, cfg: StageConfig) -> dict:
-    report = {}
-    for comp in COMPONENTS:
-        report[comp] = {"policy": getattr(cfg.trainable, comp), "trainable": 0, "frozen": 0}
-    for name, p in model.named_parameters():
-        comp = component_of(name)
-        if comp not in report:
-            continue
-        report[comp]["trainable" if p.requires_grad else "frozen"] += p.numel()
-    report["total"] = {
-        "trainable": sum(v["trainable"] for v in report.values()),
-        "frozen": sum(v["frozen"] for v in report.values()),
-    }
-    return report
-
-
-def format_report(report: dict) -> str:
-    lines = [f"{'component':<20} {'policy':<7} {'trainable':>12} {'frozen':>12}"]
-    for comp, r in report.items():
-        lines.append(f"{comp:<20} {r.get('policy', ''):<7} {r['trainable']:>12,} {r['frozen']:>12,}")
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- folders
@@ -246,11 +134,6 @@ def is_stage_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / "stage.json").is_file()
 
 
-def is_release_dir(path: str | os.PathLike) -> bool:
-    p = Path(path)
-    return (p / "config.json").is_file() and not is_stage_dir(p)
-
-
 def read_stage(stage_dir: str | os.PathLike) -> dict:
     d = Path(stage_dir)
     f = d / "stage.json"
@@ -286,7 +169,7 @@ def base_location(chain: list[dict]) -> str:
     root = chain[0]
     loc = root["base"]["path"]
     candidate = os.path.normpath(os.path.join(root["dir"], loc))
-    return candidate if os.path.exists(candidate) else loc
+    return candidate if os.path.exists(candidate) else (pinned_hub_base(root["base"], root["name"]) or loc)
 
 
 def load_template_of(stage_dir: str | os.PathLike) -> Template:
@@ -296,8 +179,8 @@ def load_template_of(stage_dir: str | os.PathLike) -> Template:
     return template_from_dict(_yaml.safe_load(path.read_text(encoding="utf-8")), where=str(path))
 
 
-def _apply_stage(model, stage: dict, merge: bool):
-    """Apply one stage as its stage.json describes it (and nothing else found in the folder)."""
+def _apply_full(model, stage: dict):
+    """Copy one stage's fully trained components in, as its stage.json lists them (nothing else found)."""
     d = Path(stage["dir"])
     full_comps = stage.get("full_components") or []
     full = d / "trained.safetensors"
@@ -321,6 +204,12 @@ def _apply_stage(model, stage: dict, merge: bool):
         with torch.no_grad():
             for k, v in sd.items():
                 own[k].copy_(v.to(own[k].dtype))
+    return model
+
+
+def _apply_adapter(model, stage: dict, merge: bool):
+    """Add one stage's LoRA adapter when its stage.json says it has one; merged in, or left live."""
+    d = Path(stage["dir"])
     if stage.get("has_adapter"):
         if not (d / "adapter").is_dir():
             raise StageError(f"{d}: stage.json says the stage has a LoRA adapter but adapter/ is missing")
@@ -331,6 +220,10 @@ def _apply_stage(model, stage: dict, merge: bool):
         if merge:
             model = model.merge_and_unload()
     return model
+
+
+def _apply_stage(model, stage: dict, merge: bool):
+    return _apply_adapter(_apply_full(model, stage), stage, merge)
 
 
 def check_base(chain: list[dict], base_path: str) -> None:
@@ -344,23 +237,34 @@ def check_base(chain: list[dict], base_path: str) -> None:
             )
 
 
-def load_stage_model(stage_dir: str | os.PathLike, dtype: str = "fp32", keep_last_unmerged: bool = False):
+def load_stage_model(stage_dir: str | os.PathLike, dtype: str = "fp32", keep_last_unmerged: bool = False,
+                     quantization: str = "none"):
     """Load base + every stage of the chain. Returns (model, processor, chain).
 
     With keep_last_unmerged, the last stage's LoRA stays a live adapter (a PeftModel): the 'adapter chain'
-    that merge checks compare against.
+    that merge checks compare against. With quantization (4bit | 8bit), the chain is loaded as a QLoRA stage
+    trained on it: everything before the last stage's adapter merged in full precision, quantized in memory,
+    and the last adapter live on top (dtype is then the compute dtype, bf16 when fp32 is asked).
     """
     chain = stage_chain(stage_dir)
     base = base_location(chain)
     check_base(chain, base)
     model, _ = load_pretrained(base, dtype="fp32")
     for i, st in enumerate(chain):
-        last = i == len(chain) - 1
-        model = _apply_stage(model, st, merge=not (last and keep_last_unmerged))
+        if i < len(chain) - 1:
+            model = _apply_stage(model, st, merge=True)
+    last = chain[-1]
+    if quantization != "none":
+        from clinicalblip.model import quantize_from_model
+
+        model = quantize_from_model(_apply_full(model, last), quantization, "bf16" if dtype == "fp32" else dtype)
+        model = _apply_adapter(model, last, merge=False)
+    else:
+        model = _apply_stage(model, last, merge=not keep_last_unmerged)
     from transformers import InstructBlipProcessor
 
     processor = InstructBlipProcessor.from_pretrained(Path(chain[-1]["dir"]) / "processor")
-    if dtype != "fp32":
+    if dtype != "fp32" and quantization == "none":
         from clinicalblip.model import torch_dtype
 
         model = model.to(torch_dtype(dtype))

@@ -29,10 +29,11 @@ from clinicalblip import __version__
 from clinicalblip.config import COMPONENTS, StageConfig
 from clinicalblip.data.check import apply_bad_record_policy
 from clinicalblip.data.collate import StudyCollator, model_inputs
-from clinicalblip.data.manifest import read_manifest
+from clinicalblip.data.manifest import file_hash, read_manifest
 from clinicalblip.errors import UserError
 from clinicalblip.model import (
     build_base,
+    describe_base,
     fingerprint,
     is_builtin,
     is_decoder_only,
@@ -42,16 +43,9 @@ from clinicalblip.model import (
     torch_dtype,
 )
 from clinicalblip.prompts import Template, load_template, target_text
+from clinicalblip.policy import apply_trainable, component_of, core_model, format_report
 from clinicalblip.shapes import full_depth_line
-from clinicalblip.stages import (
-    apply_trainable,
-    component_of,
-    core_model,
-    format_report,
-    load_stage_model,
-    read_stage,
-    write_stage,
-)
+from clinicalblip.stages import load_stage_model, read_stage, write_stage
 
 # Keys that may change between a run and its resume (they do not change what is trained).
 RESUMABLE_KEYS = ("train.log_every", "train.save_every", "train.keep_last", "train.report_to", "train.resume",
@@ -74,14 +68,6 @@ class EpochSampler(Sampler):
 
     def __len__(self) -> int:
         return self.n
-
-
-def _file_hash(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def _mixed_precision(dtype: str) -> str:
@@ -140,7 +126,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def run_identity(cfg: StageConfig, data_hash: str) -> dict:
     """What a checkpoint must agree with to be resumed: the resolved config (minus RESUMABLE_KEYS) + data."""
-    flat = {k: v for k, v in _flatten(cfg.to_dict()).items() if k not in RESUMABLE_KEYS}
+    # the manifest's path may move: its content is what counts (data_hash)
+    flat = {k: v for k, v in _flatten(cfg.to_dict()).items() if k not in RESUMABLE_KEYS and k != "data.manifest"}
     blob = json.dumps(flat, sort_keys=True, default=str)
     return {"config": flat, "config_hash": hashlib.sha256(blob.encode()).hexdigest()[:16], "data_hash": data_hash}
 
@@ -237,6 +224,13 @@ def make_accelerator(cfg: StageConfig) -> Accelerator:
     """The Accelerator for a stage; on a GPU-less machine launched ranks form a gloo group (DDP or DeepSpeed)."""
     launched = int(os.environ.get("LOCAL_RANK", -1)) != -1
     use_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if not launched:
+        # accelerate's state is a per-process singleton: a second stage trained in the same Python process
+        # (a notebook, the tests) with another precision would otherwise be refused
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
     kwargs = {}
     if not torch.cuda.is_available():
         if use_ds:
@@ -299,7 +293,7 @@ def _records(run: Run) -> Records:
         raise UserError(f"{len(empty)} train record(s) with an empty {template.target}: {', '.join(map(str, empty[:5]))}"
                         " (fill them in, or set data.on_bad_record=skip)")
     train = [r for r in train if target_text(template, r)]
-    return Records(train=train, val=val, template=template, data_hash=_file_hash(cfg.data.manifest))
+    return Records(train=train, val=val, template=template, data_hash=file_hash(cfg.data.manifest))
 
 
 @dataclass
@@ -360,9 +354,7 @@ def _load_model(run: Run, records: Records) -> Built:
         else:
             model, processor = load_pretrained(cfg.model.base, dtype="fp32" if quant == "none" else cfg.model.dtype,
                                                trust_remote_code=cfg.model.trust_remote_code, quantization=quant)
-            is_dir = os.path.isdir(cfg.model.base)
-            base = {"name": cfg.model.base, "path": os.path.abspath(cfg.model.base) if is_dir else cfg.model.base,
-                    "fingerprint": fingerprint(cfg.model.base) if is_dir else None}
+            base = describe_base(cfg.model.base)  # a hub id is pinned to its cached snapshot's commit
         parent_desc = "none (base)"
     model.train()
     if quant != "none":
@@ -398,12 +390,14 @@ def _loaders(run: Run, records: Records, built: Built) -> Loaders:
         processor=built.processor, template=records.template, num_query_tokens=built.processor.num_query_tokens,
         decoder_only=is_decoder_only(core_model(built.model)), mode="train", max_views=cfg.data.max_views,
         max_report_tokens=cfg.data.max_report_tokens, context_dropout=cfg.data.context_dropout, seed=cfg.train.seed,
-        image_cache={} if cfg.data.cache_images else None,
+        image_cache={} if cfg.data.cache_images else None, max_prompt_tokens=cfg.data.max_prompt_tokens,
     )
+    collate.check_image_tokens(core_model(built.model).config)  # refuse an <image> id / query count mismatch now
     val_collate = StudyCollator(
         processor=built.processor, template=records.template, num_query_tokens=built.processor.num_query_tokens,
         decoder_only=collate.decoder_only, mode="train", max_views=cfg.data.max_views,
         max_report_tokens=cfg.data.max_report_tokens, image_cache=collate.image_cache,
+        max_prompt_tokens=cfg.data.max_prompt_tokens,
     )
     sampler = EpochSampler(len(records.train), cfg.train.seed)
     train = DataLoader(records.train, batch_size=cfg.train.batch_size, sampler=sampler, collate_fn=collate)
@@ -503,11 +497,17 @@ def _restore(run: Run, records: Records, identity: dict) -> Progress:
                         f"(keys that may change on resume: {', '.join(RESUMABLE_KEYS)})")
     acc.load_state(str(resume_dir))
     p = Progress(progress["global_step"], progress["epoch"], progress["batches_in_epoch"])
+    metrics = run.out_dir / "metrics.jsonl"
+    if run.main and metrics.is_file():
+        # rows logged after the checkpoint (by the run that died) are logged again by this one
+        rows = [line for line in metrics.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= p.global_step]
+        metrics.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
     run.log(f"resumed from {resume_dir} at step {p.global_step} (epoch {p.epoch}, batch {p.skip_batches})")
     return p
 
 
-def _header(run: Run, records: Records, built: Built, sched: Schedule) -> None:
+def _header(run: Run, records: Records, built: Built, loaders: Loaders, sched: Schedule) -> None:
     cfg, acc = run.cfg, run.accelerator
     eff_batch = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
     backend = f"DeepSpeed ZeRO-{run.zero}" if run.zero else acc.distributed_type.value
@@ -520,6 +520,11 @@ def _header(run: Run, records: Records, built: Built, sched: Schedule) -> None:
             f"{sched.total_steps} steps ({sched.num_epochs} epoch(s)) | {backend} on {acc.device}")
     run.log(format_report(built.report))
     run.log(full_depth_line(acc.unwrap_model(built.model), built.base["name"], cfg))
+    if not run.main:
+        return  # counting shortened prompts tokenizes every study: the main process only
+    run.log(f"prompts: {loaders.collate.count_shortened(records.train)} of {len(records.train)} train studies "
+            f"shortened to data.max_prompt_tokens={cfg.data.max_prompt_tokens} "
+            "(history, then comparison, then indication cut)")
     run.log("=" * 78)
 
 
@@ -615,6 +620,8 @@ def _fit(run: Run, built: Built, loaders: Loaders, sched: Schedule, progress: Pr
                     acc.backward(loss)
                 loss_interval += (loss_sum.detach().float() / n_global).item()  # this rank's share
                 samples_interval += len(batch["ids"]) * acc.num_processes
+            if os.environ.get("CLINICALBLIP_TEST_GRADS_AT_STEP") == str(fit.global_step + 1) and not run.zero:
+                _dump_grads(run, model, [int(token_counts(b["labels"], decoder_only)) for b in window])
             grad_norm = None
             if run.zero:
                 grad_norm = acc.deepspeed_engine_wrapped.get_global_grad_norm()  # DeepSpeed clipped in backward
@@ -665,6 +672,17 @@ def _fit(run: Run, built: Built, loaders: Loaders, sched: Schedule, progress: Pr
     return fit
 
 
+def _dump_grads(run: Run, model, window_tokens: list[int]) -> None:
+    """Tests: the accumulated (synchronised) gradients of one optimizer step, before clipping."""
+    from safetensors.torch import save_file
+
+    if run.main:
+        grads = {n: p.grad.detach().float().cpu().contiguous() for n, p in
+                 run.accelerator.unwrap_model(model).named_parameters() if p.grad is not None}
+        save_file(grads, os.environ["CLINICALBLIP_TEST_GRADS_OUT"],
+                  metadata={"window_tokens": json.dumps(window_tokens)})
+
+
 def _validate(run: Run, model, loaders: Loaders, fit: Fit, epoch: int, log_metrics) -> None:
     """Validation loss (all ranks); with select_best, a gathered snapshot of the best trainable weights."""
     acc = run.accelerator
@@ -696,7 +714,7 @@ def validation_reports(run: Run, model, loaders: Loaders) -> dict | None:
     collate = StudyCollator(
         processor=loaders.collate.processor, template=loaders.collate.template,
         num_query_tokens=loaders.collate.num_query_tokens, decoder_only=loaders.collate.decoder_only,
-        mode="generate", max_views=loaders.collate.max_views,
+        mode="generate", max_views=loaders.collate.max_views, max_prompt_tokens=loaders.collate.max_prompt_tokens,
     )
     mine = records[acc.process_index:: acc.num_processes]
     # Under ZeRO-3 every rank must run the same number of forward passes (synced_gpus); pad with a repeat.
@@ -727,7 +745,7 @@ def validation_reports(run: Run, model, loaders: Loaders) -> dict | None:
     refs = {str(r["id"]): target_text(loaders.collate.template, r) for r in records}
     ids = [i for i in refs if i in pairs]
     scores = clinical_scores([label_report(refs[i]) for i in ids], [label_report(pairs[i]) for i in ids],
-                             resamples=0)
+                             bootstrap=0)
     return {"val_generated": len(ids), "val_clinical_macro_f1": scores["macro"]["f1"],
             "val_clinical_micro_f1": scores["micro"]["f1"], "val_sample": {ids[0]: pairs[ids[0]]} if ids else {}}
 
@@ -765,7 +783,7 @@ def train_stage(cfg: StageConfig) -> Path:
     sched = _optimizer(run, records, built, loaders)
     identity = run_identity(cfg, records.data_hash)
     progress = _restore(run, records, identity)
-    _header(run, records, built, sched)
+    _header(run, records, built, loaders, sched)
     if cfg.train.report_to != "none":
         run.accelerator.init_trackers(cfg.name, config={"stage": cfg.name})
     fit = _fit(run, built, loaders, sched, progress, identity)

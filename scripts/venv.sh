@@ -19,4 +19,5 @@ fi
 export PATH="$PWD/$VENV/bin:$PATH"
 # Everything here runs offline: models are built in code or read from local folders.
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export TRANSFORMERS_VERBOSITY="${TRANSFORMERS_VERBOSITY:-error}" PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
+export TRANSFORMERS_VERBOSITY="${TRANSFORMERS_VERBOSITY:-error}"
+# Warnings are not silenced globally: they are how PEFT and DeepSpeed report a setup that trains wrongly.

@@ -98,9 +98,34 @@ def test_unknown_template_is_one_clear_line(tmp_path):
     Image.new("L", (64, 64)).save(img)
     proc = cli("train", REPO / "configs/tiny/stage1.yaml", "data.template=nope", f"output_dir={tmp_path / 'o'}",
                f"data.manifest={tmp_path / 'm.jsonl'}", cwd=tmp_path, check=False)
+    # no manifest yet: that is what is reported first (the data are checked before anything else loads)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"clinicalblip train: error: manifest not found: {tmp_path / 'm.jsonl'}"
     (tmp_path / "m.jsonl").write_text(json.dumps({"id": "a", "split": "train", "images": [{"path": "x.png"}],
                                                   "findings": "Clear."}) + "\n")
     proc = cli("train", REPO / "configs/tiny/stage1.yaml", "data.template=nope", f"output_dir={tmp_path / 'o'}",
                f"data.manifest={tmp_path / 'm.jsonl'}", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "unknown template 'nope'" in proc.stderr and "findings_with_context" in proc.stderr
+
+
+def test_help_is_for_users_and_every_flag_has_help():
+    import argparse
+
+    from clinicalblip.cli import build_parser
+
+    parser = build_parser()
+    top = parser.format_help()
+    assert "Radiology report generation" in top and "one parser per verb" not in top
+
+    def walk(p, path):
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, f"{path} {name}")
+            elif not isinstance(action, argparse._HelpAction):
+                yield f"{path} {action.option_strings or action.dest}", action
+
+    missing = [where for where, a in walk(parser, "clinicalblip") if not a.help]
+    assert missing == []
+    enc = next(a for w, a in walk(parser, "clinicalblip") if "jsonl" in w and "--encoding" in a.option_strings)
+    assert enc.default == "utf-8-sig" and "default utf-8-sig" in enc.help

@@ -123,3 +123,122 @@ def test_errors_name_what_is_available(stage2_dir, synth_manifest, tmp_path):
         generate_split(str(stage2_dir), str(synth_manifest), "test", str(tmp_path / "p.jsonl"), context="sideways")
     with pytest.raises(UserError, match="no records in split 'nope'"):
         generate_split(str(stage2_dir), str(synth_manifest), "nope", str(tmp_path / "p.jsonl"))
+
+
+def test_rerun_with_other_settings_refuses_naming_the_difference(stage1_dir, stage2_dir, synth_manifest, tmp_path):
+    out = tmp_path / "preds.jsonl"
+    m, s2 = str(synth_manifest), str(stage2_dir)
+    generate_split(s2, m, "test", str(out), max_new_tokens=4, limit=2)
+    before = out.read_text()
+    key = json.loads(Path(str(out) + ".meta.json").read_text())["provenance"]
+    assert {r["provenance"] for r in _rows(out)} == {key}
+    cases = [
+        (dict(context="none"), r"context: 'real' -> 'none'"),
+        (dict(template="findings_no_context"), r"template: 'findings_with_context' -> 'findings_no_context'"),
+        (dict(num_beams=2), r"decoding: .*'num_beams': 1.* -> .*'num_beams': 2"),
+        (dict(dtype="bf16"), r"dtype: 'fp32' -> 'bf16'"),
+        (dict(model=str(stage1_dir)), r"model_hash: '\w+' -> '\w+'"),
+        (dict(split="val"), r"split: 'test' -> 'val'"),
+    ]
+    for change, needle in cases:
+        kw = dict(max_new_tokens=4, limit=2)
+        model = change.pop("model", s2)
+        split = change.pop("split", "test")
+        kw.update(change)
+        with pytest.raises(UserError, match=f"{out.name} was generated with other settings \\(.*{needle}.*--overwrite"):
+            generate_split(model, m, split, str(out), **kw)
+        assert out.read_text() == before  # nothing appended, meta untouched
+    assert json.loads(Path(str(out) + ".meta.json").read_text())["context"] == "real"
+    # a different manifest (same path, edited content) is another data set
+    edited = tmp_path / "manifest.jsonl"
+    edited.write_text(synth_manifest.read_text().replace("Routine", "routine"))
+    for img in synth_manifest.parent.glob("images"):
+        (tmp_path / "images").symlink_to(img)
+    with pytest.raises(UserError, match="manifest_hash"):
+        generate_split(s2, str(edited), "test", str(out), max_new_tokens=4, limit=2)
+    # --overwrite starts over with the new settings: every row is a no-indication row
+    generate_split(s2, m, "test", str(out), max_new_tokens=4, context="none", overwrite=True)
+    rows = _rows(out)
+    assert len(rows) == len(read_manifest(synth_manifest, split="test"))
+    assert all("Indication:" not in r["prompt"] for r in rows)
+    assert json.loads(Path(str(out) + ".meta.json").read_text())["context"] == "none"
+    # rows without their meta file are of unknown origin
+    Path(str(out) + ".meta.json").unlink()
+    with pytest.raises(UserError, match="preds.jsonl already holds predictions but preds.jsonl.meta.json is missing"):
+        generate_split(s2, m, "test", str(out), max_new_tokens=4, context="none")
+
+
+def test_blank_image_ablation_feeds_blank_pixels(stage2_dir, synth_manifest, tmp_path, monkeypatch):
+    seen = []
+    real = ReportModel.generate_batch
+
+    def spy(self, batch, **kw):
+        seen.append(batch["pixel_values"].clone())
+        return real(self, batch, **kw)
+
+    monkeypatch.setattr(ReportModel, "generate_batch", spy)
+    generate_split(str(stage2_dir), str(synth_manifest), "test", str(tmp_path / "real.jsonl"), max_new_tokens=2)
+    generate_split(str(stage2_dir), str(synth_manifest), "test", str(tmp_path / "blank.jsonl"), max_new_tokens=2,
+                   context="blank_image")
+    n_real = len(seen) // 2
+    real_px, blank_px = seen[:n_real], seen[n_real:]
+    for px in blank_px:
+        flat = px.flatten(2)  # (views, channels, pixels): each channel of each view one value
+        assert (flat.amax(-1) == flat.amin(-1)).all()
+        assert (flat[:, :, 0] == blank_px[0].flatten(2)[0, :, 0]).all()  # the same gray everywhere
+    assert all(px.flatten(2).std(-1).max() > 0.05 for px in real_px)  # the real images are not blank
+    assert sum(p.shape[0] for p in blank_px) == sum(p.shape[0] for p in real_px)  # one blank per view
+
+
+def test_shortened_prompts_are_counted_in_the_meta_file(stage2_dir, synth_manifest, tmp_path):
+    recs = read_manifest(synth_manifest, split="test")
+    manifest = tmp_path / "m.jsonl"
+    rows = []
+    for i, r in enumerate(recs[:3]):
+        r = dict(r, images=[dict(im, path=str(Path(synth_manifest).parent / im["path"])) for im in r["images"]])
+        if i == 0:
+            r["history"] = " ".join(["breathless"] * 400)
+        rows.append(json.dumps(r))
+    manifest.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "p.jsonl"
+    generate_split(str(stage2_dir), str(manifest), "test", str(out), max_new_tokens=2)
+    meta = json.loads(Path(str(out) + ".meta.json").read_text())
+    assert meta["prompts_shortened"] == 1 and meta["studies"] == 3 and meta["max_prompt_tokens"] == 256
+    long_row = next(r for r in _rows(out) if r["id"] == recs[0]["id"])
+    assert long_row["prompt"].endswith("Write the findings of this chest radiograph.")
+    assert 0 < long_row["prompt"].count("breathless") < 400
+
+
+def test_single_study_honours_or_refuses_every_flag(stage2_dir, synth_manifest, tmp_path, capsys):
+    from clinicalblip import cli
+
+    rec = next(r for r in read_manifest(synth_manifest, split="test") if len(r["images"]) == 2)
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps(dict(rec, images=[dict(im, path=str(im["path"])) for im in rec["images"]])) + "\n")
+    split_out = tmp_path / "split.jsonl"
+    generate_split(str(stage2_dir), str(one), "test", str(split_out), max_new_tokens=8)
+    split_row = _rows(split_out)[0]
+    imgs = [im["path"] for im in rec["images"]]
+    views = [im["view"] for im in rec["images"]]
+    single = generate_single(str(stage2_dir), images=imgs, views=views, indication=rec.get("indication"),
+                             history=rec.get("history"), comparison=rec.get("comparison"), max_new_tokens=8)
+    # same default dtype in both modes -> the same prompt gives the same text
+    assert single["dtype"] == json.loads(Path(str(split_out) + ".meta.json").read_text())["dtype"]
+    assert single["prompt"] == split_row["prompt"] and single["report"] == split_row["prediction"]
+    assert generate_single(str(stage2_dir), images=imgs, dtype="bf16", max_new_tokens=2)["dtype"] == "bf16"
+    none = generate_single(str(stage2_dir), images=imgs, indication="Chest pain.", context="none", max_new_tokens=2)
+    assert "Indication" not in none["prompt"] and none["context"] == "none"
+
+    out = tmp_path / "study.json"
+    args = ["generate", str(stage2_dir), *sum((["--image", p] for p in imgs), []), "--max-new-tokens", "3"]
+    assert cli.main(args + ["--indication", "Chest pain.", "--out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert written["prompt"].startswith("Indication: Chest pain.") and written["report"] == capsys.readouterr().out.strip()
+    for flag in (["--batch-size", "4"], ["--limit", "2"], ["--split", "val"], ["--overwrite"]):
+        assert cli.main(args + flag) == 2
+        assert f"{flag[0]} cannot be used with --image (one study)" in capsys.readouterr().err
+    assert cli.main(args + ["--context", "shuffled"]) == 2
+    assert "--context shuffled gives each study another study's indication" in capsys.readouterr().err
+    assert cli.main(["generate", str(stage2_dir), "--manifest", str(one), "--out", str(tmp_path / "x.jsonl"),
+                     "--indication", "Chest pain."]) == 2
+    assert "--indication cannot be used with --manifest" in capsys.readouterr().err

@@ -143,7 +143,8 @@ def test_full_depth_counts_match_the_real_widths():
 
 def test_full_depth_counts_equal_a_real_model_for_tiny(stage1_dir):
     from clinicalblip.model import load_pretrained
-    from clinicalblip.stages import apply_trainable, read_stage
+    from clinicalblip.policy import apply_trainable
+    from clinicalblip.stages import read_stage
 
     model, _ = load_pretrained(str(stage1_dir / "base"))
     cfg = stage_config_from_dict(yaml.safe_load((stage1_dir / "config.yaml").read_text()))

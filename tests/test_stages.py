@@ -11,7 +11,8 @@ from peft import PeftModel
 from clinicalblip.data.collate import StudyCollator, model_inputs
 from clinicalblip.data.manifest import read_manifest
 from clinicalblip.model import load_pretrained
-from clinicalblip.stages import apply_trainable, core_model, load_stage_model, load_template_of, stage_chain
+from clinicalblip.policy import apply_trainable, core_model
+from clinicalblip.stages import load_stage_model, load_template_of, stage_chain
 
 from conftest import tiny_stage_cfg
 

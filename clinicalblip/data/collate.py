@@ -16,9 +16,14 @@ import torch
 from PIL import Image
 
 from clinicalblip.data.images import load_image
+from clinicalblip.errors import UserError
 from clinicalblip.prompts import Template, render, target_text
 
 IGNORE_INDEX = -100
+IMAGE_TOKEN = "<image>"
+# Context slots shortened, in this order, when a prompt is longer than max_prompt_tokens: the instruction and
+# the image tokens are never cut (a prompt cut from the right loses "Write the findings..." first).
+SHORTEN_ORDER = ("history", "comparison", "indication")
 FRONTAL_VIEWS = {"PA", "AP", "FRONTAL", "AP AXIAL", "PA LLD", "AP LLD", "AP RLD", "PA RLD"}
 LATERAL_VIEWS = {"LATERAL", "LL", "RL", "LAO", "RAO", "LPO", "RPO", "XTABLE LATERAL", "SWIMMERS"}
 
@@ -93,6 +98,104 @@ class StudyCollator:
     epoch: int = 0
     image_cache: dict | None = field(default=None, repr=False)
     blank_images: bool = False  # ablation: every view replaced by a uniform gray image
+    # ids of the studies whose context was shortened to fit max_prompt_tokens (reported by train and generate)
+    shortened: set = field(default_factory=set, repr=False)
+
+    def image_token_id(self) -> int:
+        """The tokenizer's id for `<image>`; refused when the tokenizer does not know the token."""
+        tok = self.processor.tokenizer
+        tid = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+        if tid is None or (tok.unk_token_id is not None and tid == tok.unk_token_id):
+            raise UserError(f"the tokenizer has no '{IMAGE_TOKEN}' token (it maps to the unknown id {tid}): the "
+                            "model would never see the images. Use the processor saved with the model (its "
+                            "processor/ folder or a current InstructBLIP snapshot)")
+        return tid
+
+    def check_image_tokens(self, model_config) -> int:
+        """Refuse a tokenizer / processor / model that disagree on the image token or the query count.
+
+        HF scatters the query outputs wherever input_ids == config.image_token_id, so a mismatch trains or
+        generates without images and no error is raised downstream. Returns the checked id.
+        """
+        tid = self.image_token_id()
+        model_tid = getattr(model_config, "image_token_id", None)
+        if model_tid is None:
+            model_tid = getattr(model_config, "image_token_index", None)
+        if model_tid is not None and int(model_tid) != tid:
+            raise UserError(f"image token mismatch: the tokenizer's '{IMAGE_TOKEN}' is id {tid} but the model's "
+                            f"config.image_token_id is {model_tid}. Load the processor and the model from the "
+                            "same checkpoint (or set image_token_id in config.json to the tokenizer's id)")
+        proc_tid = getattr(self.processor, "image_token_id", None)
+        if proc_tid is None and getattr(self.processor, "image_token", None) is not None:
+            proc_tid = self.processor.tokenizer.convert_tokens_to_ids(str(self.processor.image_token))
+        if proc_tid is not None and int(proc_tid) != tid:
+            raise UserError(f"image token mismatch: the processor's image token is id {proc_tid}, the tokenizer's "
+                            f"'{IMAGE_TOKEN}' is id {tid}: use a processor saved with this model")
+        nq = getattr(model_config, "num_query_tokens", None)
+        if nq is not None and int(nq) != self.num_query_tokens:
+            raise UserError(f"query token mismatch: the collator puts {self.num_query_tokens} image tokens per view "
+                            f"but the model's config.num_query_tokens is {nq}: use the processor saved with this "
+                            "model (processor.num_query_tokens)")
+        return tid
+
+    def _qformer_limit(self) -> int:
+        # the Q-Former (BERT) has its own position limit (512 for InstructBLIP), whatever the LLM allows
+        return min(self.max_prompt_tokens, int(self.processor.qformer_tokenizer.model_max_length))
+
+    def _prompt_fits(self, rendered) -> bool:
+        n = len(self.processor.tokenizer(rendered.prompt, add_special_tokens=True)["input_ids"])
+        nq = len(self.processor.qformer_tokenizer(rendered.qformer_prompt, add_special_tokens=True)["input_ids"])
+        return n <= self.max_prompt_tokens and nq <= self._qformer_limit()
+
+    def fit_prompt(self, record: dict, images: list[dict], ctx: dict):
+        """Render ctx; if too long, shorten history, then comparison, then indication (words cut from the end).
+
+        Returns (rendered, shortened). A prompt that is too long with every context slot emptied is refused:
+        the instruction itself does not fit data.max_prompt_tokens.
+        """
+        rendered = render(self.template, ctx)
+        if self._prompt_fits(rendered):
+            return rendered, False
+        ctx = dict(ctx)
+        for slot in SHORTEN_ORDER:
+            words = (ctx.get(slot) or "").split()
+            if not words:
+                continue
+            ctx[slot] = None
+            if not self._prompt_fits(render(self.template, ctx)):
+                continue  # even without this slot it is too long: empty it, shorten the next one
+            lo, hi = 0, len(words) - 1  # the most words of this slot that still fit (0 fits)
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                ctx[slot] = " ".join(words[:mid])
+                if self._prompt_fits(render(self.template, ctx)):
+                    lo = mid
+                else:
+                    hi = mid - 1
+            ctx[slot] = " ".join(words[:lo]) or None
+            return render(self.template, ctx), True
+        raise UserError(f"record {record.get('id')}: the prompt of template '{self.template.name}' is longer than "
+                        f"data.max_prompt_tokens={self.max_prompt_tokens} tokens even with history, comparison and "
+                        "indication left out: raise data.max_prompt_tokens or use a shorter template")
+
+    def count_shortened(self, records: list[dict]) -> int:
+        """How many of these studies get a shortened context (no images are read): for run headers."""
+        if not records:
+            return 0
+        tok, qtok = self.processor.tokenizer, self.processor.qformer_tokenizer
+        ctxs = [clinical_context(r, ordered_images(r, self.max_views), indication=self.indication,
+                                 generic_indication=self.generic_indication) for r in records]
+        rendered = [render(self.template, c) for c in ctxs]
+        # One batched tokenisation pass finds the long ones; only those are fitted one by one (which also
+        # refuses, before any training, a template whose instruction alone is too long).
+        lens = [len(x) for x in tok([r.prompt for r in rendered], add_special_tokens=True)["input_ids"]]
+        qlens = [len(x) for x in qtok([r.qformer_prompt for r in rendered], add_special_tokens=True)["input_ids"]]
+        n = 0
+        for rec, ctx, a, b in zip(records, ctxs, lens, qlens):
+            if a > self.max_prompt_tokens or b > self._qformer_limit():
+                self.fit_prompt(rec, ordered_images(rec, self.max_views), ctx)
+                n += 1
+        return n
 
     def _pixels(self, paths: list[str]) -> torch.Tensor:
         if self.blank_images:
@@ -112,16 +215,20 @@ class StudyCollator:
         return torch.stack(out)
 
     def render(self, record: dict, images: list[dict]):
+        """The prompt of a study as the model sees it (context shortened to max_prompt_tokens if needed)."""
         ind = self.indication
         if self.mode == "train" and ind == "real" and not _keep(self.seed, self.epoch, str(record["id"]), self.context_dropout):
             ind = "none"
         ctx = clinical_context(record, images, indication=ind, generic_indication=self.generic_indication)
-        return render(self.template, ctx)
+        rendered, shortened = self.fit_prompt(record, images, ctx)
+        if shortened:
+            self.shortened.add(str(record.get("id")))
+        return rendered
 
     def __call__(self, records: list[dict]) -> dict:
         tok = self.processor.tokenizer
         qtok = self.processor.qformer_tokenizer
-        image_id = tok.convert_tokens_to_ids("<image>")
+        image_id = self.image_token_id()
         eos = tok.eos_token_id
         pad = tok.pad_token_id
         paths, q_texts, seqs, labels, prompts = [], [], [], [], []
@@ -133,8 +240,13 @@ class StudyCollator:
             prompts.append(rendered.prompt)
             paths += [im["path"] for im in images]
             q_texts += [rendered.qformer_prompt] * len(images)
-            prompt_ids = tok(rendered.prompt, add_special_tokens=True)["input_ids"][: self.max_prompt_tokens]
+            prompt_ids = tok(rendered.prompt, add_special_tokens=True)["input_ids"]  # fits: see render
             ids = [image_id] * (len(images) * self.num_query_tokens) + prompt_ids
+            if image_id in prompt_ids:
+                # the model would scatter image features into these positions too and fail or misplace views
+                raise UserError(f"record {rec.get('id')}: its prompt text contains '{IMAGE_TOKEN}', which would "
+                                f"make {len(images)} view(s) x {self.num_query_tokens} queries not match the image "
+                                f"tokens: remove '{IMAGE_TOKEN}' from its indication/history/comparison")
             if self.mode == "train":
                 report = target_text(self.template, rec)
                 tgt = tok(report, add_special_tokens=False)["input_ids"][: self.max_report_tokens] + [eos]
@@ -146,7 +258,7 @@ class StudyCollator:
                     labels.append(tgt)
             else:
                 seqs.append(ids)
-        q = qtok(q_texts, padding=True, truncation=True, max_length=self.max_prompt_tokens, return_tensors="pt")
+        q = qtok(q_texts, padding=True, truncation=True, max_length=self._qformer_limit(), return_tensors="pt")
         left = self.mode == "generate" and self.decoder_only
         batch = {
             "pixel_values": self._pixels(paths),

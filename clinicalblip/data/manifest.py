@@ -8,6 +8,7 @@ Image paths are relative to the manifest's folder (absolute paths are kept as th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
@@ -24,6 +25,15 @@ CORE_FIELDS = ("id", "patient_id", "split", "images") + TEXT_FIELDS
 
 class ManifestError(UserError):
     """A manifest line that cannot be read; the message names the file, line and record."""
+
+
+def file_hash(path: str | os.PathLike) -> str:
+    """A manifest's content hash (16 hex digits of its SHA-256): what stages and predictions record."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def normalize_record(rec: dict) -> dict:

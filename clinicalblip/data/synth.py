@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from clinicalblip.data.manifest import write_manifest
+from clinicalblip.prompts import GENERIC_INDICATION
 
 __all__ = [
     "FINDINGS",
@@ -38,7 +39,6 @@ __all__ = [
 ]
 
 FINDINGS = ("cardiomegaly", "pleural_effusion", "pneumothorax", "consolidation", "nodule")
-GENERIC_INDICATION = "Routine chest radiograph."
 
 # ---------------------------------------------------------------------------------------------------------
 # The clinical model

@@ -20,11 +20,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from clinicalblip.jsonl import iter_json_objects
 from clinicalblip.errors import UserError
-from clinicalblip.metrics.clinical import clinical_scores
-from clinicalblip.metrics.labeler import CheXbertLabeler, ChexpertRuleLabeler, Labeler
-from clinicalblip.metrics.nlg import METRIC_KEYS, compute_nlg
+from clinicalblip.metrics.casestats import bootstrap_cis, build_case_stats
+from clinicalblip.metrics.clinical import binarize, clinical_scores
+from clinicalblip.metrics.labeler import COMMON_FIVE, OBSERVATIONS, CheXbertLabeler, ChexpertRuleLabeler, Labeler
+from clinicalblip.metrics.nlg import METRIC_KEYS, nlg_with_case_stats
 
 log = logging.getLogger(__name__)
 
@@ -88,62 +91,83 @@ def _resolve_labeler(records: list[dict], labeler: str) -> str:
     return labeler
 
 
-def _synthetic_block(records: list[dict], bootstrap: int, seed: int) -> dict:
-    try:
-        from clinicalblip.data.synth import FINDINGS, label_report
-    except ImportError as exc:
-        raise UserError(f"synthetic labels need clinicalblip.data.synth (label_report, FINDINGS): {exc}") from exc
-    refs, preds = [], []
-    for rec in records:
-        truth = rec["labels"]
-        unknown = set(truth) - set(FINDINGS)
-        if unknown:
-            raise UserError(f"line {rec['_line']}: unknown synthetic finding(s) {sorted(unknown)}; "
-                            f"known: {', '.join(FINDINGS)}")
-        refs.append({f: int(bool(truth.get(f, 0))) for f in FINDINGS})
-        got = label_report(rec.get("prediction") or "")
-        preds.append({f: int(bool(got.get(f, 0))) for f in FINDINGS})
-    block = clinical_scores(
-        refs, preds, FINDINGS, uncertain_as="positive", micro_sets={"micro": tuple(FINDINGS)}, separate=(),
-        bootstrap=bootstrap, seed=seed, labeler="synthetic (clinicalblip.data.synth.label_report)",
-    )
-    block["convention"] = ("binary labels: the synthetic report parser on the prediction vs the record's true "
-                           "labels (no uncertain class)")
-    block["uncertain_as"] = None
-    return block
+def case_labels(records: list[dict], which: str, labeler: Labeler | None = None) -> dict:
+    """Per-case labels of reference and prediction under the resolved labeler ``which``.
+
+    Returns ``observations``, ``reference`` / ``prediction`` (one dict per record: 1 / 0 / -1 / None per
+    observation), ``micro_sets``, ``separate`` (observations also reported alone) and the labeler's ``name``.
+    Synthetic: the record's true labels vs ``clinicalblip.data.synth.label_report`` on the prediction.
+    """
+    if which == "synthetic":
+        try:
+            from clinicalblip.data.synth import FINDINGS, label_report
+        except ImportError as exc:
+            raise UserError(f"synthetic labels need clinicalblip.data.synth (label_report, FINDINGS): {exc}") from exc
+        refs, preds = [], []
+        for rec in records:
+            truth = rec["labels"]
+            unknown = set(truth) - set(FINDINGS)
+            if unknown:
+                raise UserError(f"line {rec['_line']}: unknown synthetic finding(s) {sorted(unknown)}; "
+                                f"known: {', '.join(FINDINGS)}")
+            refs.append({f: int(bool(truth.get(f, 0))) for f in FINDINGS})
+            got = label_report(rec.get("prediction") or "")
+            preds.append({f: int(bool(got.get(f, 0))) for f in FINDINGS})
+        return {"observations": list(FINDINGS), "reference": refs, "prediction": preds,
+                "micro_sets": {"micro": tuple(FINDINGS)}, "separate": (),
+                "name": "synthetic (clinicalblip.data.synth.label_report)"}
+    if labeler is None:
+        raise UserError(f"labeler {which!r} needs a labeler object")
+    return {"observations": list(OBSERVATIONS),
+            "reference": labeler.label([r.get("reference") or "" for r in records]),
+            "prediction": labeler.label([r.get("prediction") or "" for r in records]),
+            "micro_sets": {"micro_5": COMMON_FIVE, "micro": tuple(OBSERVATIONS)}, "separate": ("No Finding",),
+            "name": labeler.name}
 
 
-def _real_block(records: list[dict], labeler: Labeler, uncertain_as: str, bootstrap: int, seed: int) -> dict:
-    texts_ref = [r.get("reference") or "" for r in records]
-    texts_pred = [r.get("prediction") or "" for r in records]
-    ref_labels = labeler.label(texts_ref)
-    pred_labels = labeler.label(texts_pred)
-    block = clinical_scores(ref_labels, pred_labels, uncertain_as=uncertain_as, bootstrap=bootstrap, seed=seed,
-                            labeler=labeler.name)
+def binary_labels(labels: dict, uncertain_as: str = "positive") -> tuple[np.ndarray, np.ndarray]:
+    """(reference, prediction) boolean (n, L) matrices of ``case_labels``'s output, by the clinical convention."""
+    obs = labels["observations"]
+    y = np.array([[binarize(r.get(o), uncertain_as) for o in obs] for r in labels["reference"]], dtype=bool)
+    p = np.array([[binarize(r.get(o), uncertain_as) for o in obs] for r in labels["prediction"]], dtype=bool)
+    return y.reshape(-1, len(obs)), p.reshape(-1, len(obs))
+
+
+def _clinical_block(labels: dict, which: str, uncertain_as: str, bootstrap: int, seed: int) -> dict:
+    if which == "synthetic":
+        block = clinical_scores(
+            labels["reference"], labels["prediction"], labels["observations"], uncertain_as="positive",
+            micro_sets=labels["micro_sets"], separate=(), bootstrap=bootstrap, seed=seed, labeler=labels["name"],
+        )
+        block["convention"] = ("binary labels: the synthetic report parser on the prediction vs the record's true "
+                               "labels (no uncertain class)")
+        block["uncertain_as"] = None
+        return block
+    block = clinical_scores(labels["reference"], labels["prediction"], uncertain_as=uncertain_as,
+                            bootstrap=bootstrap, seed=seed, labeler=labels["name"])
     block["reference_labels_from"] = "the same labeler run on the reference reports"
     return block
 
 
-def evaluate_predictions(
-    pred_path: str | Path,
-    out_path: str | Path,
+def evaluate_records(
+    records: list[dict],
     protocol: str = "r2gen",
     labeler: str = "auto",
     bootstrap: int = 1000,
     seed: int = 0,
-    report_md: bool | str | Path = True,
     *,
     skip_java_metrics: bool = False,
     uncertain_as: str = "positive",
     chexbert_weights: str | Path | None = None,
     chexbert_tokenizer: str | Path | None = None,
-) -> dict:
-    """Score ``pred_path`` and write ``out_path`` (metrics.json); returns the metrics dict.
+) -> tuple[dict, dict]:
+    """(metrics, cases) for prediction records (as ``read_predictions`` returns them).
 
-    ``report_md``: True writes ``report.md`` (``<stem>.report.md`` unless the output is ``metrics.json``) and a
-    per-label F1 PNG beside ``out_path``; a path writes the report there; False writes none.
+    ``metrics`` is metrics.json's content (without the file's name and provenance). ``cases`` holds what the case
+    viewer and ``compare`` need per record: ``ids``, ``nlg`` (per-case sufficient statistics, see
+    ``nlg_with_case_stats``), ``labels`` (``case_labels``), ``binary`` (reference, prediction) and ``stats`` (a
+    ``casestats.CaseStats``).
     """
-    records, provenance = read_predictions(pred_path)
     which = _resolve_labeler(records, labeler)
     if skip_java_metrics and protocol == "coco-ptb":
         raise UserError("protocol coco-ptb needs Java for the PTB tokenizer, so it cannot skip Java metrics; "
@@ -160,11 +184,10 @@ def evaluate_predictions(
         lab = CheXbertLabeler(chexbert_weights, chexbert_tokenizer)
     elif which == "chexpert":
         lab = ChexpertRuleLabeler()
-    nlg = compute_nlg(refs, preds, protocol=protocol, skip=("METEOR",) if skip_java_metrics else ())
-    if lab is None:
-        clinical = _synthetic_block(records, bootstrap, seed)
-    else:
-        clinical = _real_block(records, lab, uncertain_as, bootstrap, seed)
+    nlg, nlg_cases = nlg_with_case_stats(refs, preds, protocol=protocol,
+                                         skip=("METEOR",) if skip_java_metrics else ())
+    labels = case_labels(records, which, lab)
+    clinical = _clinical_block(labels, which, uncertain_as, bootstrap, seed)
 
     metrics: dict[str, Any] = {k: nlg[k] for k in METRIC_KEYS}
     metrics["protocol"] = nlg["protocol"]
@@ -174,6 +197,47 @@ def evaluate_predictions(
     metrics["clinical_macro_f1"] = clinical["macro"]["f1"]
     metrics["clinical"] = clinical
     metrics["empty_predictions"] = empty
+
+    ids = [str(r.get("id", f"line{r['_line']}")) for r in records]
+    y, p = binary_labels(labels, "positive" if which == "synthetic" else uncertain_as)
+    stats = build_case_stats(ids, nlg_cases, y, p, labels["observations"], labels["micro_sets"])
+    if bootstrap and bootstrap > 0:
+        cis = bootstrap_cis(stats, int(bootstrap), int(seed))
+        metrics["nlg_ci95"] = {k: [round(v, 6) for v in cis[k]] for k in METRIC_KEYS if k in cis}
+        metrics["nlg_ci95_method"] = (
+            f"percentile bootstrap over studies ({bootstrap} resamples, seed {seed}) of the corpus-level metrics "
+            "recomputed from per-study sufficient statistics; CIDEr keeps the full reference set's document "
+            "frequencies (clinicalblip.metrics.casestats)")
+    cases = {"ids": ids, "nlg": nlg_cases, "labels": labels, "binary": (y, p), "stats": stats, "labeler": which}
+    return metrics, cases
+
+
+def evaluate_predictions(
+    pred_path: str | Path,
+    out_path: str | Path,
+    protocol: str = "r2gen",
+    labeler: str = "auto",
+    bootstrap: int = 1000,
+    seed: int = 0,
+    report_md: bool | str | Path = True,
+    *,
+    skip_java_metrics: bool = False,
+    uncertain_as: str = "positive",
+    chexbert_weights: str | Path | None = None,
+    chexbert_tokenizer: str | Path | None = None,
+    return_cases: bool = False,
+) -> dict | tuple[dict, list[dict], dict]:
+    """Score ``pred_path`` and write ``out_path`` (metrics.json); returns the metrics dict.
+
+    ``report_md``: True writes ``report.md`` (``<stem>.report.md`` unless the output is ``metrics.json``) and a
+    per-label F1 PNG beside ``out_path``; a path writes the report there; False writes none. ``return_cases``:
+    return ``(metrics, records, cases)`` (``evaluate_records``' per-case data, e.g. for the case viewer).
+    """
+    records, provenance = read_predictions(pred_path)
+    metrics, cases = evaluate_records(
+        records, protocol, labeler, bootstrap, seed, skip_java_metrics=skip_java_metrics, uncertain_as=uncertain_as,
+        chexbert_weights=chexbert_weights, chexbert_tokenizer=chexbert_tokenizer,
+    )
     metrics["predictions"] = str(pred_path)
     if provenance is not None:
         metrics["provenance"] = provenance
@@ -187,7 +251,7 @@ def evaluate_predictions(
 
         md_path = Path(report_md) if not isinstance(report_md, bool) else _default_report_path(out_path)
         metrics["report"] = str(write_report(metrics, md_path))
-    return metrics
+    return (metrics, records, cases) if return_cases else metrics
 
 
 def _default_report_path(out_path: Path) -> Path:

@@ -149,8 +149,12 @@ class _MeteorProcess:
     def alive(self) -> bool:
         return self._proc.poll() is None
 
-    def corpus_score(self, gts: dict, res: dict) -> tuple[float, list[float]]:
-        """pycocoevalcap's ``Meteor.compute_score``: one SCORE line per segment, then one EVAL over all stats."""
+    def corpus_score(self, gts: dict, res: dict, stats_out: list | None = None) -> tuple[float, list[float]]:
+        """pycocoevalcap's ``Meteor.compute_score``: one SCORE line per segment, then one EVAL over all stats.
+
+        ``stats_out``, when given, receives each segment's sufficient-statistics line (23 numbers, see
+        ``clinicalblip.metrics.casestats.meteor_from_stats``) in segment order.
+        """
         with self._lock:
             try:
                 stats = []
@@ -159,6 +163,8 @@ class _MeteorProcess:
                     refs = [_meteor_safe(r) for r in gts[key]]
                     self._ask(" ||| ".join(("SCORE", " ||| ".join(refs), hyp)))
                     stats.append(self._read())
+                if stats_out is not None:
+                    stats_out.extend(stats)
                 self._ask("EVAL ||| " + " ||| ".join(stats))
                 per_segment = [float(self._read()) for _ in stats]
                 return float(self._read()), per_segment
@@ -266,6 +272,22 @@ def compute_nlg(
     One reference per prediction. ``skip`` names metrics not to compute (e.g. ``("METEOR",)`` on a machine without
     Java); they come back as ``None`` and are listed under ``skipped``. Empty predictions score 0, never crash.
     """
+    return nlg_with_case_stats(references, predictions, protocol, skip)[0]
+
+
+def nlg_with_case_stats(
+    references: Sequence[str],
+    predictions: Sequence[str],
+    protocol: str = "r2gen",
+    skip: Iterable[str] = (),
+) -> tuple[dict, dict]:
+    """``compute_nlg``'s dict plus the per-case sufficient statistics of each metric (same scorer calls).
+
+    The second dict holds ``tokens_ref`` / ``tokens_pred`` (what the scorers saw), ``bleu_comps`` (per case:
+    the pycocoevalcap BleuScorer's cooked ``correct[4]``, ``guess[4]``, ``testlen``, ``reflen``), ``meteor_stats``
+    (the METEOR jar's 23-number SCORE line per case), ``rouge_l`` and ``cider`` (per-case scores, CIDEr-D with
+    document frequencies from this reference set); a skipped metric's entry is absent.
+    """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -290,17 +312,52 @@ def compute_nlg(
     res = {i: [tokens[len(refs) + i]] for i in range(len(refs))}
 
     out: dict = {}
+    case: dict = {"tokens_ref": tokens[: len(refs)], "tokens_pred": tokens[len(refs):]}
     if skip & {"BLEU", "BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4"}:
         out.update({k: None for k in METRIC_KEYS[:4]})
     else:
         bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
         out.update({f"BLEU_{i + 1}": float(b) for i, b in enumerate(bleu)})
-    out["METEOR"] = None if "METEOR" in skip else _meteor().corpus_score(gts, res)[0]
-    out["ROUGE_L"] = None if "ROUGE_L" in skip else float(Rouge().compute_score(gts, res)[0])
-    out["CIDEr"] = None if "CIDEr" in skip else float(Cider().compute_score(gts, res)[0])
+        case["bleu_comps"] = _bleu_comps(gts, res)
+    if "METEOR" in skip:
+        out["METEOR"] = None
+    else:
+        lines: list[str] = []
+        out["METEOR"] = _meteor().corpus_score(gts, res, stats_out=lines)[0]
+        case["meteor_stats"] = lines
+    if "ROUGE_L" in skip:
+        out["ROUGE_L"] = None
+    else:
+        rouge, rouge_cases = Rouge().compute_score(gts, res)
+        out["ROUGE_L"] = float(rouge)
+        case["rouge_l"] = [float(x) for x in rouge_cases]
+    if "CIDEr" in skip:
+        out["CIDEr"] = None
+    else:
+        cider, cider_cases = Cider().compute_score(gts, res)
+        out["CIDEr"] = float(cider)
+        case["cider"] = [float(x) for x in cider_cases]
     out["protocol"] = protocol
     out["n"] = len(refs)
     skipped = [k for k in METRIC_KEYS if out[k] is None]
     if skipped:
         out["skipped"] = skipped
-    return out
+    return out, case
+
+
+def _bleu_comps(gts: dict, res: dict) -> list[list[int]]:
+    """Per case ``correct[1..4] + guess[1..4] + [testlen, reflen]``, cooked by pycocoevalcap's own BleuScorer.
+
+    Corpus BLEU is a function of the sums of these (with one reference, the 'closest' reference length is that
+    reference's length), so resampling cases means resampling these rows.
+    """
+    from pycocoevalcap.bleu.bleu_scorer import BleuScorer
+
+    rows = []
+    for key in gts:
+        scorer = BleuScorer(n=4)
+        scorer += (res[key][0], gts[key])
+        comps = scorer.ctest[0]
+        reflen = min((abs(rl - comps["testlen"]), rl) for rl in scorer.crefs[0][0])[1]
+        rows.append([*comps["correct"], *comps["guess"], comps["testlen"], reflen])
+    return rows

@@ -1,0 +1,123 @@
+"""The per-component trainable policy: frozen | lora | full for vision_model, qformer, query_tokens,
+language_projection and language_model, the LoRA targets per architecture, and the report logged at start."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+
+from clinicalblip.config import COMPONENTS, StageConfig
+
+DEFAULT_TARGETS = {
+    "vision_model": ["qkv", "projection", "fc1", "fc2"],
+    "qformer": ["query", "key", "value", "dense"],
+    "language_projection": [],  # the Linear itself
+}
+LM_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "t5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],
+}
+
+
+def core_model(model):
+    """The InstructBLIP module underneath a PeftModel (LoRA layers injected in place) or the model itself."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def component_of(param_name: str) -> str:
+    name = param_name
+    for prefix in ("base_model.model.", "module."):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    return name.split(".", 1)[0]
+
+
+def _lm_targets(model) -> list[str]:
+    mtype = getattr(model.config.text_config, "model_type", "")
+    if mtype in LM_TARGETS:
+        return LM_TARGETS[mtype]
+    return ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def lora_target_regex(model, cfg: StageConfig) -> tuple[str, dict, dict, dict]:
+    """Regex over module names for every `lora` component + per-component rank/alpha/dropout patterns."""
+    parts, rank, alpha, dropout = [], {}, {}, {}
+    for comp in COMPONENTS:
+        if getattr(cfg.trainable, comp) != "lora":
+            continue
+        spec = getattr(cfg.lora, comp)
+        targets = spec.targets or (_lm_targets(model) if comp == "language_model" else DEFAULT_TARGETS[comp])
+        if targets:
+            pat = rf"{comp}(?:\..*)?\.(?:{'|'.join(re.escape(t) for t in targets)})"
+        else:
+            pat = re.escape(comp)
+        parts.append(pat)
+        key = rf"{comp}(?:\..*)?" if targets else re.escape(comp)
+        rank[key], alpha[key], dropout[comp] = spec.r, spec.alpha, spec.dropout
+    return "|".join(f"(?:{p})" for p in parts), rank, alpha, dropout
+
+
+def apply_trainable(model, cfg: StageConfig):
+    """Freeze everything, then add LoRA / unfreeze per component. Returns (model, report).
+
+    The returned model is a PeftModel when some component is `lora` (call `core_model()` for the
+    InstructBLIP module that runs forward/generate), else the input model.
+    """
+    model.requires_grad_(False)
+    regex, rank, alpha, dropout = lora_target_regex(model, cfg)
+    if regex:
+        first = next(iter(rank))
+        lcfg = PeftLoraConfig(
+            target_modules=regex, r=rank[first], lora_alpha=alpha[first], rank_pattern=rank, alpha_pattern=alpha,
+            lora_dropout=max(dropout.values()), bias="none",
+        )
+        model = get_peft_model(model, lcfg)
+        for name, module in model.named_modules():
+            if isinstance(module, LoraLayer) and "default" in module.lora_dropout:
+                p = dropout[component_of(name)]
+                module.lora_dropout["default"] = torch.nn.Dropout(p) if p > 0 else torch.nn.Identity()
+        if cfg.lora.init == "gaussian":
+            # Non-identity start (tests): with lora_B = 0 a merged model equals the base trivially.
+            g = torch.Generator().manual_seed(cfg.train.seed + 1)
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    with torch.no_grad():
+                        p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    core = core_model(model)
+    for comp in COMPONENTS:
+        if getattr(cfg.trainable, comp) == "full":
+            target = getattr(core, comp)
+            if isinstance(target, torch.nn.Parameter):
+                target.requires_grad_(True)
+            else:
+                target.requires_grad_(True)
+    return model, trainable_report(model, cfg)
+
+
+def trainable_report(model, cfg: StageConfig) -> dict:
+    report = {}
+    for comp in COMPONENTS:
+        report[comp] = {"policy": getattr(cfg.trainable, comp), "trainable": 0, "frozen": 0}
+    for name, p in model.named_parameters():
+        comp = component_of(name)
+        if comp not in report:
+            continue
+        report[comp]["trainable" if p.requires_grad else "frozen"] += p.numel()
+    report["total"] = {
+        "trainable": sum(v["trainable"] for v in report.values()),
+        "frozen": sum(v["frozen"] for v in report.values()),
+    }
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{'component':<20} {'policy':<7} {'trainable':>12} {'frozen':>12}"]
+    for comp, r in report.items():
+        lines.append(f"{comp:<20} {r.get('policy', ''):<7} {r['trainable']:>12,} {r['frozen']:>12,}")
+    return "\n".join(lines)
