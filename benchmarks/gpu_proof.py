@@ -309,13 +309,15 @@ def table(results: dict) -> str:
             if "stage_folder" in r:
                 note += f"; {r['stage_folder']['tensors']} tensors, full shapes {r['stage_folder']['full_shapes']}"
         if name == "merge" and r.get("status") == "ok":
-            note = f"peak host {r['peak_host_gib']} GiB, release {r['release_gib']} GiB, |dlogit| {r['max_abs_logit_diff']:.2g}"
+            note = (f"peak host {r['peak_host_gib']} GiB, release {r['release_gib']} GiB, "
+                    f"|dlogit| {r['max_abs_logit_diff']:.2g}")
         if name == "base" and r.get("status") == "ok":
             note = f"{r['params'] / 1e9:.2f}B params, {r['dtype']}, layers {r['layers'] or 'full'}"
         sps = r.get("samples_s")
         ref = (base.get("train") or {}).get("samples_s")
+        peak = r.get("peak_gib")
         rows.append((name, r.get("status", ""), f"{r['wall_s']:.0f}" if "wall_s" in r else "",
-                     "" if sps is None else f"{sps:.2f}", "", "" if r.get("peak_gib") is None else f"{r['peak_gib']:.1f}",
+                     "" if sps is None else f"{sps:.2f}", "", "" if peak is None else f"{peak:.1f}",
                      f"{_ratio(sps, ref)}x" if sps and ref else "", note))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]

@@ -45,7 +45,8 @@ def test_table_compares_against_the_baseline():
                "loss_last": 9.0},
         "baseline": {"status": "ok", "wall_s": 120.0, "result": {
             "train": {"B": 16, "T": 176, "samples_s": 44.2, "peak_gib": 36.5},
-            "gen_b1": {"batch": 1, "s": 12.7, "reports_s": 0.08}, "gen_b64": {"batch": 64, "s": 13.1, "reports_s": 4.87}}},
+            "gen_b1": {"batch": 1, "s": 12.7, "reports_s": 0.08},
+            "gen_b64": {"batch": 64, "s": 13.1, "reports_s": 4.87}}},
         "gen": {"status": "ok", "new_tokens": 100, "wall_s": 30.0,
                 "b1": {"batch": 1, "s": 6.35, "reports_s": 0.16, "prompt_tokens": 120, "peak_gib": 15.0}},
         "z3_s1": {"status": "skipped", "reason": "deepspeed is not installed"},

@@ -54,7 +54,7 @@ def test_vicuna7b_chain_at_real_widths(tmp_path, capsys):
     cfg = json.loads((release / "config.json").read_text())
     assert (cfg["text_config"]["hidden_size"], cfg["vision_config"]["hidden_size"],
             cfg["qformer_config"]["hidden_size"], cfg["num_query_tokens"]) == (4096, 1408, 768, 32)
-    assert cfg["text_config"]["vocab_size"] == 32064 and cfg.get("image_token_id", cfg.get("image_token_index")) == 32001
+    assert cfg["text_config"]["vocab_size"] == 32064 and cfg["image_token_index"] == 32001
 
     # plain transformers: load, and greedy-generate the way the model card says (one view, the processor's
     # own 32 image tokens + BOS + prompt)
