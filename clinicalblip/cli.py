@@ -18,10 +18,36 @@ from clinicalblip.prompts import TemplateError
 # ---------------------------------------------------------------------------------------------- data
 def _add_data(sub) -> None:
     p = sub.add_parser("data", help="prepare, check or synthesise datasets (manifests)")
-    dsub = p.add_subparsers(dest="data_cmd", required=True, metavar="{prepare,check,synth}")
+    dsub = p.add_subparsers(dest="data_cmd", required=True, metavar="{prepare,check,synth,cache}")
     _add_data_synth(dsub)
     _add_data_prepare(dsub)
     _add_data_check(dsub)
+    _add_data_cache(dsub)
+
+
+def _add_data_cache(dsub) -> None:
+    p = dsub.add_parser("cache", help="decode + resize every image of a manifest once into a fast image cache",
+                        description="Decode every image once (DICOM VOI pipeline, PNG, JPEG in draft mode), resize "
+                                    "it as the model's processor does, store uint8 pixels with an index. Resumable "
+                                    "(a rerun skips unchanged images), parallel; unreadable images are listed. Train "
+                                    "from it with data.image_cache=DIR (or data.manifest=DIR/manifest.jsonl).")
+    p.add_argument("manifest", help="manifest.jsonl whose images to cache")
+    p.add_argument("--out", required=True, help="cache folder")
+    p.add_argument("--size", required=True, type=int, help="the processor's input size (e.g. 224 or 384; tiny: 64)")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: every CPU)")
+    p.add_argument("--resample", default="bicubic", choices=["bicubic", "bilinear", "lanczos", "nearest"],
+                   help="the processor's resize filter (BLIP: bicubic)")
+    p.add_argument("--no-draft", action="store_true", help="decode JPEGs at full size (slower; default: draft mode)")
+
+    def run(args) -> int:
+        from clinicalblip.data.cache import build_cache
+
+        summary = build_cache(args.manifest, args.out, args.size, workers=args.workers, resample=args.resample,
+                              jpeg_draft=not args.no_draft)
+        print(summary.format())
+        return 0
+
+    p.set_defaults(func=run)
 
 
 def _add_data_synth(dsub) -> None:
@@ -43,8 +69,8 @@ def _cmd_data_synth(args) -> int:
 
 
 def _add_data_prepare(dsub) -> None:
-    p = dsub.add_parser("prepare", help="turn a dataset (iu-xray, mimic-cxr, jsonl, csv) into a manifest")
-    psub = p.add_subparsers(dest="source", required=True, metavar="{iu-xray,mimic-cxr,jsonl,csv}")
+    p = dsub.add_parser("prepare", help="turn a dataset (iu-xray, open-i, mimic-cxr, jsonl, csv) into a manifest")
+    psub = p.add_subparsers(dest="source", required=True, metavar="{iu-xray,open-i,mimic-cxr,jsonl,csv}")
 
     iu = psub.add_parser("iu-xray", help="R2Gen annotation.json + the public IU report / projection CSVs")
     iu.add_argument("--annotation", required=True, help="R2Gen annotation.json (split; report = findings)")
@@ -52,6 +78,14 @@ def _add_data_prepare(dsub) -> None:
     iu.add_argument("--projections", help="indiana_projections.csv (Frontal / Lateral per image)")
     iu.add_argument("--images", help="image folder (default: images/ beside annotation.json)")
     iu.add_argument("--out", required=True, help="manifest.jsonl to write")
+
+    oi = psub.add_parser("open-i", help="the official IU X-Ray distribution: NLMCXR_reports.tgz (XML) + images")
+    oi.add_argument("--reports", required=True, help="NLMCXR_reports.tgz, or the folder of its XMLs")
+    oi.add_argument("--images", required=True, help="image folder: NLMCXR_png, Kaggle images_normalized, or DICOM")
+    oi.add_argument("--annotation", help="R2Gen annotation.json: its split and ids (else a seeded patient split)")
+    oi.add_argument("--projections", help="indiana_projections.csv (Frontal / Lateral per image)")
+    oi.add_argument("--seed", type=int, default=0, help="seed of the patient split without --annotation")
+    oi.add_argument("--out", required=True, help="manifest.jsonl to write")
 
     mc = psub.add_parser("mimic-cxr", help="R2Gen annotation.json or the official PhysioNet layout")
     mc.add_argument("--root", help="folder with mimic-cxr-2.0.0-{split,metadata,chexpert}.csv[.gz] (and files/)")
@@ -89,6 +123,11 @@ def _add_data_prepare(dsub) -> None:
 
             summary = prepare_iu_xray(args.annotation, args.out, reports=args.reports,
                                       projections=args.projections, images=args.images)
+        elif args.source == "open-i":
+            from clinicalblip.data.open_i import prepare_open_i
+
+            summary = prepare_open_i(args.reports, args.images, args.out, annotation=args.annotation,
+                                     projections=args.projections, seed=args.seed)
         elif args.source == "mimic-cxr":
             from clinicalblip.data.mimic_cxr import prepare_mimic_cxr
 
@@ -111,8 +150,11 @@ def _add_data_prepare(dsub) -> None:
 def _add_data_check(dsub) -> None:
     p = dsub.add_parser("check", help="validate every record of a manifest (exit 1 if any is unusable)")
     p.add_argument("manifest", help="manifest.jsonl to check")
-    p.add_argument("--images", choices=["decode", "exists", "none"], default="decode",
-                   help="decode every image (default), only check that files exist, or skip images")
+    p.add_argument("--images", choices=["header", "decode", "exists", "none"], default="header",
+                   help="header: existence, size and header read cheaply (default); decode: decode every image; "
+                        "exists: files only; none: skip images")
+    p.add_argument("--decode", action="store_true", help="decode every image fully (same as --images decode)")
+    p.add_argument("--image-cache", help="an image cache folder: images it holds count as decoded")
     p.add_argument("--jobs", type=int, default=None, help="image-decoding threads (default: up to 8)")
     p.add_argument("--max-ids", type=int, default=5, help="offending ids shown per problem (default 5)")
     p.add_argument("--json", metavar="PATH", help="also write the per-problem counts and ids as JSON")
@@ -120,7 +162,8 @@ def _add_data_check(dsub) -> None:
     def run(args) -> int:
         from clinicalblip.data.check import check_manifest
 
-        report = check_manifest(args.manifest, check_images=args.images, jobs=args.jobs)
+        mode = "decode" if args.decode else args.images
+        report = check_manifest(args.manifest, check_images=mode, jobs=args.jobs, image_cache=args.image_cache)
         print(report.format(max_ids=args.max_ids))
         if args.json:
             with open(args.json, "w", encoding="utf-8") as fh:
@@ -179,6 +222,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="manifest mode: only the first N studies of the split")
     p.add_argument("--overwrite", action="store_true",
                    help="manifest mode: start --out over instead of resuming it (a resume needs the same settings)")
+    p.add_argument("--image-cache", help="manifest mode: read pixels from this `data cache` folder")
+    p.add_argument("--workers", type=int, default=-1, help="manifest mode: loader workers (default -1: what the "
+                                                          "machine affords; 0: load in the main process)")
     p.add_argument("--json", action="store_true", help="single study: print prompt, qformer_prompt, report as JSON")
     p.set_defaults(func=_cmd_generate)
 
@@ -228,7 +274,7 @@ def _cmd_generate(args) -> int:
         args.model_dir, args.manifest, split=args.split or "test", out=args.out, template=args.template,
         context=args.context, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
         batch_size=args.batch_size or 16, limit=args.limit, dtype=args.dtype, overwrite=args.overwrite,
-        quantization=args.quantization,
+        quantization=args.quantization, image_cache=args.image_cache, num_workers=args.workers,
         **_decoding_kwargs(args),
     )
     if os.environ.get("RANK", "0") == "0":  # once under accelerate launch
@@ -302,11 +348,14 @@ def _add_view(sub) -> None:
     p.add_argument("predictions", help="predictions JSONL")
     _add_viewer_args(p, "--out", "the HTML file to write")
     p.add_argument("--metrics", help="metrics.json from `clinicalblip eval` for the summary (else scored here)")
-    p.add_argument("--protocol", choices=["r2gen", "r2gen-mimic", "coco-ptb"], default="r2gen")
-    p.add_argument("--labeler", choices=["auto", "chexpert", "synthetic", "chexbert"], default="auto")
-    p.add_argument("--uncertain-as", choices=["positive", "negative"], default="positive")
+    p.add_argument("--protocol", choices=["r2gen", "r2gen-mimic", "coco-ptb"], default="r2gen",
+                   help="NLG protocol: r2gen (IU X-Ray cleaning, default), r2gen-mimic, coco-ptb")
+    p.add_argument("--labeler", choices=["auto", "chexpert", "synthetic", "chexbert"], default="auto",
+                   help="auto: synthetic labels for synthetic records, else the CheXpert-style rules")
+    p.add_argument("--uncertain-as", choices=["positive", "negative"], default="positive",
+                   help="how uncertain (-1) labels count in P/R/F1 (default positive)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (without --metrics)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--skip-java-metrics", action="store_true", help="skip METEOR (without --metrics)")
 
     def run(args) -> int:
@@ -337,10 +386,13 @@ def _add_compare(sub) -> None:
                    help="each system's case viewer, in order (repeat); default PRED.html where it exists")
     p.add_argument("--names", nargs="+", help="system names (default: the file stems)")
     p.add_argument("--resamples", type=int, default=10000, help="bootstrap and permutation resamples (10000)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--protocol", choices=["r2gen", "r2gen-mimic", "coco-ptb"], default="r2gen")
-    p.add_argument("--labeler", choices=["auto", "chexpert", "synthetic"], default="auto")
-    p.add_argument("--uncertain-as", choices=["positive", "negative"], default="positive")
+    p.add_argument("--seed", type=int, default=0, help="resampling seed (the same seed gives the same CIs and p)")
+    p.add_argument("--protocol", choices=["r2gen", "r2gen-mimic", "coco-ptb"], default="r2gen",
+                   help="NLG protocol: r2gen (IU X-Ray cleaning, default), r2gen-mimic, coco-ptb")
+    p.add_argument("--labeler", choices=["auto", "chexpert", "synthetic"], default="auto",
+                   help="auto: synthetic labels for synthetic records, else the CheXpert-style rules")
+    p.add_argument("--uncertain-as", choices=["positive", "negative"], default="positive",
+                   help="how uncertain (-1) labels count in P/R/F1 (default positive)")
     p.add_argument("--skip-java-metrics", action="store_true", help="skip METEOR (it needs Java)")
     p.add_argument("--min-overlap", type=float, default=0.9,
                    help="refuse when the files share fewer than this fraction of the largest file's studies")

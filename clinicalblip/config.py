@@ -63,11 +63,20 @@ class DataConfig:
     max_prompt_tokens: int = 256
     max_views: int = 2
     on_bad_record: str = "error"  # error | skip (skip logs the count and ids of every dropped record)
-    # How images are checked before training: decode (catches corrupt files; default), exists, none.
-    check_images: str = "decode"
+    # How images are checked before training: header (exists, size and header read cheaply, e.g. a DICOM
+    # header without pixels; default), decode (every image decoded: slow on big data), exists, none.
+    check_images: str = "header"
     val_max: int = 200  # val studies used for loss / generation metrics
     limit: int = 0  # use only the first N train studies (0 = all); for smoke tests
     cache_images: bool = False  # keep preprocessed pixels in memory (small datasets: the tiny demo)
+    # A folder written by `clinicalblip data cache` at the processor's size: pixels are read from it.
+    # Empty: raw images (or the cache that data.manifest belongs to, when it is a cache's manifest.jsonl).
+    image_cache: str = ""
+    # DataLoader worker processes per rank: -1 = what the machine affords, 0 = load in the main process.
+    num_workers: int = -1
+    # Decode JPEGs at the smallest DCT scale (JPEG 2000 DICOM: the coarsest wavelet level) still >= the
+    # model's input size: several times faster on full-size radiographs (raw path; the cache does too).
+    jpeg_draft: bool = True
 
 
 @dataclass
@@ -271,6 +280,7 @@ def _resolve_paths(cfg: StageConfig, base_dir: str) -> StageConfig:
 
     cfg.output_dir = r(cfg.output_dir)
     cfg.data.manifest = r(cfg.data.manifest)
+    cfg.data.image_cache = r(cfg.data.image_cache)
     if cfg.parent:
         cfg.parent = r(cfg.parent)
     return cfg
@@ -305,8 +315,10 @@ def validate(cfg: StageConfig) -> None:
                           f"model.base={cfg.model.base}; use model.layers=0")
     if cfg.data.on_bad_record not in ("error", "skip"):
         raise ConfigError(f"data.on_bad_record must be error or skip, got '{cfg.data.on_bad_record}'")
-    if cfg.data.check_images not in ("decode", "exists", "none"):
-        raise ConfigError(f"data.check_images must be decode, exists or none, got '{cfg.data.check_images}'")
+    if cfg.data.check_images not in ("header", "decode", "exists", "none"):
+        raise ConfigError(f"data.check_images must be header, decode, exists or none, got '{cfg.data.check_images}'")
+    if cfg.data.num_workers < -1:
+        raise ConfigError("data.num_workers must be -1 (auto), 0 or more")
     if cfg.data.max_prompt_tokens < 1:
         raise ConfigError("data.max_prompt_tokens must be >= 1")
     if not 0.0 <= cfg.data.context_dropout <= 1.0:

@@ -13,7 +13,9 @@ import yaml
 from tqdm.auto import tqdm
 
 from clinicalblip import __version__
+from clinicalblip.data.cache import find_image_cache, pixel_source
 from clinicalblip.data.collate import StudyCollator, model_inputs
+from clinicalblip.data.loader import make_loader
 from clinicalblip.data.manifest import file_hash, read_manifest
 from clinicalblip.errors import UserError
 from clinicalblip.model import is_decoder_only, load_pretrained
@@ -302,7 +304,8 @@ def check_resume(out_path: Path, settings: dict, key: str) -> None:
 def generate_split(model_dir: str, manifest: str, split: str, out: str, template: str | None = None,
                    context: str = "real", max_new_tokens: int | None = None, num_beams: int = 1,
                    batch_size: int = 16, limit: int | None = None, dtype: str | None = None,
-                   overwrite: bool = False, quantization: str = "none", **generate_kwargs) -> int:
+                   overwrite: bool = False, quantization: str = "none", image_cache: str | None = None,
+                   num_workers: int = -1, **generate_kwargs) -> int:
     """Generate a report for every study of a split; output written as it goes, a rerun skips finished ids.
 
     context: real | none (indication left out) | generic (replaced by an uninformative one) | shuffled (another
@@ -313,7 +316,8 @@ def generate_split(model_dir: str, manifest: str, split: str, out: str, template
     see PROVENANCE_KEYS); other settings are refused, naming the difference, unless overwrite=True, which
     starts the file over. Every row carries the short hash of those settings as "provenance".
     generate_kwargs go to `model.generate` (do_sample, temperature, top_p, repetition_penalty,
-    no_repeat_ngram_size, length_penalty, ...).
+    no_repeat_ngram_size, length_penalty, ...). image_cache: a `data cache` folder to read pixels from (also
+    used when `manifest` is a cache's manifest.jsonl); num_workers: loader workers (-1: what the machine affords).
     """
     from accelerate import PartialState
 
@@ -355,6 +359,7 @@ def generate_split(model_dir: str, manifest: str, split: str, out: str, template
     todo = todo[state.process_index:: state.num_processes]
     collate = rm.collator(tpl, indication="real" if context in ("shuffled", "blank_image") else context,
                           blank_images=context == "blank_image")
+    collate.image_cache = pixel_source(rm.processor.image_processor, find_image_cache(image_cache, manifest))
     if main:
         provenance = {
             **settings, "provenance": prov_key, "model_dir": os.path.abspath(model_dir),
@@ -369,9 +374,8 @@ def generate_split(model_dir: str, manifest: str, split: str, out: str, template
     part = out_path if state.num_processes == 1 else Path(f"{out_path}.part{state.process_index}")
     _drop_partial_tail(part)
     with open(part, "a", encoding="utf-8") as fh:
-        for i in tqdm(range(0, len(todo), batch_size), desc=f"generate {split}", unit="batch", disable=not main):
-            chunk = todo[i: i + batch_size]
-            batch = collate(chunk)
+        batches = make_loader(todo, batch_size, collate, num_workers=num_workers, return_records=True)
+        for chunk, batch in tqdm(batches, desc=f"generate {split}", unit="batch", disable=not main):
             texts = rm.generate_batch(batch, max_new_tokens=max_new_tokens, num_beams=num_beams, **generate_kwargs)
             for rec, text, prompt in zip(chunk, texts, batch["prompts"]):
                 row = {"id": rec["id"], "prediction": text, "reference": target_text(tpl, rec), "prompt": prompt,

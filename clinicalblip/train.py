@@ -27,8 +27,10 @@ from transformers import get_scheduler
 
 from clinicalblip import __version__
 from clinicalblip.config import COMPONENTS, StageConfig
+from clinicalblip.data.cache import find_image_cache, pixel_source
 from clinicalblip.data.check import apply_bad_record_policy
 from clinicalblip.data.collate import StudyCollator, model_inputs
+from clinicalblip.data.loader import make_loader
 from clinicalblip.data.manifest import file_hash, read_manifest
 from clinicalblip.errors import UserError
 from clinicalblip.model import (
@@ -273,6 +275,7 @@ class Records:
     val: list[dict]
     template: Template
     data_hash: str
+    image_cache: str | None = None  # a `data cache` folder the pixels come from (None: the raw images)
 
 
 def _records(run: Run) -> Records:
@@ -280,7 +283,9 @@ def _records(run: Run) -> Records:
     cfg = run.cfg
     # The whole manifest is checked, not one split: a patient in two splits is only visible across splits.
     records = read_manifest(cfg.data.manifest)
-    records = apply_bad_record_policy(records, cfg.data.on_bad_record, log=run.log, check_images=cfg.data.check_images)
+    image_cache = find_image_cache(cfg.data.image_cache, cfg.data.manifest)
+    records = apply_bad_record_policy(records, cfg.data.on_bad_record, log=run.log, check_images=cfg.data.check_images,
+                                      manifest=cfg.data.manifest, image_cache=image_cache)
     train = [r for r in records if r["split"] == cfg.data.train_split]
     if cfg.data.limit:
         train = train[: cfg.data.limit]
@@ -293,7 +298,8 @@ def _records(run: Run) -> Records:
         raise UserError(f"{len(empty)} train record(s) with an empty {template.target}: {', '.join(map(str, empty[:5]))}"
                         " (fill them in, or set data.on_bad_record=skip)")
     train = [r for r in train if target_text(template, r)]
-    return Records(train=train, val=val, template=template, data_hash=file_hash(cfg.data.manifest))
+    return Records(train=train, val=val, template=template, data_hash=file_hash(cfg.data.manifest),
+                   image_cache=image_cache)
 
 
 @dataclass
@@ -382,6 +388,7 @@ class Loaders:
     sampler: EpochSampler
     train: DataLoader
     val: DataLoader | None
+    val_records: list[dict] = field(default_factory=list)  # for train.val_generate
 
 
 def _loaders(run: Run, records: Records, built: Built) -> Loaders:
@@ -390,7 +397,9 @@ def _loaders(run: Run, records: Records, built: Built) -> Loaders:
         processor=built.processor, template=records.template, num_query_tokens=built.processor.num_query_tokens,
         decoder_only=is_decoder_only(core_model(built.model)), mode="train", max_views=cfg.data.max_views,
         max_report_tokens=cfg.data.max_report_tokens, context_dropout=cfg.data.context_dropout, seed=cfg.train.seed,
-        image_cache={} if cfg.data.cache_images else None, max_prompt_tokens=cfg.data.max_prompt_tokens,
+        image_cache=pixel_source(built.processor.image_processor, records.image_cache, jpeg_draft=cfg.data.jpeg_draft,
+                                 memory=cfg.data.cache_images),
+        max_prompt_tokens=cfg.data.max_prompt_tokens,
     )
     collate.check_image_tokens(core_model(built.model).config)  # refuse an <image> id / query count mismatch now
     val_collate = StudyCollator(
@@ -400,10 +409,11 @@ def _loaders(run: Run, records: Records, built: Built) -> Loaders:
         max_prompt_tokens=cfg.data.max_prompt_tokens,
     )
     sampler = EpochSampler(len(records.train), cfg.train.seed)
-    train = DataLoader(records.train, batch_size=cfg.train.batch_size, sampler=sampler, collate_fn=collate)
-    val = DataLoader(records.val, batch_size=cfg.train.batch_size, shuffle=False, collate_fn=val_collate) \
+    # the sampler carries the epoch into the loader workers (context dropout depends on it)
+    train = make_loader(records.train, cfg.train.batch_size, collate, sampler=sampler, num_workers=cfg.data.num_workers)
+    val = make_loader(records.val, cfg.train.batch_size, val_collate, num_workers=cfg.data.num_workers) \
         if records.val else None
-    return Loaders(collate=collate, sampler=sampler, train=train, val=val)
+    return Loaders(collate=collate, sampler=sampler, train=train, val=val, val_records=records.val)
 
 
 @dataclass
@@ -518,6 +528,8 @@ def _header(run: Run, records: Records, built: Built, loaders: Loaders, sched: S
     run.log(f"train: {len(records.train)} studies, val: {len(records.val)} | effective batch {eff_batch} "
             f"({cfg.train.batch_size} x {cfg.train.grad_accum} accum x {acc.num_processes} proc) | "
             f"{sched.total_steps} steps ({sched.num_epochs} epoch(s)) | {backend} on {acc.device}")
+    run.log(f"images: {('cache ' + records.image_cache) if records.image_cache else 'raw'} | loader workers per rank: "
+            f"{getattr(loaders.train, 'num_workers', 0)}")
     run.log(format_report(built.report))
     run.log(full_depth_line(acc.unwrap_model(built.model), built.base["name"], cfg))
     if not run.main:
@@ -594,8 +606,7 @@ def _fit(run: Run, built: Built, loaders: Loaders, sched: Schedule, progress: Pr
         if done:
             break
         loaders.train.set_epoch(epoch)
-        loaders.sampler.set_epoch(epoch)
-        loaders.collate.epoch = epoch
+        loaders.sampler.set_epoch(epoch)  # read by the loader when the pass starts; workers get it per batch
         loader, batches_in_epoch = loaders.train, 0
         if epoch == progress.epoch and progress.skip_batches:
             loader = acc.skip_first_batches(loaders.train, progress.skip_batches)
@@ -708,7 +719,7 @@ def validation_reports(run: Run, model, loaders: Loaders) -> dict | None:
     from clinicalblip.metrics.labeler import label_report
 
     acc, cfg = run.accelerator, run.cfg
-    records = loaders.val.dataset[: cfg.train.val_generate] if hasattr(loaders.val, "dataset") else []
+    records = loaders.val_records[: cfg.train.val_generate]
     if not records:
         return None
     collate = StudyCollator(

@@ -10,20 +10,31 @@ Problems that make a record unusable (errors):
                       patient is flagged: keeping any of them would leak the patient across splits)
     no_images         no image listed
     missing_image     an image file does not exist
-    unreadable_image  an image file exists but does not decode (the same loader training uses)
+    unreadable_image  an image file is empty, its header is not an image's (PNG/JPEG signature and size,
+                      DICOM header with pixel data of the right length and a decoder for its transfer
+                      syntax), or, with check_images=decode, it does not decode (the loader training uses)
     empty_report      split train/val/test and neither findings nor impression has text
     encoding          text with U+FFFD replacement characters, mojibake ("Ã©", "â€™") or control bytes
 
 Warnings (reported, exit status unaffected): no_patient_id (the leakage check cannot see the record),
 no_view (no image has a view label), unknown_split (a split outside train/val/test, e.g. "dev").
 
+Image checks (`check_images`): "header" (default: existence, size and header, read cheaply: a DICOM header
+without its pixels), "decode" (every image fully decoded: `data check --decode`; the image cache build
+decodes anyway), "exists", "none". With an image cache, images the cache holds count as checked (they were
+decoded when it was built) and those it could not read are unreadable with the build's reason.
+
 Call `apply_bad_record_policy` on the whole manifest (not one split): the patient check needs every split.
+Given the manifest path, it checks on one rank, shares the result with the others, and keeps it on disk
+keyed by the manifest's hash and every image's size and mtime, so the next stage on the same data skips it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import struct
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -38,7 +49,8 @@ from clinicalblip.errors import UserError
 ERRORS = ("bad_json", "not_utf8", "missing_id", "duplicate_id", "patient_in_two_splits", "no_images",
           "missing_image", "unreadable_image", "empty_report", "encoding")
 WARNINGS = ("no_patient_id", "no_view", "unknown_split")
-IMAGE_CHECKS = ("decode", "exists", "none")
+IMAGE_CHECKS = ("header", "decode", "exists", "none")
+CHECK_VERSION = 1  # bump when a check changes: stored results of older checks are then not reused
 
 
 class BadRecordsError(UserError):
@@ -122,9 +134,110 @@ class CheckReport:
 
 
 # ---------------------------------------------------------------------------------------------- checks
-def _image_problem(path: str, mode: str) -> Problem | None:
+_PNG_SIG = b"\x89PNG\r\n\x1a\n"
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_PIXEL_TAGS = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00")
+
+
+def _jpeg_header(head: bytes, whole_file: bool) -> str | None:
+    """None when the JPEG markers reach a frame header with a non-zero size, else the problem."""
+    if head[:2] != b"\xff\xd8":
+        return "not a JPEG (no SOI marker)"
+    i = 2
+    while i + 4 <= len(head):
+        if head[i] != 0xFF:
+            return f"corrupt JPEG marker at byte {i}"
+        marker = head[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        length = struct.unpack(">H", head[i + 2:i + 4])[0]
+        if marker in _SOF:
+            if i + 9 > len(head):
+                return None  # frame header beyond what was read: leave it to the decoder
+            h, w = struct.unpack(">HH", head[i + 5:i + 9])
+            return None if h and w else f"JPEG frame of size {w}x{h}"
+        if marker in (0xD9, 0xDA):
+            return "JPEG without a frame header"
+        i += 2 + length
+    if whole_file:
+        return "JPEG without a frame header (the file ends first)"
+    return None  # very large metadata segments: the header looked fine as far as it was read
+
+
+def _dicom_header(path: str, size: int) -> str | None:
+    import pydicom
+
+    from clinicalblip.data.images import missing_dicom_plugin
+
+    with open(path, "rb") as fh:
+        try:
+            ds = pydicom.dcmread(fh, stop_before_pixels=True, force=True)
+        except Exception as exc:  # pydicom raises many types for a corrupt header
+            return f"unreadable DICOM header: {type(exc).__name__}: {exc}"
+        pos = fh.tell()
+        tag = fh.read(4)
+    if tag not in _PIXEL_TAGS:
+        return "DICOM file has no pixel data"
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if not rows or not cols:
+        return f"DICOM image of size {cols}x{rows}"
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    missing = missing_dicom_plugin(tsyntax)
+    if missing:
+        return missing
+    if tsyntax is None or not tsyntax.is_compressed:
+        need = rows * cols * int(ds.get("SamplesPerPixel", 1) or 1) * int(ds.get("NumberOfFrames", 1) or 1) \
+            * max(1, int(ds.get("BitsAllocated", 16) or 16) // 8)
+        if size - pos - 12 < need:
+            return f"DICOM pixel data truncated: {size - pos} bytes left for {need} bytes of pixels"
+    return None
+
+
+def header_problem(path: str) -> str | None:
+    """The cheap image check: None when the file looks like a decodable image, else the problem.
+    Reads the first 64 KiB at most (a DICOM header without its pixels)."""
+    from clinicalblip.data.images import is_dicom
+
+    try:
+        size = os.path.getsize(path)
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror}"
+    if size == 0:
+        return f"empty file: {path}"
+    try:
+        if is_dicom(path):
+            why = _dicom_header(path, size)
+        else:
+            with open(path, "rb") as fh:
+                head = fh.read(1 << 16)
+            if head.startswith(_PNG_SIG):
+                ok = len(head) >= 24 and head[12:16] == b"IHDR" and min(struct.unpack(">II", head[16:24])) > 0
+                why = None if ok else "corrupt PNG header"
+            elif head[:2] == b"\xff\xd8":
+                why = _jpeg_header(head, whole_file=len(head) < (1 << 16))
+            else:
+                from PIL import Image
+
+                try:
+                    with Image.open(path) as im:  # lazy: parses the header only
+                        why = None if im.size[0] and im.size[1] else f"image of size {im.size}"
+                except Exception as exc:
+                    why = f"not an image Pillow reads: {type(exc).__name__}: {exc}"
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror}"
+    return f"{path}: {why}" if why else None
+
+
+def _image_problem(path: str, mode: str, cached: dict | None = None) -> Problem | None:
+    if cached is not None and path in cached:  # decoded when the image cache was built
+        reason = cached[path]
+        return None if reason is None else Problem("unreadable_image", reason)
     if not os.path.isfile(path):
         return Problem("missing_image", os.path.normpath(path))
+    if mode == "header":
+        why = header_problem(path)
+        return Problem("unreadable_image", why) if why else None
     if mode == "decode":
         try:
             load_image(path)
@@ -133,11 +246,12 @@ def _image_problem(path: str, mode: str) -> Problem | None:
     return None
 
 
-def check_records(records: list[dict], check_images: str | bool = "decode", root: str | os.PathLike | None = None,
+def check_records(records: list[dict], check_images: str | bool = "header", root: str | os.PathLike | None = None,
                   jobs: int | None = None, _pre: list[list[Problem]] | None = None,
-                  _keys: list[str] | None = None) -> CheckReport:
+                  _keys: list[str] | None = None, cached: dict | None = None) -> CheckReport:
     """Check records (as read_manifest returns them, image paths resolved; or pass `root` to resolve
-    relative paths). `check_images`: "decode" (default; True), "exists", or "none" (False)."""
+    relative paths). `check_images`: "header" (default), "decode" (True), "exists", or "none" (False).
+    cached: {path: None or reason} of images an image cache already decoded (ImageCache.check_map)."""
     mode = {True: "decode", False: "none", None: "none"}.get(check_images, check_images)
     if mode not in IMAGE_CHECKS:
         raise ValueError(f"check_images must be one of {IMAGE_CHECKS}, not {check_images!r}")
@@ -202,8 +316,12 @@ def check_records(records: list[dict], check_images: str | bool = "decode", root
         paths = list(image_jobs)
         workers = jobs or min(8, (os.cpu_count() or 2))
         # Decoding is mostly C code that releases the GIL: threads give a real speed-up without pickling.
+        # Paths go to the threads in chunks: one future per image costs more than a header check.
+        step = 512
+        chunks = [paths[i:i + step] for i in range(0, len(paths), step)]
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            results = list(pool.map(lambda p: _image_problem(p, mode), paths, chunksize=16))
+            results = [r for part in pool.map(lambda ps: [_image_problem(p, mode, cached) for p in ps], chunks)
+                       for r in part]
         for p, prob in zip(paths, results):
             if prob is not None:
                 for i in image_jobs[p]:
@@ -271,44 +389,134 @@ def _safe_normalize(rec: dict, root: Path, ps: list[Problem]) -> dict:
     return out
 
 
-def check_manifest(path: str | os.PathLike, check_images: str | bool = "decode", jobs: int | None = None) -> CheckReport:
-    """Check every line of a manifest file (unreadable lines included) -> CheckReport."""
+def check_manifest(path: str | os.PathLike, check_images: str | bool = "header", jobs: int | None = None,
+                   image_cache: str | os.PathLike | None = None) -> CheckReport:
+    """Check every line of a manifest file (unreadable lines included) -> CheckReport. A cache's manifest
+    copy is checked against its cache (see the module docstring) without naming the cache."""
+    if image_cache is None:
+        from clinicalblip.data.cache import find_image_cache
+
+        image_cache = find_image_cache(None, path)
     records, pre, keys = read_manifest_tolerant(path)
-    report = check_records(records, check_images=check_images, jobs=jobs, _pre=pre, _keys=keys)
+    report = check_records(records, check_images=check_images, jobs=jobs, _pre=pre, _keys=keys,
+                           cached=_cache_map(image_cache))
     report.manifest = str(path)
     return report
 
 
 # ---------------------------------------------------------------------------------------------- policy
-def find_bad_records(records: list[dict], check_images: str | bool = "decode",
+def find_bad_records(records: list[dict], check_images: str | bool = "header",
                      root: str | os.PathLike | None = None) -> dict[str, list[str]]:
     """{id: ["code: detail", ...]} for every unusable record (see the module docstring for the codes)."""
     return check_records(records, check_images=check_images, root=root).bad()
 
 
+def _cache_map(image_cache) -> dict | None:
+    if not image_cache:
+        return None
+    from clinicalblip.data.cache import ImageCache
+
+    return ImageCache(image_cache).check_map()
+
+
+def check_cache_dir() -> Path:
+    """Where stored check results live: $CLINICALBLIP_CACHE/checks (default ~/.cache/clinicalblip/checks)."""
+    base = os.environ.get("CLINICALBLIP_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "clinicalblip")
+    return Path(base) / "checks"
+
+
+def _image_stats_digest(records: list[dict]) -> str:
+    """Every image's path, size and mtime: a stored result is reused only if no file changed."""
+    h = hashlib.blake2b(digest_size=16)
+    for p in dict.fromkeys(str(im.get("path")) for r in records for im in (r.get("images") or [])
+                           if isinstance(im, dict)):
+        try:
+            st = os.stat(p)
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{p}\0-\n".encode())
+    return h.hexdigest()
+
+
+def _check_key(manifest: str | os.PathLike, mode: str, image_cache, n: int) -> str:
+    h = hashlib.sha256()
+    with open(manifest, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    h.update(f"\0{mode}\0{CHECK_VERSION}\0{n}".encode())
+    if image_cache:
+        for name in ("index.jsonl", "errors.jsonl"):
+            p = Path(image_cache) / name
+            st = p.stat() if p.is_file() else None
+            h.update(f"\0{Path(image_cache).resolve()}/{name}:{st and st.st_size}:{st and st.st_mtime_ns}".encode())
+    return h.hexdigest()[:32]
+
+
+def bad_record_list(records: list[dict], check_images: str | bool = "header", root: str | os.PathLike | None = None,
+                    manifest: str | os.PathLike | None = None, image_cache: str | os.PathLike | None = None,
+                    log: Callable[[str], None] | None = None) -> list[tuple[int, str, list[str]]]:
+    """[(index, key, error codes)] of the unusable records; reuses a stored result when `manifest` is given
+    and neither it nor any image changed since."""
+    mode = {True: "decode", False: "none", None: "none"}.get(check_images, check_images)
+    store = None
+    if manifest is not None and os.path.isfile(manifest):
+        store = check_cache_dir() / f"{_check_key(manifest, str(mode), image_cache, len(records))}.json"
+        digest = _image_stats_digest(records) if mode != "none" else ""
+        try:
+            saved = json.loads(store.read_text())
+            if saved.get("stats") == digest:
+                if log:
+                    log(f"record check: reusing the result stored for this manifest and these files ({store})")
+                return [(int(i), k, list(c)) for i, k, c in saved["bad"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    report = check_records(records, check_images=mode, root=root, cached=_cache_map(image_cache))
+    bad = [(i, report.keys[i], list(dict.fromkeys(p.code for p in report.problems[i] if p.is_error)))
+           for i in report.bad_indices()]
+    if store is not None:
+        try:
+            store.parent.mkdir(parents=True, exist_ok=True)
+            tmp = store.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"manifest": str(manifest), "mode": mode, "stats": digest, "bad": bad}))
+            os.replace(tmp, store)
+        except OSError:
+            pass  # a read-only home: the check simply runs again next time
+    return bad
+
+
 def apply_bad_record_policy(records: list[dict], policy: str = "error", log: Callable[[str], None] = print,
-                            check_images: str | bool = "decode", root: str | os.PathLike | None = None,
-                            max_ids: int = 50) -> list[dict]:
+                            check_images: str | bool = "header", root: str | os.PathLike | None = None,
+                            max_ids: int = 50, manifest: str | os.PathLike | None = None,
+                            image_cache: str | os.PathLike | None = None, share: bool = True) -> list[dict]:
     """The records to use under `on_bad_record`.
 
     "error": any unusable record raises BadRecordsError naming the records and their problems.
     "skip": unusable records are dropped; `log` gets one line with the count and their ids (nothing vanishes
     silently). Returns the remaining records in their original order.
+    manifest: the file the records came from; its check result is stored and reused (see bad_record_list).
+    share: under torch.distributed, rank 0 checks and the other ranks receive its result.
     """
     if policy not in ("error", "skip"):
         raise UserError(f"on_bad_record must be 'error' or 'skip', not {policy!r}")
-    report = check_records(records, check_images=check_images, root=root)
-    bad = report.bad_indices()
+
+    def run():
+        return bad_record_list(records, check_images, root=root, manifest=manifest, image_cache=image_cache, log=log)
+
+    if share:
+        from clinicalblip.data.loader import run_on_rank0
+
+        bad = run_on_rank0(run)
+    else:
+        bad = run()
     if not bad:
         return list(records)
-    described = [f"{report.keys[i]} ({', '.join(dict.fromkeys(p.code for p in report.problems[i] if p.is_error))})"
-                 for i in bad]
+    described = [f"{key} ({', '.join(codes)})" for _, key, codes in bad]
     more = f" ... (+{len(bad) - max_ids} more; run `clinicalblip data check` for all)" if len(bad) > max_ids else ""
     listing = "; ".join(described[:max_ids]) + more
     if policy == "error":
         raise BadRecordsError(f"{len(bad)} of {len(records)} records are unusable: {listing}. Fix them "
                               "(`clinicalblip data check MANIFEST` lists every problem) or set on_bad_record: skip")
     log(f"on_bad_record=skip: dropping {len(bad)} of {len(records)} records: {listing}")
-    drop = set(bad)
+    drop = {i for i, _, _ in bad}
     return [r for i, r in enumerate(records) if i not in drop]
-
