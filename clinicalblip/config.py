@@ -28,8 +28,9 @@ class ConfigError(UserError):
 
 @dataclass
 class ModelConfig:
-    # "tiny" / "tiny-t5" (built in code), a local checkpoint folder, or a hub id
-    # (e.g. Salesforce/instructblip-vicuna-7b); ignored when the stage has a parent.
+    # "tiny" / "tiny-t5" (built in code), "shape-vicuna7b" / "shape-flant5xl" (built in code: random weights in
+    # the real checkpoints' shapes), a local checkpoint folder, or a hub id (e.g. Salesforce/instructblip-vicuna-7b);
+    # ignored when the stage has a parent.
     base: str = "tiny"
     # fp32 | bf16 | fp16: frozen weights are stored in this dtype and matmuls autocast to it; trainable
     # weights (LoRA, full components) stay fp32 for a stable optimizer. Under DeepSpeed the engine casts
@@ -41,6 +42,9 @@ class ModelConfig:
     quantization: str = "none"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
+    # shape-* presets only: keep N layers in every tower (vision, Q-Former, LLM; T5 encoder and decoder) so the
+    # real widths fit a CPU; 0 = the real depth. Like base, ignored when the stage has a parent.
+    layers: int = 0
 
 
 @dataclass
@@ -304,6 +308,11 @@ def validate(cfg: StageConfig) -> None:
                               "fully: set trainable.language_model to lora (QLoRA) or frozen, or quantization none")
         if cfg.model.dtype == "fp32":
             raise ConfigError(f"model.quantization={q} computes in bf16/fp16: set model.dtype=bf16")
+    if cfg.model.layers < 0:
+        raise ConfigError(f"model.layers must be >= 0 (0 = full depth), got {cfg.model.layers}")
+    if cfg.model.layers and not cfg.parent and not cfg.model.base.startswith("shape-"):
+        raise ConfigError(f"model.layers={cfg.model.layers} applies to the shape-* presets only, not to "
+                          f"model.base={cfg.model.base}; use model.layers=0")
     if cfg.data.on_bad_record not in ("error", "skip"):
         raise ConfigError(f"data.on_bad_record must be error or skip, got '{cfg.data.on_bad_record}'")
     if cfg.data.check_images not in ("header", "decode", "exists", "none"):

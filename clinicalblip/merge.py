@@ -19,7 +19,7 @@ from peft import PeftModel
 from clinicalblip import __version__
 from clinicalblip.data.collate import StudyCollator, model_inputs
 from clinicalblip.errors import UserError
-from clinicalblip.model import is_decoder_only, require_hub_online, torch_dtype
+from clinicalblip.model import is_builtin, is_decoder_only, require_hub_online, torch_dtype
 from clinicalblip.release import RELEASE_FORMAT, RELEASE_META, is_release_dir, write_release_files
 from clinicalblip.stages import (
     StageError,
@@ -66,8 +66,8 @@ def _model_card(chain: list[dict], meta: dict, dtype: str) -> str:
     root = chain[0]
     base = root["base"]
     base_name = base.get("name") or base.get("path")
-    tiny = base_name in ("tiny", "tiny-t5")
-    licence = ("Apache-2.0 (random-weight tiny model built by clinicalblip)" if tiny else
+    tiny = is_builtin(base_name)
+    licence = (f"Apache-2.0 (random-weight {base_name} model built by clinicalblip)" if tiny else
                "inherits the base model's licence: Vicuna-based InstructBLIP follows the LLaMA/Vicuna terms "
                "(non-commercial); Flan-T5-based InstructBLIP is MIT/Apache-2.0 — check the base model card")
     lines = [
@@ -116,8 +116,8 @@ def _model_card(chain: list[dict], meta: dict, dtype: str) -> str:
         "Research on radiology report generation. Not a medical device: generated reports can be wrong, "
         "omit findings or invent them, and must not be used for diagnosis without review by a radiologist. "
         "Performance outside the training data's population, views and report style is unknown.",
-        "" if not tiny else "This checkpoint is the tiny demo model trained on synthetic images; it is only "
-        "useful for testing the pipeline.", "",
+        "" if not tiny else f"This checkpoint started from random weights ({base_name}, built by clinicalblip); "
+        "it is only useful for testing the pipeline.", "",
         "## Licence", "", licence, "",
         f"Made with clinicalblip {__version__}.", "",
     ]

@@ -1,4 +1,4 @@
-"""Build or load InstructBLIP + processor: the tiny presets, a local checkpoint folder, or a hub id."""
+"""Build or load InstructBLIP + processor: the tiny and shape presets, a local checkpoint folder, or a hub id."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from transformers import InstructBlipForConditionalGeneration, InstructBlipProcessor
 
 from clinicalblip.errors import UserError
+from clinicalblip.shapes import SHAPE_PRESETS, build_shape_model, build_shape_processor
 from clinicalblip.tiny import TINY_PRESETS, build_tiny_model, build_tiny_processor
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -24,13 +25,24 @@ def is_tiny(base: str) -> bool:
     return base in TINY_PRESETS
 
 
+def is_builtin(base: str) -> bool:
+    """A base built in code (tiny or shape preset): a stage saves it, so its chain stays self-contained."""
+    return base in TINY_PRESETS or base in SHAPE_PRESETS
+
+
 def build_base(base: str, dtype: str = "fp32", corpus: list[str] | None = None, seed: int = 0,
-               trust_remote_code: bool = False):
-    """Return (model, processor) for a base: 'tiny'/'tiny-t5', a local folder, or a hub id."""
+               trust_remote_code: bool = False, layers: int = 0):
+    """Return (model, processor) for a base: 'tiny'/'tiny-t5', 'shape-*', a local folder, or a hub id."""
+    if layers and base not in SHAPE_PRESETS:
+        raise UserError(f"model.layers={layers} applies to the shape presets ({', '.join(SHAPE_PRESETS)}) only, "
+                        f"not to '{base}'; use model.layers=0")
     if is_tiny(base):
         processor = build_tiny_processor(base, corpus=corpus)
         model = build_tiny_model(processor, base, seed=seed).to(torch_dtype(dtype))
         return model, processor
+    if base in SHAPE_PRESETS:
+        processor = build_shape_processor(base, corpus=corpus)
+        return build_shape_model(base, layers=layers, seed=seed, dtype=torch_dtype(dtype)), processor
     return load_pretrained(base, dtype=dtype, trust_remote_code=trust_remote_code)
 
 

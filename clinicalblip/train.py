@@ -37,8 +37,8 @@ from clinicalblip.model import (
     build_base,
     describe_base,
     fingerprint,
+    is_builtin,
     is_decoder_only,
-    is_tiny,
     load_pretrained,
     quantization_config,
     quantize_from_model,
@@ -46,6 +46,7 @@ from clinicalblip.model import (
 )
 from clinicalblip.prompts import Template, load_template, target_text
 from clinicalblip.policy import apply_trainable, component_of, core_model, format_report
+from clinicalblip.shapes import full_depth_line
 from clinicalblip.stages import load_stage_model, read_stage, write_stage
 
 # Keys that may change between a run and its resume (they do not change what is trained).
@@ -341,12 +342,12 @@ def _load_model(run: Run, records: Records) -> Built:
         parent_desc = f"{cfg.parent} ({parent_info['name']})"
     else:
         saved_base = out_dir / "base"
-        if is_tiny(cfg.model.base):
+        if is_builtin(cfg.model.base):
             if not ((saved_base / "config.json").is_file() and cfg.train.resume != "none"):
                 # Built once, on the main process, and saved with the stage (the chain stays self-contained).
                 if main:
                     model, processor = build_base(cfg.model.base, dtype="fp32", corpus=_corpus(records.train),
-                                                  seed=cfg.train.seed)
+                                                  seed=cfg.train.seed, layers=cfg.model.layers)
                     model.save_pretrained(saved_base)
                     processor.save_pretrained(saved_base)
                     del model
@@ -530,6 +531,7 @@ def _header(run: Run, records: Records, built: Built, loaders: Loaders, sched: S
     run.log(f"images: {('cache ' + records.image_cache) if records.image_cache else 'raw'} | loader workers per rank: "
             f"{getattr(loaders.train, 'num_workers', 0)}")
     run.log(format_report(built.report))
+    run.log(full_depth_line(acc.unwrap_model(built.model), built.base["name"], cfg))
     if not run.main:
         return  # counting shortened prompts tokenizes every study: the main process only
     run.log(f"prompts: {loaders.collate.count_shortened(records.train)} of {len(records.train)} train studies "
