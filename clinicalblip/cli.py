@@ -486,7 +486,7 @@ def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="REST API + web page for a stage or release folder (FastAPI on uvicorn)")
     p.add_argument("model_dir", help="a stage folder or a release folder")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; others warn without a key)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="default: bf16 on a GPU that supports it, else fp32")
     p.add_argument("--quantization", choices=["none", "4bit", "8bit"], default="none",
