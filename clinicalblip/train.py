@@ -368,7 +368,11 @@ def _load_model(run: Run, records: Records) -> Built:
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.model.gradient_checkpointing)
     elif cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # newer transformers 5.x renamed it; older 5.x (e.g. the GPU image's 5.17) only has the old name
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # with a frozen embedding layer, checkpointed blocks need inputs that require grad (PEFT's note)
         model.enable_input_require_grads()
     model, report = apply_trainable(model, cfg)
