@@ -70,6 +70,7 @@ json.dump(res, open(os.path.join(os.environ["OUT"], "baseline_llama.json"), "w")
 
 
 @pytest.mark.slow
+@pytest.mark.distributed  # CI runs the distributed tier: the smoke launches DeepSpeed ranks like the GPU proof
 def test_cpu_smoke_runs_every_part_it_can(tmp_path):
     # The real baseline takes ~6 minutes on 2 cores even in its TINY mode; a stand-in that writes its JSON
     # format keeps the side-by-side code path (run, parse, ratios) under test.
