@@ -31,6 +31,16 @@ def tiny_stage_cfg(yaml_name: str, manifest: Path, out: Path, parent: Path | Non
     return stage_config_from_dict(data, overrides)
 
 
+def copy_chain(stage1: Path, stage2: Path, tmp: Path) -> tuple[Path, Path]:
+    """A private copy of the session's two-stage chain (tests that damage or edit stage folders use it)."""
+    import shutil
+
+    s1, s2 = tmp / "stage1", tmp / "stage2"
+    shutil.copytree(stage1, s1, ignore=shutil.ignore_patterns("checkpoints"))
+    shutil.copytree(stage2, s2, ignore=shutil.ignore_patterns("checkpoints"))
+    return s1, s2
+
+
 @pytest.fixture(scope="session")
 def synth_manifest(tmp_path_factory) -> Path:
     from clinicalblip.data.synth import write_synthetic_dataset

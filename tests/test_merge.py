@@ -10,17 +10,11 @@ import pytest
 
 from clinicalblip.errors import UserError
 from clinicalblip.merge import merge_stage_chain
-
-
-def _copy_chain(stage1: Path, stage2: Path, tmp: Path) -> tuple[Path, Path]:
-    s1, s2 = tmp / "stage1", tmp / "stage2"
-    shutil.copytree(stage1, s1, ignore=shutil.ignore_patterns("checkpoints"))
-    shutil.copytree(stage2, s2, ignore=shutil.ignore_patterns("checkpoints"))
-    return s1, s2
+from conftest import copy_chain
 
 
 def test_broken_chain_is_refused(stage1_dir, stage2_dir, tmp_path):
-    s1, s2 = _copy_chain(stage1_dir, stage2_dir, tmp_path)
+    s1, s2 = copy_chain(stage1_dir, stage2_dir, tmp_path)
     shutil.rmtree(s1)
     with pytest.raises(UserError, match="broken stage chain: .* names parent .*stage1"):
         merge_stage_chain(str(s2), str(tmp_path / "rel"))
@@ -28,7 +22,7 @@ def test_broken_chain_is_refused(stage1_dir, stage2_dir, tmp_path):
 
 
 def test_different_base_is_refused(stage1_dir, stage2_dir, tmp_path):
-    s1, s2 = _copy_chain(stage1_dir, stage2_dir, tmp_path)
+    s1, s2 = copy_chain(stage1_dir, stage2_dir, tmp_path)
     cfg = json.loads((s1 / "base" / "config.json").read_text())
     cfg["text_config"]["rms_norm_eps"] = 1e-3  # a different base model: same shapes, other config
     (s1 / "base" / "config.json").write_text(json.dumps(cfg))
@@ -37,7 +31,7 @@ def test_different_base_is_refused(stage1_dir, stage2_dir, tmp_path):
 
 
 def test_corrupted_adapter_is_refused(stage1_dir, stage2_dir, tmp_path):
-    s1, s2 = _copy_chain(stage1_dir, stage2_dir, tmp_path)
+    s1, s2 = copy_chain(stage1_dir, stage2_dir, tmp_path)
     f = s2 / "adapter" / "adapter_model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(UserError, match="cannot load the LoRA adapter"):
@@ -45,7 +39,7 @@ def test_corrupted_adapter_is_refused(stage1_dir, stage2_dir, tmp_path):
 
 
 def test_corrupted_full_weights_are_refused(stage1_dir, stage2_dir, tmp_path):
-    s1, s2 = _copy_chain(stage1_dir, stage2_dir, tmp_path)
+    s1, s2 = copy_chain(stage1_dir, stage2_dir, tmp_path)
     (s2 / "trained.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(UserError, match="corrupted weights file"):
         merge_stage_chain(str(s2), str(tmp_path / "rel"))

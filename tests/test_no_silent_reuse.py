@@ -12,14 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from clinicalblip.errors import UserError
-from conftest import tiny_stage_cfg
-
-
-def _copy(stage1: Path, stage2: Path, tmp: Path) -> tuple[Path, Path]:
-    s1, s2 = tmp / "stage1", tmp / "stage2"
-    shutil.copytree(stage1, s1, ignore=shutil.ignore_patterns("checkpoints"))
-    shutil.copytree(stage2, s2, ignore=shutil.ignore_patterns("checkpoints"))
-    return s1, s2
+from conftest import copy_chain, tiny_stage_cfg
 
 
 # ---------------------------------------------------------------------------------------------- stage folders
@@ -50,7 +43,7 @@ def test_retraining_a_lora_stage_as_full_only_leaves_no_adapter(stage1_dir, synt
 def test_stage_json_is_the_only_authority(stage1_dir, stage2_dir, tmp_path):
     from clinicalblip.stages import load_stage_model
 
-    s1, s2 = _copy(stage1_dir, stage2_dir, tmp_path)
+    s1, s2 = copy_chain(stage1_dir, stage2_dir, tmp_path)
     info = json.loads((s2 / "stage.json").read_text())
     ref, _, _ = load_stage_model(s2)
     # a stray adapter in a stage whose stage.json says it has none is not applied
@@ -69,7 +62,7 @@ def test_stage_json_is_the_only_authority(stage1_dir, stage2_dir, tmp_path):
 def test_weights_of_a_component_stage_json_does_not_list_are_refused(stage1_dir, stage2_dir, tmp_path):
     from clinicalblip.stages import load_stage_model
 
-    s1, s2 = _copy(stage1_dir, stage2_dir, tmp_path)
+    s1, s2 = copy_chain(stage1_dir, stage2_dir, tmp_path)
     info = json.loads((s2 / "stage.json").read_text())
     info["full_components"] = [c for c in info["full_components"] if c != "qformer"]
     (s2 / "stage.json").write_text(json.dumps(info))
@@ -131,7 +124,7 @@ def test_resume_allows_logging_knobs_and_resume_none_starts_over(checkpointed, s
 def test_merge_with_non_finite_logits_fails_and_writes_nothing(stage1_dir, stage2_dir, tmp_path, bad):
     from clinicalblip.merge import merge_stage_chain
 
-    s1, s2 = _copy(stage1_dir, stage2_dir, tmp_path)
+    s1, s2 = copy_chain(stage1_dir, stage2_dir, tmp_path)
     good = merge_stage_chain(str(s2), str(tmp_path / "rel"))
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "rel").iterdir()}
     sd = load_file(str(s2 / "trained.safetensors"))
