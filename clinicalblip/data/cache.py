@@ -378,6 +378,9 @@ class PixelSource:
         """(H, W) / (H, W, C) uint8 -> (3, H, W) float32 normalised as the processor would."""
         import torch
 
+        # the shards are mapped read-only; .float() below copies anyway, so nothing ever writes to the map
+        if not arr.flags.writeable:
+            arr = np.array(arr)
         x = torch.from_numpy(np.ascontiguousarray(arr))
         x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
         if x.shape[0] == 1:
