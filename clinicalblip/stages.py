@@ -33,7 +33,6 @@ from clinicalblip.errors import UserError
 from clinicalblip.model import fingerprint, load_pretrained, pinned_hub_base
 from clinicalblip.policy import component_of, core_model
 from clinicalblip.prompts import Template, template_from_dict
-from clinicalblip.release import is_release_dir  # noqa: F401  (re-exported: stage or release?)
 
 STAGE_FORMAT = "clinicalblip-stage/1"
 

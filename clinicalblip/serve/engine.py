@@ -78,14 +78,15 @@ def model_facts(rm: ReportModel) -> dict:
     """Base, stages, template, code version and model hash of a loaded model folder."""
     path = Path(rm.model_dir)
     facts: dict = {"model_dir": str(path.resolve()), "model_hash": _dir_hash(str(path)), "code_version": __version__}
-    meta_file = path / "clinicalblip.json"
     if (path / "stage.json").is_file():
         from clinicalblip.stages import stage_chain
 
         chain = stage_chain(path)
         facts.update(kind="stage", base=chain[0].get("base"), stages=[s["name"] for s in chain])
     else:
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        from clinicalblip.release import read_release
+
+        meta = read_release(path)
         facts.update(kind="release", base=meta.get("base"), stages=[s.get("name") for s in meta.get("stages", [])],
                      trained_with=meta.get("code_version"))
     text, source = _intended_use(path)
