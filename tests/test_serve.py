@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import struct
-import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor

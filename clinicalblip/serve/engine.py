@@ -5,7 +5,6 @@ Nothing here knows about HTTP beyond `FormError` (status, field, message); app.p
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 import time
