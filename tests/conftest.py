@@ -31,6 +31,27 @@ def tiny_stage_cfg(yaml_name: str, manifest: Path, out: Path, parent: Path | Non
     return stage_config_from_dict(data, overrides)
 
 
+def dx_dataset(pixels=None, bits_stored: int = 12, photometric: str = "MONOCHROME2", **elements):
+    """A minimal Digital X-Ray DICOM dataset (explicit VR little endian) holding `pixels` and `elements`."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - Presentation
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    if pixels is not None:
+        ds.set_pixel_data(pixels, photometric, bits_stored)
+    for k, v in elements.items():
+        setattr(ds, k, v)
+    return ds
+
+
 def copy_chain(stage1: Path, stage2: Path, tmp: Path) -> tuple[Path, Path]:
     """A private copy of the session's two-stage chain (tests that damage or edit stage folders use it)."""
     import shutil

@@ -9,9 +9,9 @@ from PIL import Image
 from clinicalblip.data.images import ImageLoadError, is_dicom, load_image, window
 
 pydicom = pytest.importorskip("pydicom")
-from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
+from pydicom.dataset import Dataset  # noqa: E402
 from pydicom.sequence import Sequence  # noqa: E402
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
+from conftest import dx_dataset  # noqa: E402
 
 # A horizontal ramp: left dark, right bright (in stored values), so orientation and inversion are visible.
 H, W = 8, 16
@@ -23,18 +23,7 @@ def ramp(max_value: int, dtype) -> np.ndarray:
 
 
 def write_dicom(path, arr, bits_stored, photometric="MONOCHROME2", **elements):
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - Presentation
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.Modality = "DX"
-    ds.set_pixel_data(arr, photometric, bits_stored)
-    for k, v in elements.items():
-        setattr(ds, k, v)
-    ds.save_as(path, enforce_file_format=True)
+    dx_dataset(arr, bits_stored, photometric, **elements).save_as(path, enforce_file_format=True)
     return path
 
 

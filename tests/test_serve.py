@@ -18,8 +18,7 @@ from PIL import Image
 pytest.importorskip("fastapi")
 pydicom = pytest.importorskip("pydicom")
 from fastapi.testclient import TestClient  # noqa: E402
-from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
+from conftest import dx_dataset  # noqa: E402
 
 from clinicalblip.data.images import load_image  # noqa: E402
 from clinicalblip.data.manifest import read_manifest  # noqa: E402
@@ -78,20 +77,9 @@ def study_files(record, n_views=2, names=("frontal.png", "lateral.png")):
 
 
 def dicom_bytes(pixels: np.ndarray | None, **elements) -> bytes:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
+    ds = dx_dataset(pixels, 12, **elements)
     if pixels is not None:
-        ds.set_pixel_data(pixels, "MONOCHROME2", 12)
         ds.WindowCenter, ds.WindowWidth = 2048, 4096
-    for k, v in elements.items():
-        setattr(ds, k, v)
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()

@@ -19,25 +19,14 @@ from clinicalblip.data.images import load_image
 from clinicalblip.data.manifest import read_manifest, write_manifest
 from clinicalblip.data.synth import FINDINGS, label_report
 from clinicalblip.viewer import thumbnail_data_uri
+from conftest import dx_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _write_dicom(path: Path, arr: np.ndarray, photometric: str = "MONOCHROME2") -> Path:
     pydicom = pytest.importorskip("pydicom")
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.Modality = "DX"
-    ds.set_pixel_data(arr, photometric, 12)
-    ds.save_as(path, enforce_file_format=True)
+    dx_dataset(arr, 12, photometric).save_as(path, enforce_file_format=True)
     assert pydicom.dcmread(path).PhotometricInterpretation == photometric
     return path
 
