@@ -490,14 +490,18 @@ def _add_serve(sub) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="default: bf16 on a GPU that supports it, else fp32")
     p.add_argument("--quantization", choices=["none", "4bit", "8bit"], default="none",
-                   help="bitsandbytes quantization of the language model (release folders, CUDA only)")
+                   help="bitsandbytes quantization of the language model (GPU or CPU)")
     p.add_argument("--max-batch", type=int, default=8, help="studies per generate call (default 8)")
     p.add_argument("--max-wait-ms", type=float, default=15.0, help="how long a batch waits to fill (default 15)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting studies before 503 + Retry-After (default 64)")
     p.add_argument("--max-file-mb", type=float, default=50.0, help="upload limit per file in MB (default 50)")
     p.add_argument("--max-views", type=int, default=None, help="views per study (default: the model's max_views)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; 1 is faster on a busy shared CPU)")
+                   help="torch CPU threads for generation (default: torch's choice; 1 is faster on a busy shared "
+                        "CPU)")
+    p.add_argument("--in-process", action="store_true",
+                   help="generate in the server process instead of a model worker process (simpler to debug; "
+                        "slower under load, as HTTP handling and generation then share one GIL)")
     p.add_argument("--api-key-env", metavar="VAR",
                    help="environment variable holding the API key: every request then needs "
                         "'Authorization: Bearer <key>'")
@@ -510,7 +514,7 @@ def _cmd_serve(args) -> int:
     serve(args.model_dir, host=args.host, port=args.port, dtype=args.dtype, quantization=args.quantization,
           max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
           api_key_env=args.api_key_env, max_file_mb=args.max_file_mb, max_views=args.max_views,
-          threads=args.threads)
+          threads=args.threads, in_process=args.in_process)
     return 0
 
 

@@ -81,15 +81,24 @@ class ReportModel:
     def device(self):
         return next(self.model.parameters()).device
 
+    @property
+    def decoder_only(self) -> bool:
+        return is_decoder_only(self.model)
+
     def collator(self, template: Template | None = None, indication: str = "real",
                  blank_images: bool = False) -> StudyCollator:
-        return StudyCollator(
-            processor=self.processor, template=template or self.template,
-            num_query_tokens=self.processor.num_query_tokens, decoder_only=is_decoder_only(self.model),
-            mode="generate", max_views=self.max_views, indication=indication,
-            generic_indication=GENERIC_INDICATION, blank_images=blank_images,
-            max_prompt_tokens=self.max_prompt_tokens,
-        )
+        return _generation_collator(self, template, indication, blank_images)
+
+    def front(self) -> "ModelFront":
+        """Everything but the weights, picklable: what a server process needs to validate and preprocess studies
+        while the model itself lives in a worker process."""
+        m = self.model
+        quant = "4bit" if getattr(m, "is_loaded_in_4bit", False) else "8bit" if getattr(m, "is_loaded_in_8bit", False) \
+            else "none"
+        return ModelFront(processor=self.processor, template=self.template, model_dir=self.model_dir,
+                          max_new_tokens=self.max_new_tokens, max_views=self.max_views,
+                          max_prompt_tokens=self.max_prompt_tokens, decoder_only=self.decoder_only,
+                          runtime={"dtype": _dtype_name(m.dtype), "device": str(self.device), "quantization": quant})
 
     @torch.no_grad()
     def generate_batch(self, batch: dict, max_new_tokens: int | None = None, num_beams: int = 1, **kw) -> list[str]:
@@ -137,6 +146,32 @@ class ReportModel:
         return {"prompt": rendered.prompt, "qformer_prompt": rendered.qformer_prompt, "report": text,
                 "max_new_tokens": n_new, "template": tpl.name, "num_views": len(images), "context": context,
                 "dtype": _dtype_name(self.model.dtype), "prompt_shortened": bool(collate.shortened)}
+
+
+@dataclass
+class ModelFront:
+    """A loaded model's processor, template and limits without its weights (see ReportModel.front)."""
+
+    processor: object
+    template: Template
+    model_dir: str
+    max_new_tokens: int
+    max_views: int
+    max_prompt_tokens: int
+    decoder_only: bool
+    runtime: dict  # dtype, device and quantization the weights were loaded with
+
+    def collator(self, template: Template | None = None, indication: str = "real",
+                 blank_images: bool = False) -> StudyCollator:
+        return _generation_collator(self, template, indication, blank_images)
+
+
+def _generation_collator(m, template, indication: str, blank_images: bool) -> StudyCollator:
+    return StudyCollator(
+        processor=m.processor, template=template or m.template, num_query_tokens=m.processor.num_query_tokens,
+        decoder_only=m.decoder_only, mode="generate", max_views=m.max_views, indication=indication,
+        generic_indication=GENERIC_INDICATION, blank_images=blank_images, max_prompt_tokens=m.max_prompt_tokens,
+    )
 
 
 def _dtype_name(dtype) -> str:

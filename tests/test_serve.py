@@ -6,6 +6,9 @@ import hmac
 import io
 import json
 import logging
+import os
+import re
+import signal
 import struct
 import time
 import zlib
@@ -26,7 +29,7 @@ from clinicalblip.generate import _dir_hash  # noqa: E402
 from clinicalblip.metrics.labeler import label_report  # noqa: E402
 from clinicalblip.serve import load_service  # noqa: E402
 from clinicalblip.serve.app import create_app  # noqa: E402
-from clinicalblip.serve.engine import ReportService, ServeSettings  # noqa: E402
+from clinicalblip.serve.engine import ServeSettings  # noqa: E402
 
 PHI = {"PatientName": "Doe^Janet^Q", "PatientID": "PID-99887766", "PatientBirthDate": "19510317",
        "StudyDate": "20240229", "AccessionNumber": "ACC-5551234", "InstitutionName": "St Elsewhere Hospital"}
@@ -53,12 +56,14 @@ def studies(synth_manifest):
 
 @pytest.fixture(scope="module")
 def service(trained_release):
-    return load_service(str(trained_release))
+    """The model loaded in this process: the API tests are about HTTP behaviour, and a shared in-process model keeps
+    them fast. The worker-process path (what `serve` runs) has its own tests below."""
+    return load_service(str(trained_release), in_process=True)
 
 
 def make_app(service, **settings):
     """Another app on the same loaded model (a ReportService per settings; the weights are shared)."""
-    return create_app(ReportService(service.rm, ServeSettings(**settings)))
+    return create_app(service.with_settings(ServeSettings(**settings)))
 
 
 @pytest.fixture(scope="module")
@@ -173,12 +178,16 @@ def test_dicom_upload_and_preview(client, studies):
 
 
 def test_stage_folder_is_served_with_the_default_card(stage1_dir, studies):
-    svc = load_service(str(stage1_dir))
-    with TestClient(create_app(svc)) as c:
-        m = c.get("/v1/model").json()
-        assert m["kind"] == "stage" and m["stages"] == ["stage1"] and m["card"]["source"] == "default"
-        assert "not for clinical use" in m["card"]["intended_use"]
-        good_request(c, studies[0])
+    svc = load_service(str(stage1_dir))  # the default: the model in a worker process
+    try:
+        with TestClient(create_app(svc)) as c:
+            m = c.get("/v1/model").json()
+            assert m["kind"] == "stage" and m["stages"] == ["stage1"] and m["card"]["source"] == "default"
+            assert "not for clinical use" in m["card"]["intended_use"]
+            assert m["generation"]["mode"] == "worker-process" and m["runtime"]["dtype"] == "fp32"
+            good_request(c, studies[0])
+    finally:
+        svc.close()
 
 
 def test_template_choice_and_unused_slot_warning(client, studies):
@@ -243,6 +252,61 @@ def test_full_queue_answers_503_and_loses_nothing(service, studies):
         assert len({d.json()["id"] for d in done}) == 2
         assert batcher.jobs_done == 2 and len(batcher) == 0
         good_request(c, studies[3])
+
+
+# ---------------------------------------------------------------------------------------------- model worker process
+def test_worker_process_reports_equal_in_process_and_a_crash_costs_one_batch(trained_release, service, studies,
+                                                                            tmp_path, monkeypatch):
+    """`serve`'s default: the model in its own process. Same greedy reports as in process (batched there too); a
+    worker that dies mid-batch fails that batch with a clean 500, and a new worker serves the next request, as it
+    does after a kill while idle."""
+    die = tmp_path / "die-now"
+    monkeypatch.setenv("CLINICALBLIP_TEST_WORKER_DIE_FILE", str(die))  # the spawned worker inherits it
+    svc = load_service(str(trained_release), settings=ServeSettings(max_batch=4, max_wait_ms=3000))
+    try:
+        assert svc.rm is None and svc.worker.alive and svc.worker.pid != os.getpid()
+        with TestClient(create_app(svc)) as c:
+            gen = c.get("/v1/model").json()["generation"]
+            assert gen == {"mode": "worker-process", "pid": svc.worker.pid, "alive": True, "restarts": 0}
+            recs = studies[:4]
+            with ThreadPoolExecutor(4) as pool:
+                got = list(pool.map(lambda rec: c.post("/v1/reports", files=study_files(rec),
+                                                       data={"indication": rec["indication"]}).json(), recs))
+            assert [o["batch_size"] for o in got] == [4] * 4
+            for rec, out in zip(recs, got):
+                ref = service.rm.report([im["path"] for im in rec["images"]], indication=rec["indication"])
+                assert out["report"] == ref["report"] and out["prompt"] == ref["prompt"]
+            assert len({o["report"] for o in got}) > 1
+
+            first = svc.worker.pid
+            die.touch()
+            r = c.post("/v1/reports", files=study_files(recs[0]), data={"indication": recs[0]["indication"]})
+            assert r.status_code == 500 and r.json()["error"]["field"] == "server", r.text
+            assert not die.exists()  # the worker did take the batch, and died in it
+            h = c.get("/health").json()
+            assert h["status"] == "ok" and h["generation"]["restarts"] == 1 and h["generation"]["pid"] != first
+            again = c.post("/v1/reports", files=study_files(recs[0]), data={"indication": recs[0]["indication"]})
+            assert again.status_code == 200 and again.json()["report"] == got[0]["report"]
+
+            os.kill(svc.worker.pid, signal.SIGKILL)
+            deadline = time.time() + 30
+            while svc.worker.alive and time.time() < deadline:
+                time.sleep(0.05)
+            assert c.get("/health").json()["status"] == "degraded"
+            ok = c.post("/v1/reports", files=study_files(recs[1]), data={"indication": recs[1]["indication"]})
+            assert ok.status_code == 200 and ok.json()["report"] == got[1]["report"]
+            assert c.get("/health").json()["generation"]["restarts"] == 2
+    finally:
+        svc.close()
+    assert not svc.worker.alive and svc.generation_info()["pid"] is None
+
+
+def test_a_model_the_worker_cannot_load_is_a_clear_error(tmp_path):
+    from clinicalblip.errors import UserError
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="neither a stage folder .* nor a release folder"):
+        load_service(str(tmp_path / "empty"))
 
 
 # ---------------------------------------------------------------------------------------------- hostile input
@@ -381,24 +445,32 @@ def test_serve_command_warns_off_loopback_and_reads_the_key(trained_release, mon
 
     ran = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.append((app, kw)))
+    # The default runs the model in a worker process, which the command stops when uvicorn returns.
     assert main(["serve", str(trained_release), "--host", "0.0.0.0", "--port", "8123"]) == 0
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "WARNING: binding 0.0.0.0:8123 without --api-key-env" in err
     assert ran[-1][1]["host"] == "0.0.0.0" and ran[-1][1]["port"] == 8123 and ran[-1][1]["access_log"] is False
-    assert ran[-1][0].state.service.settings.api_key is None
+    svc = ran[-1][0].state.service
+    assert svc.settings.api_key is None and svc.worker is not None and svc.rm is None
+    assert re.search(r"\[fp32 on cpu, generation worker process \d+, max batch 8", out), out
+    assert not svc.worker.alive  # stopped by serve() on the way out
     monkeypatch.setenv("CB_TEST_KEY", "k-123")
     assert main(["serve", str(trained_release), "--host", "0.0.0.0", "--api-key-env", "CB_TEST_KEY",
-                 "--max-batch", "4"]) == 0
-    assert "WARNING" not in capsys.readouterr().err
+                 "--max-batch", "4", "--in-process"]) == 0
+    out, err = capsys.readouterr()
+    assert "WARNING" not in err and "generation in process" in out
     svc = ran[-1][0].state.service
-    assert svc.settings.api_key == "k-123" and svc.settings.max_batch == 4
-    assert main(["serve", str(trained_release)]) == 0 and "WARNING" not in capsys.readouterr().err
+    assert svc.settings.api_key == "k-123" and svc.settings.max_batch == 4 and svc.worker is None
+    assert main(["serve", str(trained_release), "--in-process"]) == 0 and "WARNING" not in capsys.readouterr().err
     monkeypatch.delenv("CB_TEST_KEY")
     assert main(["serve", str(trained_release), "--api-key-env", "CB_TEST_KEY"]) == 2
     assert "CB_TEST_KEY" in capsys.readouterr().err
+    assert main(["serve", str(trained_release / "missing")]) == 2
+    assert "model folder not found" in capsys.readouterr().err
     pytest.importorskip("bitsandbytes")
-    assert main(["serve", str(trained_release), "--quantization", "4bit"]) == 0  # bitsandbytes runs on the CPU too
-    assert ran[-1][0].state.service.rm.model.is_loaded_in_4bit
+    assert main(["serve", str(trained_release), "--quantization", "4bit", "--in-process"]) == 0  # CPU bitsandbytes
+    svc = ran[-1][0].state.service
+    assert svc.rm.model.is_loaded_in_4bit and svc.facts["runtime"]["quantization"] == "4bit"
 
 
 def test_batcher_resolves_every_job_once_even_when_a_batch_fails():

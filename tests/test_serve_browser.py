@@ -55,9 +55,13 @@ def live(trained_release):
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # see tests/conftest.py trained_release
-    with LiveServer(create_app(load_service(str(trained_release)))) as srv:
-        yield srv
-    torch.set_num_threads(threads)
+    service = load_service(str(trained_release), threads=1)  # as `serve` runs it: the model in a worker process
+    try:
+        with LiveServer(create_app(service)) as srv:
+            yield srv
+    finally:
+        service.close()
+        torch.set_num_threads(threads)
 
 
 def _study(synth_manifest):

@@ -1,13 +1,14 @@
 """`clinicalblip serve`: a REST API and a web page for a trained model, on one FastAPI/uvicorn server.
 
     engine.py    settings, model facts, validation and preprocessing (in memory)
-    batching.py  the bounded queue and the dynamic-batching worker
+    batching.py  the bounded queue and the dynamic-batching thread
+    worker.py    the model worker process that runs generate
     forms.py     the in-memory multipart parser with per-field limits
     app.py       routes, auth, logging, errors
     static/      the page at / (plain HTML/JS/CSS, no CDN)
 
 The model is loaded once (a stage folder or a release, through `clinicalblip.generate.ReportModel`, never with
-trust_remote_code) and stays warm; one worker thread runs generation.
+trust_remote_code) in a worker process (worker.py) and stays warm; the server's batcher thread feeds it batches.
 """
 
 from __future__ import annotations
@@ -32,23 +33,50 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def load_service(model_dir: str, dtype: str | None = None, quantization: str = "none", settings=None):
-    """Load the model once and wrap it for serving (a ReportService)."""
-    import torch
+def http_stack() -> tuple[str, str]:
+    """The HTTP parser and event loop uvicorn's 'auto' settings will pick here."""
+    from importlib.util import find_spec
 
-    from clinicalblip.generate import ReportModel
+    return ("httptools" if find_spec("httptools") else "h11"), ("uvloop" if find_spec("uvloop") else "asyncio")
+
+
+def load_service(model_dir: str, dtype: str | None = None, quantization: str = "none", settings=None,
+                 in_process: bool = False, threads: int | None = None):
+    """Load the model once and wrap it for serving (a ReportService).
+
+    By default the model is loaded in a worker process (serve/worker.py) and this process only handles HTTP and
+    preprocessing; `in_process=True` loads it here (one GIL for both: slower under load, simpler to debug).
+    A model that cannot be loaded raises UserError either way. Call `close()` on the service when done.
+    """
     from clinicalblip.serve.engine import ReportService
 
-    if dtype is None:
-        dtype = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-    rm = ReportModel.load(model_dir, dtype=dtype, quantization=quantization)
-    return ReportService(rm, settings)
+    if not os.path.exists(model_dir):
+        raise UserError(f"model folder not found: {model_dir}")
+    if in_process:
+        import torch
+
+        from clinicalblip.generate import ReportModel, default_dtype
+
+        if threads:
+            torch.set_num_threads(threads)
+        if dtype is None:
+            dtype = default_dtype("cuda" if torch.cuda.is_available() else "cpu")
+        return ReportService(ReportModel.load(model_dir, dtype=dtype, quantization=quantization), settings)
+    import torch
+
+    from clinicalblip.serve.worker import ModelWorker
+
+    # This process only parses, decodes and tokenises: one torch thread, no OpenMP pool spinning against the worker.
+    torch.set_num_threads(1)
+    worker = ModelWorker(model_dir, dtype=dtype, quantization=quantization, threads=threads)
+    worker.start()
+    return ReportService(worker, settings)
 
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, dtype: str | None = None,
           quantization: str = "none", max_batch: int = 8, max_wait_ms: float = 15.0, max_queue: int = 64,
           api_key_env: str | None = None, max_file_mb: float = 50.0, max_views: int | None = None,
-          threads: int | None = None, log_level: str = "info") -> None:
+          threads: int | None = None, log_level: str = "info", in_process: bool = False) -> None:
     """Load MODEL_DIR and serve it until interrupted. Binding beyond loopback without an API key warns."""
     from clinicalblip.serve.engine import ServeSettings
 
@@ -68,13 +96,10 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, dtype: str 
               "use the model. Set an API key (--api-key-env VAR) or bind 127.0.0.1.", file=sys.stderr, flush=True)
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
     settings = ServeSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                              max_file_mb=max_file_mb, max_views=max_views, api_key=key)
-    service = load_service(model_dir, dtype=dtype, quantization=quantization, settings=settings)
+    service = load_service(model_dir, dtype=dtype, quantization=quantization, settings=settings,
+                           in_process=in_process, threads=threads)
     from PIL import Image
 
     # Uploads are checked against max_pixels on their header; PIL's own guard (it raises above twice this) covers
@@ -83,9 +108,16 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, dtype: str 
     from clinicalblip.serve.app import create_app
 
     app = create_app(service)
-    info = service.facts
+    info, gen = service.facts, service.generation_info()
+    http, loop = http_stack()
+    rt = info["runtime"]
+    where = f"worker process {gen['pid']}" if gen["mode"] == "worker-process" else "in process"
     print(f"serving {info['kind']} {info['model_dir']} (hash {info['model_hash']}) on http://{host}:{port}/ "
-          f"[max batch {max_batch}, max wait {max_wait_ms:g} ms, queue {max_queue}, "
-          f"auth {'on' if key else 'off'}]", flush=True)
-    # uvicorn's access log would print client addresses and query strings; our middleware logs what we allow.
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+          f"[{rt['dtype']} on {rt['device']}{'' if rt['quantization'] == 'none' else ', ' + rt['quantization']}, "
+          f"generation {where}, max batch {max_batch}, max wait {max_wait_ms:g} ms, queue {max_queue}, "
+          f"auth {'on' if key else 'off'}, {http} + {loop}]", flush=True)
+    try:
+        # uvicorn's access log would print client addresses and query strings; our middleware logs what we allow.
+        uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    finally:
+        service.close()

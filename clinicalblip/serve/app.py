@@ -34,6 +34,11 @@ log = logging.getLogger("clinicalblip.serve")
 STATIC = files("clinicalblip.serve") / "static"
 PREVIEW_MAX_SIDE = 512
 PREP_THREADS = 2
+# A study whose uploads total less than this is decoded and tokenised on the event loop (well under a millisecond
+# for small images): handing it to a worker thread costs more GIL time in the hop than the work itself, and that
+# GIL time is taken from generation. Bigger uploads (real radiographs decode in tens of ms, and PIL releases the
+# GIL while it decodes) go to the worker threads so the loop keeps serving.
+INLINE_PREP_BYTES = 256 * 1024
 # The page loads only its own script and style; previews are blob: URLs.
 CSP = "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; frame-ancestors 'none'; base-uri 'none'"
 DOCS_CSP = "default-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; img-src 'self' data: https://fastapi.tiangolo.com"
@@ -158,8 +163,9 @@ def create_app(service: ReportService) -> FastAPI:
 
     @app.get("/health", summary="liveness, and whether the model is loaded")
     async def health():
-        return {"status": "ok", "model_loaded": service.rm is not None, "queue": len(batcher),
-                "max_queue": batcher.max_queue}
+        loaded = service.model_loaded
+        return {"status": "ok" if loaded else "degraded", "model_loaded": loaded, "queue": len(batcher),
+                "max_queue": batcher.max_queue, "generation": service.generation_info()}
 
     @app.get("/v1/model", summary="base, stages, template and slots, decoding defaults, limits, model card")
     async def model_info():
@@ -184,7 +190,10 @@ def create_app(service: ReportService) -> FastAPI:
         try:
             form = await _read_form(request, max_files=service.max_views + 1)
             request.state.log_extra = f" in={form.nbytes}B images={len(form.files)}"
-            prepared = await anyio.to_thread.run_sync(service.prepare, form, limiter=prep_limiter)
+            if form.nbytes < INLINE_PREP_BYTES:
+                prepared = service.prepare(form)
+            else:
+                prepared = await anyio.to_thread.run_sync(service.prepare, form, limiter=prep_limiter)
         except FormError as exc:
             return _error(exc.status, exc.field, exc.message, rid)
         loop = asyncio.get_running_loop()
@@ -216,7 +225,8 @@ def create_app(service: ReportService) -> FastAPI:
         if prepared["ignored"]:
             out["warnings"] = [f"template '{prepared['template']}' has no '{n}' slot: {n} was not used"
                                for n in prepared["ignored"]]
-        return out
+        # Plain JSON types already: a JSONResponse skips FastAPI's jsonable_encoder walk of the whole answer.
+        return JSONResponse(out)
 
     @app.post("/v1/preview", summary="one image rendered through the server's image pipeline, as PNG",
               openapi_extra=_PREVIEW_SCHEMA)

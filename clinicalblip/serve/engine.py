@@ -6,6 +6,7 @@ Nothing here knows about HTTP beyond `FormError` (status, field, message); app.p
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -13,12 +14,12 @@ from pathlib import Path
 
 from clinicalblip import __version__
 from clinicalblip.data.images import ImageLoadError, load_image_bytes
-from clinicalblip.generate import ReportModel, _dir_hash
+from clinicalblip.generate import ModelFront, ReportModel, _dir_hash
 from clinicalblip.metrics.labeler import OBSERVATIONS, label_report
-from clinicalblip.model import is_decoder_only
 from clinicalblip.prompts import KNOWN_SLOTS, Template, TemplateError, available_templates, load_template
 from clinicalblip.serve.batching import merge_batches
 from clinicalblip.serve.forms import Form, FormError
+from clinicalblip.serve.worker import ModelWorker
 
 MB = 2**20
 TEXT_FIELDS = ("indication", "history", "comparison")
@@ -73,7 +74,7 @@ def _intended_use(model_dir: Path) -> tuple[str, str]:
     return DEFAULT_CARD, "default"
 
 
-def model_facts(rm: ReportModel) -> dict:
+def model_facts(rm: ReportModel | ModelFront) -> dict:
     """Base, stages, template, code version and model hash of a loaded model folder."""
     path = Path(rm.model_dir)
     facts: dict = {"model_dir": str(path.resolve()), "model_hash": _dir_hash(str(path)), "code_version": __version__}
@@ -122,31 +123,60 @@ def _parse_bool(form: Form, name: str) -> bool:
 
 
 class ReportService:
-    """A loaded model plus everything the endpoints need: validation, preprocessing, batched generation."""
+    """A loaded model plus everything the endpoints need: validation, preprocessing, batched generation.
 
-    def __init__(self, rm: ReportModel, settings: ServeSettings | None = None):
-        self.rm = rm
+    `model` is a started ModelWorker (generation in its own process: what `serve` runs) or a ReportModel
+    (generation in this process: `serve --in-process`, and most API tests).
+    """
+
+    def __init__(self, model: ReportModel | ModelWorker, settings: ServeSettings | None = None):
+        if isinstance(model, ModelWorker):
+            self.worker, self.rm, front = model, None, model.front
+        else:
+            self.worker, self.rm, front = None, model, model.front()
+        self.front = front
         self.settings = settings or ServeSettings()
-        self.max_views = self.settings.max_views or rm.max_views
-        self.facts = model_facts(rm)
-        self.templates = sorted(set(available_templates()) | {rm.template.name})
-        self._template_cache: dict[str, Template] = {rm.template.name: rm.template}
-        tok, qtok = rm.processor.tokenizer, rm.processor.qformer_tokenizer
+        self.max_views = self.settings.max_views or front.max_views
+        self.facts = model_facts(front)
+        self.facts["runtime"] = dict(front.runtime)
+        self.templates = sorted(set(available_templates()) | {front.template.name})
+        self._template_cache: dict[str, Template] = {front.template.name: front.template}
+        tok, qtok = front.processor.tokenizer, front.processor.qformer_tokenizer
         self.pad_id, self.qpad_id = tok.pad_token_id, qtok.pad_token_id
-        self.decoder_only = is_decoder_only(rm.model)
+        self.decoder_only = front.decoder_only
         # Fast tokenizers change their padding/truncation state inside a call, which is not thread-safe
         # ("Already borrowed"): request threads take turns at tokenising; image decoding stays parallel.
         self._collate_lock = threading.Lock()
 
+    def with_settings(self, settings: ServeSettings) -> "ReportService":
+        """Another service on the same loaded model (or worker) with other limits."""
+        return ReportService(self.worker or self.rm, settings)
+
+    @property
+    def model_loaded(self) -> bool:
+        return self.worker.alive if self.worker is not None else self.rm is not None
+
+    def generation_info(self) -> dict:
+        if self.worker is None:
+            return {"mode": "in-process", "pid": os.getpid()}
+        return {"mode": "worker-process", "pid": self.worker.pid, "alive": self.worker.alive,
+                "restarts": self.worker.restarts}
+
+    def close(self) -> None:
+        """Stop the model worker, if this service has one (services made by with_settings share it)."""
+        if self.worker is not None:
+            self.worker.close()
+
     # ------------------------------------------------------------------ facts
     def model_info(self) -> dict:
         s = self.settings
-        tpl = self.rm.template
+        tpl = self.front.template
         return {
             **self.facts,
+            "generation": self.generation_info(),
             "template": {"name": tpl.name, "slots": tpl.slots, "target": tpl.target, "description": tpl.description},
             "templates": self.templates,
-            "decoding_defaults": {"num_beams": 1, "max_new_tokens": self.rm.max_new_tokens, "do_sample": False,
+            "decoding_defaults": {"num_beams": 1, "max_new_tokens": self.front.max_new_tokens, "do_sample": False,
                                   "temperature": 1.0, "top_p": 1.0, "repetition_penalty": 1.0},
             "limits": {"max_views": self.max_views, "max_file_bytes": s.max_file_bytes,
                        "max_text_bytes": s.max_text_bytes, "max_pixels": s.max_pixels,
@@ -158,7 +188,7 @@ class ReportService:
     # ------------------------------------------------------------------ validation
     def template(self, name: str | None) -> Template:
         if not name or not name.strip():
-            return self.rm.template
+            return self.front.template
         name = name.strip()
         if name not in self._template_cache:
             if name not in self.templates:
@@ -174,7 +204,8 @@ class ReportService:
         """Validated generate() settings; absurd values are refused, not clamped."""
         s = self.settings
         num_beams = _parse_number(form, "num_beams", int, 1, s.max_beams, 1)
-        max_new = _parse_number(form, "max_new_tokens", int, 1, s.max_new_tokens_limit, self.rm.max_new_tokens)
+        max_new = _parse_number(form, "max_new_tokens", int, 1, s.max_new_tokens_limit,
+                                self.front.max_new_tokens)
         do_sample = _parse_bool(form, "do_sample")
         temperature = _parse_number(form, "temperature", float, 0.0, 5.0, None, lo_open=True)
         top_p = _parse_number(form, "top_p", float, 0.0, 1.0, None, lo_open=True)
@@ -243,7 +274,7 @@ class ReportService:
         decoding = self.decoding(form)
         pil = [self.decode_image(f.data, f.filename, f"images[{i}]") for i, f in enumerate(images)]
         record = {"id": "study", "images": [{"image": im, "view": v} for im, v in zip(pil, views)], **texts}
-        collate = self.rm.collator(tpl)
+        collate = self.front.collator(tpl)
         collate.max_views = self.max_views
         with self._collate_lock:
             batch = collate([record])
@@ -258,6 +289,8 @@ class ReportService:
     # ------------------------------------------------------------------ generation (batcher thread)
     def run_batch(self, jobs) -> list[str]:
         batch = merge_batches([j.batch for j in jobs], self.pad_id, self.qpad_id, left_pad=self.decoder_only)
+        if self.worker is not None:
+            return self.worker.generate(batch, jobs[0].decoding)
         d = dict(jobs[0].decoding)
         return self.rm.generate_batch(batch, max_new_tokens=d.pop("max_new_tokens"), num_beams=d.pop("num_beams"),
                                       **d)

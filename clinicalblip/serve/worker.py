@@ -1,0 +1,179 @@
+"""The model worker: generation runs in its own process, fed by the server's batcher thread over a pipe.
+
+Why a process: in one process the event loop (HTTP parsing, multipart, image decoding, tokenising, JSON) and
+`generate` share one GIL. Every torch op releases and retakes it, so under load each waits for the other and
+neither keeps a core busy. Apart, the server process does the per-request work on one core while the worker keeps
+generating on another. The server process holds no weights: it gets the processor, template and limits (a
+`ModelFront`) from the worker once it has loaded the model, so a 7B model is in memory (or on the GPU) once.
+
+Protocol (multiprocessing Connection, pickled): the worker sends ("ready", front) or ("failed", kind, message)
+after loading; then for each (batch of numpy arrays, decoding) it answers ("ok", texts) or ("error", type,
+message). None, or the server's end closing, stops it. The worker ignores SIGINT: Ctrl-C reaches the whole
+process group, and the server decides when its worker stops.
+
+A worker that dies (killed, out of memory) fails the batch it was running with an error, and is started again
+before the next batch, so one crash costs the requests of one batch and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import threading
+
+from clinicalblip.errors import UserError
+
+log = logging.getLogger("clinicalblip.serve")
+TEST_DIE_FILE = "CLINICALBLIP_TEST_WORKER_DIE_FILE"  # tests: the worker exits mid-batch when this file exists
+
+
+class WorkerError(RuntimeError):
+    """The model worker could not run a batch: it failed inside generate, or exited."""
+
+
+def _worker_main(conn, model_dir: str, dtype: str | None, quantization: str, threads: int | None) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        from clinicalblip.generate import ReportModel, default_dtype
+
+        if dtype is None:
+            dtype = default_dtype("cuda" if torch.cuda.is_available() else "cpu")
+        rm = ReportModel.load(model_dir, dtype=dtype, quantization=quantization)
+        front = rm.front()
+    except UserError as exc:
+        conn.send(("failed", "user", str(exc)))
+        return
+    except BaseException as exc:  # noqa: BLE001 - reported to the server, which stops with the message
+        conn.send(("failed", type(exc).__name__, str(exc)))
+        return
+    conn.send(("ready", front))
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):  # the server went away
+            return
+        if msg is None:
+            return
+        arrays, decoding = msg
+        die = os.environ.get(TEST_DIE_FILE)
+        if die and os.path.exists(die):
+            os.unlink(die)
+            os._exit(3)
+        try:
+            batch = {k: torch.from_numpy(v) for k, v in arrays.items()}
+            d = dict(decoding)
+            texts = rm.generate_batch(batch, max_new_tokens=d.pop("max_new_tokens"), num_beams=d.pop("num_beams"), **d)
+            conn.send(("ok", texts))
+        except Exception as exc:  # noqa: BLE001 - this batch fails; the worker goes on
+            conn.send(("error", type(exc).__name__, str(exc)))
+
+
+class ModelWorker:
+    """One worker process holding the model. `generate` is called by one thread at a time (the batcher's)."""
+
+    def __init__(self, model_dir: str, dtype: str | None = None, quantization: str = "none",
+                 threads: int | None = None):
+        self.model_dir, self.dtype, self.quantization, self.threads = model_dir, dtype, quantization, threads
+        self._ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child; spawn is also safe with threads
+        self._proc = None
+        self._conn = None
+        self._lock = threading.Lock()
+        self.front = None
+        self.restarts = 0
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self):
+        """Start the process and wait until the model is loaded; returns its ModelFront. A model that cannot be
+        loaded raises UserError with the worker's message."""
+        parent, child = self._ctx.Pipe()
+        proc = self._ctx.Process(target=_worker_main, name="clinicalblip-model",
+                                 args=(child, self.model_dir, self.dtype, self.quantization, self.threads),
+                                 daemon=True)
+        proc.start()
+        child.close()
+        try:
+            while not parent.poll(0.5):
+                if not proc.is_alive():
+                    raise UserError(f"the model worker exited with code {proc.exitcode} while loading "
+                                    f"{self.model_dir} (out of memory?)")
+            reply = parent.recv()
+        except (EOFError, OSError):
+            proc.join(5)
+            raise UserError(f"the model worker exited with code {proc.exitcode} while loading {self.model_dir}") \
+                from None
+        except BaseException:
+            proc.kill()
+            raise
+        if reply[0] != "ready":
+            proc.join(30)
+            kind, message = reply[1], reply[2]
+            raise UserError(message if kind == "user" else f"loading {self.model_dir} failed: {kind}: {message}")
+        self._proc, self._conn, self.front = proc, parent, reply[1]
+        return self.front
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.is_alive()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the worker (it finishes the batch it is running first)."""
+        with self._lock:
+            self._closed = True
+            proc, conn, self._proc, self._conn = self._proc, self._conn, None, None
+        if proc is None:
+            return
+        try:
+            conn.send(None)
+        except (OSError, ValueError):
+            pass
+        proc.join(timeout)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+        conn.close()
+
+    def _restart(self, why: str) -> None:
+        old = self._proc
+        code = old.exitcode if old is not None else None
+        log.error("model worker (pid %s) %s, exit code %s: starting a new one", old.pid if old else "-", why, code)
+        if self._conn is not None:
+            self._conn.close()
+        self._proc = self._conn = None
+        try:
+            self.start()
+        except UserError as exc:
+            raise WorkerError(f"the model worker could not be restarted: {exc}") from None
+        self.restarts += 1
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, batch: dict, decoding: dict) -> list[str]:
+        """One merged batch (tensors) -> its reports. Raises WorkerError when the batch could not be generated."""
+        arrays = {k: v.numpy() for k, v in batch.items()}  # plain bytes over the pipe, no shared-memory handles
+        with self._lock:
+            if self._closed:
+                raise WorkerError("the model worker is stopped")
+            if not self.alive:
+                self._restart("is not running")
+            try:
+                self._conn.send((arrays, decoding))
+                reply = self._conn.recv()
+            except (EOFError, OSError):
+                self._proc.join(5)
+                code = self._proc.exitcode
+                self._restart("exited during generation")
+                raise WorkerError(f"the model worker exited during generation (exit code {code}); a new one "
+                                  "is serving") from None
+        if reply[0] == "ok":
+            return reply[1]
+        raise WorkerError(f"generation failed in the model worker: {reply[1]}: {reply[2]}")
