@@ -468,9 +468,10 @@ def test_serve_command_warns_off_loopback_and_reads_the_key(trained_release, mon
     assert main(["serve", str(trained_release / "missing")]) == 2
     assert "model folder not found" in capsys.readouterr().err
     pytest.importorskip("bitsandbytes")
-    assert main(["serve", str(trained_release), "--quantization", "4bit", "--in-process"]) == 0  # CPU bitsandbytes
+    assert main(["serve", str(trained_release), "--quantization", "4bit"]) == 0  # bitsandbytes runs on the CPU too
     svc = ran[-1][0].state.service
-    assert svc.rm.model.is_loaded_in_4bit and svc.facts["runtime"]["quantization"] == "4bit"
+    assert svc.facts["runtime"]["quantization"] == "4bit" and svc.facts["runtime"]["dtype"] == "bf16"
+    assert "[bf16 on cpu, 4bit, generation worker process" in capsys.readouterr().out
 
 
 def test_batcher_resolves_every_job_once_even_when_a_batch_fails():

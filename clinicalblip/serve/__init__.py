@@ -62,12 +62,8 @@ def load_service(model_dir: str, dtype: str | None = None, quantization: str = "
         if dtype is None:
             dtype = default_dtype("cuda" if torch.cuda.is_available() else "cpu")
         return ReportService(ReportModel.load(model_dir, dtype=dtype, quantization=quantization), settings)
-    import torch
-
     from clinicalblip.serve.worker import ModelWorker
 
-    # This process only parses, decodes and tokenises: one torch thread, no OpenMP pool spinning against the worker.
-    torch.set_num_threads(1)
     worker = ModelWorker(model_dir, dtype=dtype, quantization=quantization, threads=threads)
     worker.start()
     return ReportService(worker, settings)
@@ -98,6 +94,12 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, dtype: str 
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = ServeSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                              max_file_mb=max_file_mb, max_views=max_views, api_key=key)
+    if not in_process:
+        import torch
+
+        # This process only parses, decodes and tokenises: one torch thread, no OpenMP pool spinning against the
+        # worker, which has the --threads.
+        torch.set_num_threads(1)
     service = load_service(model_dir, dtype=dtype, quantization=quantization, settings=settings,
                            in_process=in_process, threads=threads)
     from PIL import Image
