@@ -254,6 +254,32 @@ def test_full_queue_answers_503_and_loses_nothing(service, studies):
         good_request(c, studies[3])
 
 
+def test_large_uploads_are_preprocessed_off_the_event_loop(service, studies, monkeypatch):
+    """Small studies are decoded on the loop; a real-radiograph-sized upload goes to the preprocessing threads."""
+    import anyio.to_thread
+
+    from clinicalblip.serve import app as app_module
+
+    real, seen = anyio.to_thread.run_sync, []
+
+    async def spy(func, *args, **kw):
+        seen.append(getattr(func, "__name__", ""))
+        return await real(func, *args, **kw)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", spy)
+    noise = np.random.default_rng(0).integers(0, 256, (700, 700), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, format="PNG")
+    assert len(buf.getvalue()) > app_module.INLINE_PREP_BYTES
+    with TestClient(make_app(service)) as c:
+        small = c.post("/v1/reports", files=study_files(studies[0], 1), data={"max_new_tokens": "8"})
+        assert small.status_code == 200 and "prepare" not in seen
+        r = c.post("/v1/reports", files=[("images", ("big.png", buf.getvalue(), "image/png"))],
+                   data={"max_new_tokens": "8", "views": "PA"})
+        assert r.status_code == 200 and r.json()["report"] and r.json()["views"] == ["PA"]
+    assert seen.count("prepare") == 1
+
+
 # ---------------------------------------------------------------------------------------------- model worker process
 def test_worker_process_reports_equal_in_process_and_a_crash_costs_one_batch(trained_release, service, studies,
                                                                             tmp_path, monkeypatch):

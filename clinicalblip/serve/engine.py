@@ -150,7 +150,9 @@ class ReportService:
 
     def with_settings(self, settings: ServeSettings) -> "ReportService":
         """Another service on the same loaded model (or worker) with other limits."""
-        return ReportService(self.worker or self.rm, settings)
+        other = ReportService(self.worker or self.rm, settings)
+        other._collate_lock = self._collate_lock  # the same tokenizers
+        return other
 
     @property
     def model_loaded(self) -> bool:
