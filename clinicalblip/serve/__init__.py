@@ -52,18 +52,10 @@ def load_service(model_dir: str, dtype: str | None = None, quantization: str = "
 
     if not os.path.exists(model_dir):
         raise UserError(f"model folder not found: {model_dir}")
+    from clinicalblip.serve.worker import ModelWorker, load_model
+
     if in_process:
-        import torch
-
-        from clinicalblip.generate import ReportModel, default_dtype
-
-        if threads:
-            torch.set_num_threads(threads)
-        if dtype is None:
-            dtype = default_dtype("cuda" if torch.cuda.is_available() else "cpu")
-        return ReportService(ReportModel.load(model_dir, dtype=dtype, quantization=quantization), settings)
-    from clinicalblip.serve.worker import ModelWorker
-
+        return ReportService(load_model(model_dir, dtype, quantization, threads), settings)
     worker = ModelWorker(model_dir, dtype=dtype, quantization=quantization, threads=threads)
     worker.start()
     return ReportService(worker, settings)

@@ -33,18 +33,26 @@ class WorkerError(RuntimeError):
     """The model worker could not run a batch: it failed inside generate, or exited."""
 
 
+def load_model(model_dir: str, dtype: str | None, quantization: str, threads: int | None):
+    """The ReportModel that serving generates with (in the worker, or in the server with --in-process). dtype None:
+    bf16 on a GPU that supports it, else fp32."""
+    import torch
+
+    from clinicalblip.generate import ReportModel, default_dtype
+
+    if threads:
+        torch.set_num_threads(threads)
+    if dtype is None:
+        dtype = default_dtype("cuda" if torch.cuda.is_available() else "cpu")
+    return ReportModel.load(model_dir, dtype=dtype, quantization=quantization)
+
+
 def _worker_main(conn, model_dir: str, dtype: str | None, quantization: str, threads: int | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         import torch
 
-        if threads:
-            torch.set_num_threads(threads)
-        from clinicalblip.generate import ReportModel, default_dtype
-
-        if dtype is None:
-            dtype = default_dtype("cuda" if torch.cuda.is_available() else "cpu")
-        rm = ReportModel.load(model_dir, dtype=dtype, quantization=quantization)
+        rm = load_model(model_dir, dtype, quantization, threads)
         front = rm.front()
     except UserError as exc:
         conn.send(("failed", "user", str(exc)))
