@@ -158,13 +158,39 @@ def _add_data_check(dsub) -> None:
     p.add_argument("--jobs", type=int, default=None, help="image-decoding threads (default: up to 8)")
     p.add_argument("--max-ids", type=int, default=5, help="offending ids shown per problem (default 5)")
     p.add_argument("--json", metavar="PATH", help="also write the per-problem counts and ids as JSON")
+    p.add_argument("--template", help="the prompt template training will use: a train/val/test record without its "
+                                      "target section is unusable (default: empty sections reported per section)")
+    p.add_argument("--max-report-tokens", type=int, default=None,
+                   help="the stage's data.max_report_tokens: how many reports are longer (counted in words, "
+                        "or in --tokenizer tokens)")
+    p.add_argument("--tokenizer", help="a local tokenizer folder (the model's): report lengths in its tokens")
 
     def run(args) -> int:
         from clinicalblip.data.check import check_manifest
+        from clinicalblip.data.manifest import read_manifest
+        from clinicalblip.data.reportlen import split_report_lengths
 
+        target = None
+        if args.template:
+            from clinicalblip.prompts import load_template
+
+            target = load_template(args.template).target
+        count, unit = None, "words"
+        if args.tokenizer:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
+            count, unit = (lambda texts: [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]]), \
+                "tokens"
         mode = "decode" if args.decode else args.images
-        report = check_manifest(args.manifest, check_images=mode, jobs=args.jobs, image_cache=args.image_cache)
+        report = check_manifest(args.manifest, check_images=mode, jobs=args.jobs, image_cache=args.image_cache,
+                                target=target)
         print(report.format(max_ids=args.max_ids))
+        try:
+            records = read_manifest(args.manifest)
+        except UserError:
+            records = []  # lines that do not parse: the summary above names them
+        print(split_report_lengths(records, target, args.max_report_tokens, count=count, unit=unit))
         if args.json:
             with open(args.json, "w", encoding="utf-8") as fh:
                 json.dump(report.to_dict(), fh, indent=2)

@@ -30,6 +30,7 @@ from clinicalblip.config import COMPONENTS, StageConfig
 from clinicalblip.data.cache import find_image_cache, pixel_source
 from clinicalblip.data.check import apply_bad_record_policy
 from clinicalblip.data.collate import StudyCollator, model_inputs
+from clinicalblip.data.reportlen import cut_summary
 from clinicalblip.data.loader import make_loader
 from clinicalblip.data.manifest import file_hash, read_manifest
 from clinicalblip.errors import UserError
@@ -284,20 +285,17 @@ def _records(run: Run) -> Records:
     # The whole manifest is checked, not one split: a patient in two splits is only visible across splits.
     records = read_manifest(cfg.data.manifest)
     image_cache = find_image_cache(cfg.data.image_cache, cfg.data.manifest)
+    template = load_template(cfg.data.template)
+    # One rule for train, val and test: a record without the template's target section is unusable (refused,
+    # or skipped with its id logged); val loss on empty targets would otherwise drive select_best.
     records = apply_bad_record_policy(records, cfg.data.on_bad_record, log=run.log, check_images=cfg.data.check_images,
-                                      manifest=cfg.data.manifest, image_cache=image_cache)
+                                      manifest=cfg.data.manifest, image_cache=image_cache, target=template.target)
     train = [r for r in records if r["split"] == cfg.data.train_split]
     if cfg.data.limit:
         train = train[: cfg.data.limit]
     if not train:
         raise UserError(f"{cfg.data.manifest}: no usable '{cfg.data.train_split}' records")
     val = [r for r in records if r["split"] == cfg.data.val_split][: cfg.data.val_max]
-    template = load_template(cfg.data.template)
-    empty = [r["id"] for r in train if not target_text(template, r)]
-    if empty and cfg.data.on_bad_record == "error":
-        raise UserError(f"{len(empty)} train record(s) with an empty {template.target}: {', '.join(map(str, empty[:5]))}"
-                        " (fill them in, or set data.on_bad_record=skip)")
-    train = [r for r in train if target_text(template, r)]
     return Records(train=train, val=val, template=template, data_hash=file_hash(cfg.data.manifest),
                    image_cache=image_cache)
 
@@ -541,6 +539,9 @@ def _header(run: Run, records: Records, built: Built, loaders: Loaders, sched: S
     run.log(f"prompts: {loaders.collate.count_shortened(records.train)} of {len(records.train)} train studies "
             f"shortened to data.max_prompt_tokens={cfg.data.max_prompt_tokens} "
             "(history, then comparison, then indication cut)")
+    # a cut report ends without EOS (the model is not taught to stop mid-sentence), but it is still cut
+    run.log("reports: " + cut_summary(loaders.collate.report_lengths(records.train), cfg.data.max_report_tokens)
+            + " (data.max_report_tokens)")
     run.log("=" * 78)
 
 
@@ -548,6 +549,7 @@ def _header(run: Run, records: Records, built: Built, loaders: Loaders, sched: S
 class Fit:
     global_step: int
     last_val: float | None = None
+    last_val_step: int | None = None  # the step whose weights last_val belongs to
     best_val: float = float("inf")
     best_state: dict | None = field(default=None, repr=False)
     best_step: int | None = None
@@ -680,10 +682,10 @@ def _fit(run: Run, built: Built, loaders: Loaders, sched: Schedule, progress: Pr
                 break
     bar.close()
     acc.sync_gradients = True
-    if loaders.val is not None and (fit.last_val is None or cfg.train.eval_every):
-        fit.last_val = evaluate_loss(model, loaders.val, acc)
-        fit.best_val = min(fit.best_val, fit.last_val)
-        log_metrics({"step": fit.global_step, "val_loss": fit.last_val})
+    if loaders.val is not None and fit.last_val_step != fit.global_step:
+        # The stage holds the last step's weights: its val loss must be theirs, not an earlier step's (max_steps
+        # may end mid-epoch after the last validation). Compared with the best snapshot like any validation.
+        _validate(run, model, loaders, fit, None, log_metrics, generate=False)
     return fit
 
 
@@ -698,19 +700,22 @@ def _dump_grads(run: Run, model, window_tokens: list[int]) -> None:
                   metadata={"window_tokens": json.dumps(window_tokens)})
 
 
-def _validate(run: Run, model, loaders: Loaders, fit: Fit, epoch: int, log_metrics) -> None:
+def _validate(run: Run, model, loaders: Loaders, fit: Fit, epoch: int | None, log_metrics,
+              generate: bool = True) -> None:
     """Validation loss (all ranks); with select_best, a gathered snapshot of the best trainable weights."""
     acc = run.accelerator
     acc.sync_gradients = True
     fit.last_val = evaluate_loss(model, loaders.val, acc)
+    fit.last_val_step = fit.global_step
     if fit.last_val < fit.best_val and run.cfg.train.select_best:
         fit.best_state = gather_trainable(model, acc)  # collective: every rank takes part
         fit.best_step = fit.global_step
     fit.best_val = min(fit.best_val, fit.last_val)
-    log_metrics({"step": fit.global_step, "epoch": epoch, "val_loss": fit.last_val})
+    log_metrics({"step": fit.global_step, "val_loss": fit.last_val} if epoch is None else
+                {"step": fit.global_step, "epoch": epoch, "val_loss": fit.last_val})
     if run.main:
         tqdm.write(f"step {fit.global_step} | val_loss {fit.last_val:.4f}")
-    if run.cfg.train.val_generate:
+    if generate and run.cfg.train.val_generate:
         row = validation_reports(run, model, loaders)
         if row:
             row.update(step=fit.global_step, epoch=epoch)

@@ -14,10 +14,15 @@ Problems that make a record unusable (errors):
                       DICOM header with pixel data of the right length and a decoder for its transfer
                       syntax), or, with check_images=decode, it does not decode (the loader training uses)
     empty_report      split train/val/test and neither findings nor impression has text
+    empty_target      split train/val/test and the section the template writes (`target`: findings,
+                      impression or findings_impression) has no text (checked when a target is given:
+                      train, generate, `data check --template`)
     encoding          text with U+FFFD replacement characters, mojibake ("Ã©", "â€™") or control bytes
 
 Warnings (reported, exit status unaffected): no_patient_id (the leakage check cannot see the record),
-no_view (no image has a view label), unknown_split (a split outside train/val/test, e.g. "dev").
+no_view (no image has a view label), unknown_split (a split outside train/val/test, e.g. "dev"),
+no_findings / no_impression (without a target: a train/val/test record whose findings or impression is empty,
+so a template writing that section cannot use it).
 
 Image checks (`check_images`): "header" (default: existence, size and header, read cheaply: a DICOM header
 without its pixels), "decode" (every image fully decoded: `data check --decode`; the image cache build
@@ -47,10 +52,10 @@ from clinicalblip.data.text import encoding_problem
 from clinicalblip.errors import UserError
 
 ERRORS = ("bad_json", "not_utf8", "missing_id", "duplicate_id", "patient_in_two_splits", "no_images",
-          "missing_image", "unreadable_image", "empty_report", "encoding")
-WARNINGS = ("no_patient_id", "no_view", "unknown_split")
+          "missing_image", "unreadable_image", "empty_report", "empty_target", "encoding")
+WARNINGS = ("no_patient_id", "no_view", "unknown_split", "no_findings", "no_impression")
 IMAGE_CHECKS = ("header", "decode", "exists", "none")
-CHECK_VERSION = 1  # bump when a check changes: stored results of older checks are then not reused
+CHECK_VERSION = 2  # bump when a check changes: stored results of older checks are then not reused
 
 
 class BadRecordsError(UserError):
@@ -246,12 +251,31 @@ def _image_problem(path: str, mode: str, cached: dict | None = None) -> Problem 
     return None
 
 
+def _has_text(value) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _target_problems(r: dict, split: str, target: str | None) -> list[Problem]:
+    """The one rule for records without a target, for every split that is trained, validated or tested."""
+    has = {k: _has_text(r.get(k)) for k in ("findings", "impression")}
+    if not any(has.values()):
+        return [Problem("empty_report", f"split {split}: no findings or impression")]
+    if target is not None:
+        if target in has and not has[target]:
+            return [Problem("empty_target", f"split {split}: no {target} (the template's target)")]
+        return []
+    return [Problem(f"no_{k}", f"split {split}: {k} empty") for k in ("findings", "impression") if not has[k]]
+
+
 def check_records(records: list[dict], check_images: str | bool = "header", root: str | os.PathLike | None = None,
                   jobs: int | None = None, _pre: list[list[Problem]] | None = None,
-                  _keys: list[str] | None = None, cached: dict | None = None) -> CheckReport:
+                  _keys: list[str] | None = None, cached: dict | None = None,
+                  target: str | None = None) -> CheckReport:
     """Check records (as read_manifest returns them, image paths resolved; or pass `root` to resolve
     relative paths). `check_images`: "header" (default), "decode" (True), "exists", or "none" (False).
-    cached: {path: None or reason} of images an image cache already decoded (ImageCache.check_map)."""
+    cached: {path: None or reason} of images an image cache already decoded (ImageCache.check_map).
+    target: the section a template writes (findings | impression | findings_impression): a train/val/test
+    record without it is unusable (empty_target); None reports empty sections per section as warnings."""
     mode = {True: "decode", False: "none", None: "none"}.get(check_images, check_images)
     if mode not in IMAGE_CHECKS:
         raise ValueError(f"check_images must be one of {IMAGE_CHECKS}, not {check_images!r}")
@@ -292,9 +316,8 @@ def check_records(records: list[dict], check_images: str | bool = "header", root
             ps.append(Problem("no_images"))
         elif not any(isinstance(im, dict) and im.get("view") for im in images):
             ps.append(Problem("no_view"))
-        if split in SPLITS and not any(isinstance(r.get(k), str) and r.get(k).strip()
-                                       for k in ("findings", "impression")):
-            ps.append(Problem("empty_report", f"split {split}: no findings or impression"))
+        if split in SPLITS:
+            ps.extend(_target_problems(r, split, target))
         for k in TEXT_FIELDS:
             v = r.get(k)
             bad = encoding_problem(v) if isinstance(v, str) else None
@@ -390,7 +413,7 @@ def _safe_normalize(rec: dict, root: Path, ps: list[Problem]) -> dict:
 
 
 def check_manifest(path: str | os.PathLike, check_images: str | bool = "header", jobs: int | None = None,
-                   image_cache: str | os.PathLike | None = None) -> CheckReport:
+                   image_cache: str | os.PathLike | None = None, target: str | None = None) -> CheckReport:
     """Check every line of a manifest file (unreadable lines included) -> CheckReport. A cache's manifest
     copy is checked against its cache (see the module docstring) without naming the cache."""
     if image_cache is None:
@@ -399,7 +422,7 @@ def check_manifest(path: str | os.PathLike, check_images: str | bool = "header",
         image_cache = find_image_cache(None, path)
     records, pre, keys = read_manifest_tolerant(path)
     report = check_records(records, check_images=check_images, jobs=jobs, _pre=pre, _keys=keys,
-                           cached=_cache_map(image_cache))
+                           cached=_cache_map(image_cache), target=target)
     report.manifest = str(path)
     return report
 
@@ -439,12 +462,12 @@ def _image_stats_digest(records: list[dict]) -> str:
     return h.hexdigest()
 
 
-def _check_key(manifest: str | os.PathLike, mode: str, image_cache, n: int) -> str:
+def _check_key(manifest: str | os.PathLike, mode: str, image_cache, n: int, target: str | None = None) -> str:
     h = hashlib.sha256()
     with open(manifest, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
-    h.update(f"\0{mode}\0{CHECK_VERSION}\0{n}".encode())
+    h.update(f"\0{mode}\0{CHECK_VERSION}\0{n}\0{target}".encode())
     if image_cache:
         for name in ("index.jsonl", "errors.jsonl"):
             p = Path(image_cache) / name
@@ -455,13 +478,14 @@ def _check_key(manifest: str | os.PathLike, mode: str, image_cache, n: int) -> s
 
 def bad_record_list(records: list[dict], check_images: str | bool = "header", root: str | os.PathLike | None = None,
                     manifest: str | os.PathLike | None = None, image_cache: str | os.PathLike | None = None,
-                    log: Callable[[str], None] | None = None) -> list[tuple[int, str, list[str]]]:
+                    log: Callable[[str], None] | None = None,
+                    target: str | None = None) -> list[tuple[int, str, list[str]]]:
     """[(index, key, error codes)] of the unusable records; reuses a stored result when `manifest` is given
     and neither it nor any image changed since."""
     mode = {True: "decode", False: "none", None: "none"}.get(check_images, check_images)
     store = None
     if manifest is not None and os.path.isfile(manifest):
-        store = check_cache_dir() / f"{_check_key(manifest, str(mode), image_cache, len(records))}.json"
+        store = check_cache_dir() / f"{_check_key(manifest, str(mode), image_cache, len(records), target)}.json"
         digest = _image_stats_digest(records) if mode != "none" else ""
         try:
             saved = json.loads(store.read_text())
@@ -471,7 +495,7 @@ def bad_record_list(records: list[dict], check_images: str | bool = "header", ro
                 return [(int(i), k, list(c)) for i, k, c in saved["bad"]]
         except (OSError, ValueError, KeyError, TypeError):
             pass
-    report = check_records(records, check_images=mode, root=root, cached=_cache_map(image_cache))
+    report = check_records(records, check_images=mode, root=root, cached=_cache_map(image_cache), target=target)
     bad = [(i, report.keys[i], list(dict.fromkeys(p.code for p in report.problems[i] if p.is_error)))
            for i in report.bad_indices()]
     if store is not None:
@@ -488,7 +512,8 @@ def bad_record_list(records: list[dict], check_images: str | bool = "header", ro
 def apply_bad_record_policy(records: list[dict], policy: str = "error", log: Callable[[str], None] = print,
                             check_images: str | bool = "header", root: str | os.PathLike | None = None,
                             max_ids: int = 50, manifest: str | os.PathLike | None = None,
-                            image_cache: str | os.PathLike | None = None, share: bool = True) -> list[dict]:
+                            image_cache: str | os.PathLike | None = None, share: bool = True,
+                            target: str | None = None, what: str = "records") -> list[dict]:
     """The records to use under `on_bad_record`.
 
     "error": any unusable record raises BadRecordsError naming the records and their problems.
@@ -496,12 +521,15 @@ def apply_bad_record_policy(records: list[dict], policy: str = "error", log: Cal
     silently). Returns the remaining records in their original order.
     manifest: the file the records came from; its check result is stored and reused (see bad_record_list).
     share: under torch.distributed, rank 0 checks and the other ranks receive its result.
+    target: the template's target section (records without it are unusable: empty_target).
+    what: how the records are named in the messages (e.g. "records of split 'test'").
     """
     if policy not in ("error", "skip"):
         raise UserError(f"on_bad_record must be 'error' or 'skip', not {policy!r}")
 
     def run():
-        return bad_record_list(records, check_images, root=root, manifest=manifest, image_cache=image_cache, log=log)
+        return bad_record_list(records, check_images, root=root, manifest=manifest, image_cache=image_cache, log=log,
+                               target=target)
 
     if share:
         from clinicalblip.data.loader import run_on_rank0
@@ -515,8 +543,8 @@ def apply_bad_record_policy(records: list[dict], policy: str = "error", log: Cal
     more = f" ... (+{len(bad) - max_ids} more; run `clinicalblip data check` for all)" if len(bad) > max_ids else ""
     listing = "; ".join(described[:max_ids]) + more
     if policy == "error":
-        raise BadRecordsError(f"{len(bad)} of {len(records)} records are unusable: {listing}. Fix them "
+        raise BadRecordsError(f"{len(bad)} of {len(records)} {what} are unusable: {listing}. Fix them "
                               "(`clinicalblip data check MANIFEST` lists every problem) or set on_bad_record: skip")
-    log(f"on_bad_record=skip: dropping {len(bad)} of {len(records)} records: {listing}")
+    log(f"on_bad_record=skip: dropping {len(bad)} of {len(records)} {what}: {listing}")
     drop = {i for i, _, _ in bad}
     return [r for i, r in enumerate(records) if i not in drop]

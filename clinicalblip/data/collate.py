@@ -79,7 +79,8 @@ def _keep(seed: int, epoch: int, rid: str, p: float) -> bool:
 class StudyCollator:
     """Turns a list of manifest records into a model batch.
 
-    mode="train": input + report tokens, labels only on the report (and EOS).
+    mode="train": input + report tokens, labels only on the report (and EOS, unless the report was cut at
+    max_report_tokens).
     mode="generate": prompt only, left-padded for decoder-only models.
     """
 
@@ -197,6 +198,13 @@ class StudyCollator:
                 n += 1
         return n
 
+    def report_lengths(self, records: list[dict]) -> list[int]:
+        """Target tokens of each record's report (before the max_report_tokens cut, EOS not counted)."""
+        texts = [target_text(self.template, r) for r in records]
+        if not texts:
+            return []
+        return [len(x) for x in self.processor.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
     def _pixels(self, paths: list[str]) -> torch.Tensor:
         if self.blank_images:
             size = self.processor.image_processor.size
@@ -250,7 +258,9 @@ class StudyCollator:
                                 f"tokens: remove '{IMAGE_TOKEN}' from its indication/history/comparison")
             if self.mode == "train":
                 report = target_text(self.template, rec)
-                tgt = tok(report, add_special_tokens=False)["input_ids"][: self.max_report_tokens] + [eos]
+                tgt = tok(report, add_special_tokens=False)["input_ids"]
+                # A cut report gets no EOS: the model must not learn to stop mid-sentence at the limit.
+                tgt = tgt[: self.max_report_tokens] if len(tgt) > self.max_report_tokens else tgt + [eos]
                 if self.decoder_only:
                     seqs.append(ids + tgt)
                     labels.append([IGNORE_INDEX] * len(ids) + tgt)
