@@ -252,6 +252,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--workers", type=int, default=-1, help="manifest mode: loader workers (default -1: what the "
                                                           "machine affords; 0: load in the main process)")
     p.add_argument("--json", action="store_true", help="single study: print prompt, qformer_prompt, report as JSON")
+    p.add_argument("--on-bad-record", choices=["error", "skip"], default=None,
+                   help="manifest mode: records with missing/unreadable images, a duplicate id or no target section "
+                        "are refused (error, the default) or left out with their ids listed (skip)")
     p.set_defaults(func=_cmd_generate)
 
 
@@ -280,7 +283,7 @@ def _cmd_generate(args) -> int:
         if args.manifest:
             raise UserError("give either --image (one study) or --manifest (a split), not both")
         _refuse_flags(args, "with --image (one study); they apply to a manifest split",
-                      split=None, batch_size=None, limit=None, overwrite=False)
+                      split=None, batch_size=None, limit=None, overwrite=False, on_bad_record=None)
         result = G.generate_single(
             args.model_dir, images=args.image, indication=args.indication, history=args.history,
             comparison=args.comparison, template=args.template, max_new_tokens=args.max_new_tokens,
@@ -301,7 +304,7 @@ def _cmd_generate(args) -> int:
         context=args.context, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
         batch_size=args.batch_size or 16, limit=args.limit, dtype=args.dtype, overwrite=args.overwrite,
         quantization=args.quantization, image_cache=args.image_cache, num_workers=args.workers,
-        **_decoding_kwargs(args),
+        on_bad_record=args.on_bad_record or "error", **_decoding_kwargs(args),
     )
     if os.environ.get("RANK", "0") == "0":  # once under accelerate launch
         print(f"wrote {n} predictions to {args.out}")
@@ -483,7 +486,11 @@ def _add_merge(sub) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="dtype of the released weights (default fp32)")
     p.add_argument("--tolerance", type=float, default=None, help="max |logit diff| allowed in verification")
-    p.add_argument("--metrics", help="a metrics.json from `clinicalblip eval` to put in the model card")
+    p.add_argument("--metrics", help="a metrics.json from `clinicalblip eval` to put in the model card (its "
+                                     "provenance.model_hash must be a stage of this chain)")
+    p.add_argument("--force-metrics", action="store_true",
+                   help="attach --metrics even without provenance or from another model; the card says it was "
+                        "not verified")
     p.add_argument("--max-shard-size", default="2GB",
                    help="largest safetensors file of the release, e.g. 5GB (default 2GB)")
     p.add_argument("--push-to-hub", metavar="REPO", help="upload the release to this hub repo (needs network + login)")
@@ -494,7 +501,8 @@ def _cmd_merge(args) -> int:
     from clinicalblip.merge import merge_stage_chain
 
     info = merge_stage_chain(args.stage_dir, args.out, dtype=args.dtype, tolerance=args.tolerance,
-                             max_shard_size=args.max_shard_size, metrics=args.metrics, push_to_hub=args.push_to_hub)
+                             max_shard_size=args.max_shard_size, metrics=args.metrics, push_to_hub=args.push_to_hub,
+                             force_metrics=args.force_metrics)
     if info["status"] == "noop":
         print(info["message"])
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -340,7 +341,7 @@ def generate_split(model_dir: str, manifest: str, split: str, out: str, template
                    context: str = "real", max_new_tokens: int | None = None, num_beams: int = 1,
                    batch_size: int = 16, limit: int | None = None, dtype: str | None = None,
                    overwrite: bool = False, quantization: str = "none", image_cache: str | None = None,
-                   num_workers: int = -1, **generate_kwargs) -> int:
+                   num_workers: int = -1, on_bad_record: str = "error", **generate_kwargs) -> int:
     """Generate a report for every study of a split; output written as it goes, a rerun skips finished ids.
 
     context: real | none (indication left out) | generic (replaced by an uninformative one) | shuffled (another
@@ -353,6 +354,9 @@ def generate_split(model_dir: str, manifest: str, split: str, out: str, template
     generate_kwargs go to `model.generate` (do_sample, temperature, top_p, repetition_penalty,
     no_repeat_ngram_size, length_penalty, ...). image_cache: a `data cache` folder to read pixels from (also
     used when `manifest` is a cache's manifest.jsonl); num_workers: loader workers (-1: what the machine affords).
+    on_bad_record: the split's records get train's record check before the model loads (missing or unreadable
+    images, duplicate ids, no target section): "error" refuses naming them, "skip" leaves them out, listing
+    their ids.
     """
     from accelerate import PartialState
 
@@ -368,6 +372,8 @@ def generate_split(model_dir: str, manifest: str, split: str, out: str, template
     # cpu=True when there is no GPU: under torchrun the ranks then form a gloo group (MULTI_CPU).
     state = PartialState(cpu=not torch.cuda.is_available())
     main = state.is_main_process
+    records = checked_split_records(records, model_dir, template, split, on_bad_record, image_cache, manifest,
+                                    log=print if main else (lambda msg: None))
     dtype = dtype or default_dtype(state.device)
     rm = ReportModel.load(model_dir, dtype=dtype, device=str(state.device), quantization=quantization)
     tpl = load_template(template) if template else rm.template
@@ -402,13 +408,16 @@ def generate_split(model_dir: str, manifest: str, split: str, out: str, template
             "code_version": __version__,
             # studies whose context (history, then comparison, then indication) was cut to fit the prompt
             "prompts_shortened": collate.count_shortened(records), "studies": len(records),
+            # the training limit: reports longer than this were cut in training (and generation stops there)
+            "max_report_tokens": rm.max_new_tokens,
         }
         meta_path.write_text(json.dumps(provenance, indent=2))
     # Similar lengths together: less padding per batch (views decide the image tokens, then the prompt).
     todo.sort(key=lambda r: (len(r["images"]), len(r.get("indication") or "") + len(r.get("history") or "")))
     part = out_path if state.num_processes == 1 else Path(f"{out_path}.part{state.process_index}")
     _drop_partial_tail(part)
-    with open(part, "a", encoding="utf-8") as fh:
+    with no_empty_file_on_error(part, meta_path if part == out_path else None), \
+            open(part, "a", encoding="utf-8") as fh:
         batches = make_loader(todo, batch_size, collate, num_workers=num_workers, return_records=True)
         for chunk, batch in tqdm(batches, desc=f"generate {split}", unit="batch", disable=not main):
             texts = rm.generate_batch(batch, max_new_tokens=max_new_tokens, num_beams=num_beams, **generate_kwargs)
@@ -424,3 +433,36 @@ def generate_split(model_dir: str, manifest: str, split: str, out: str, template
     if main and state.num_processes > 1:
         _merge_parts(out_path)
     return len(records)
+
+
+@contextlib.contextmanager
+def no_empty_file_on_error(path: Path, meta: Path | None = None):
+    """A run that fails before its first row leaves no 0-byte predictions file (nor its meta) behind."""
+    try:
+        yield
+    except BaseException:
+        if path.is_file() and path.stat().st_size == 0:
+            path.unlink()
+            if meta is not None:
+                meta.unlink(missing_ok=True)
+        raise
+
+
+def checked_split_records(records: list[dict], model_dir: str, template: str | None, split: str, policy: str,
+                          image_cache: str | None, manifest: str, log) -> list[dict]:
+    """train's record check on a split, before the model loads (see generate_split's on_bad_record)."""
+    from clinicalblip.data.check import apply_bad_record_policy
+
+    if policy not in ("error", "skip"):
+        raise UserError(f"--on-bad-record must be error or skip, not {policy!r}")
+    try:  # the target section the reports are scored against: the template's
+        tpl = load_template(template) if template else load_template_of(model_dir) if is_stage_dir(model_dir) \
+            else release_template(Path(model_dir), read_release(model_dir)) if is_release_dir(model_dir) else None
+    except Exception:  # noqa: BLE001 - an unreadable model folder is refused with its own message when it loads
+        tpl = None
+    kept = apply_bad_record_policy(
+        records, policy, log=log, image_cache=find_image_cache(image_cache, manifest),
+        target=tpl.target if tpl is not None else None, what=f"records of split '{split}'")
+    if not kept:
+        raise UserError(f"{manifest}: no usable records in split '{split}' (all {len(records)} skipped)")
+    return kept

@@ -97,9 +97,7 @@ def _model_card(chain: list[dict], meta: dict, dtype: str) -> str:
     lines += ["", "## Evaluation", ""]
     ev = meta.get("eval")
     if ev:
-        keys = [k for k in ("BLEU_1", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "clinical_macro_f1") if k in ev]
-        lines += ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys),
-                  "| " + " | ".join(f"{ev[k]:.4f}" for k in keys) + " |", ""]
+        lines += _eval_section(ev, meta.get("eval_source") or {})
     else:
         lines += ["No evaluation was attached (`clinicalblip merge ... --metrics metrics.json` adds one).", ""]
     lines += [
@@ -124,6 +122,85 @@ def _model_card(chain: list[dict], meta: dict, dtype: str) -> str:
     return "\n".join(lines)
 
 
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "n/a"
+
+
+def _eval_section(ev: dict, source: dict) -> list[str]:
+    """The card's evaluation: what was scored (data, split, n, protocol, labeler) and each metric with its 95% CI."""
+    prov = ev.get("provenance") or {}
+    clinical = ev.get("clinical") or {}
+    lines = []
+    if source.get("verified"):
+        lines.append(f"Scored on the predictions of {source['model']} (model hash `{prov.get('model_hash')}`, "
+                     "checked against this chain when merging).")
+    else:
+        lines.append(f"**Not verified:** {source.get('reason', 'these numbers were attached without a check')}. "
+                     "They were attached with `--force-metrics` and may belong to another model or data.")
+    lines += ["", "| what | value |", "| --- | --- |"]
+    manifest = Path(prov["manifest"]).name if prov.get("manifest") else None  # the name: no local paths in a card
+    for label, value in (("manifest", manifest), ("dataset (manifest hash)", prov.get("manifest_hash")),
+                         ("split", prov.get("split")), ("studies (n)", ev.get("n")),
+                         ("empty references skipped", ev.get("empty_references")),
+                         ("template", prov.get("template")), ("decoding", prov.get("decoding")),
+                         ("NLG protocol", ev.get("protocol")), ("clinical labeler", clinical.get("labeler")),
+                         ("uncertain labels count as", clinical.get("uncertain_as")),
+                         ("95% CIs", ev.get("nlg_ci95_method") or ("bootstrap" if clinical.get("bootstrap") else None))):
+        if value not in (None, ""):
+            lines.append(f"| {label} | {json.dumps(value) if isinstance(value, dict) else value} |")
+    lines += ["", "| metric | value | 95% CI |", "| --- | --- | --- |"]
+    cis = ev.get("nlg_ci95") or {}
+    for k in ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr"):
+        if k in ev:
+            ci = cis.get(k)
+            lines.append(f"| {k} | {_fmt(ev[k])} | {f'{_fmt(ci[0])} - {_fmt(ci[1])}' if ci else 'n/a'} |")
+    macro = clinical.get("macro") or {}
+    if "clinical_macro_f1" in ev:
+        ci = macro.get("f1_ci95")
+        n_labels = len(clinical.get("observations") or [])
+        lines.append(f"| clinical macro F1 ({n_labels} labels) | {_fmt(ev['clinical_macro_f1'])} | "
+                     f"{f'{_fmt(ci[0])} - {_fmt(ci[1])}' if ci else 'n/a'} |")
+    return lines + [""]
+
+
+def read_eval_metrics(path: str, chain: list[dict], force: bool = False) -> tuple[dict, dict]:
+    """(metrics, source) of a `clinicalblip eval` metrics.json for the card, checked against the chain.
+
+    Refused unless its provenance.model_hash is the hash of a stage of this chain (the hash generate records),
+    or force is set; `source` says which stage it belongs to, or why it was not verified.
+    """
+    from clinicalblip.generate import _dir_hash
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--metrics {path}: file not found")
+    try:
+        ev = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"--metrics {path}: not a metrics.json (not a JSON object; `clinicalblip eval PRED --out "
+                        "metrics.json` writes one)") from None
+    if not isinstance(ev, dict) or "n" not in ev or "protocol" not in ev:
+        raise UserError(f"--metrics {path}: not a metrics.json of `clinicalblip eval` (no 'n' or 'protocol')")
+    force_hint = "pass --force-metrics to attach it anyway (the card then says it was not verified)"
+    model_hash = (ev.get("provenance") or {}).get("model_hash") if isinstance(ev.get("provenance"), dict) else None
+    if not model_hash:
+        reason = f"{path} has no provenance.model_hash, so its numbers cannot be tied to this chain"
+        if not force:
+            raise UserError(f"--metrics {reason} (evaluate predictions written by `clinicalblip generate`); {force_hint}")
+        return ev, {"verified": False, "reason": reason}
+    hashes = {_dir_hash(st["dir"]): st for st in chain}
+    st = hashes.get(model_hash)
+    if st is None:
+        names = ", ".join(f"{s['name']} {h}" for h, s in hashes.items())
+        reason = f"{path} scores model hash {model_hash}, which is no stage of this chain ({names})"
+        if not force:
+            raise UserError(f"--metrics {reason}: another model's numbers; {force_hint}")
+        return ev, {"verified": False, "reason": reason}
+    last = st is chain[-1]
+    model = f"stage '{st['name']}'" + ("" if last else " (an EARLIER stage of this chain, not the merged last stage)")
+    return ev, {"verified": True, "model": model, "stage": st["name"], "last_stage": last}
+
+
 def _stage_quantization(chain: list[dict]) -> str:
     """The quantization the last stage trained with ('none' when it trained in full precision)."""
     cfg_path = Path(chain[-1]["dir"]) / "config.yaml"
@@ -140,7 +217,7 @@ def _max_diff(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 def merge_stage_chain(stage_dir: str, out: str, dtype: str = "fp32", tolerance: float | None = None,
                       max_shard_size: str = "2GB", metrics: str | None = None,
-                      push_to_hub: str | None = None) -> dict:
+                      push_to_hub: str | None = None, force_metrics: bool = False) -> dict:
     """Fold every stage of the chain into the base weights (full precision), write + verify the release.
 
     The release is assembled in a temporary sibling of `out` and renamed into place only once its reloaded
@@ -163,6 +240,7 @@ def merge_stage_chain(stage_dir: str, out: str, dtype: str = "fp32", tolerance: 
         if not (out_path / RELEASE_META).is_file():
             raise UserError(f"{out}: exists and is not an earlier release; choose an empty folder")
     chain = stage_chain(stage_dir)
+    eval_metrics = read_eval_metrics(metrics, chain, force_metrics) if metrics else None  # before minutes of work
     template = load_template_of(stage_dir)
     quantization = _stage_quantization(chain)
 
@@ -233,8 +311,8 @@ def merge_stage_chain(stage_dir: str, out: str, dtype: str = "fp32", tolerance: 
                        for s in chain],
             "verification": verification,
         }
-        if metrics:
-            meta["eval"] = json.loads(Path(metrics).read_text())
+        if eval_metrics:
+            meta["eval"], meta["eval_source"] = eval_metrics
         write_release_files(tmp_out, template, meta, _model_card(chain, meta, dtype))
         if out_path.exists():
             old = target_parent / f".{out_path.name}.old"

@@ -177,3 +177,142 @@ def test_lora_target_that_matches_nothing_is_refused_naming_the_layers(synth_man
               {"policy": "lora", "trainable": 5, "frozen": 10}}
     with pytest.raises(UserError, match=r"trainable.qformer=full but qformer has 0 trainable parameters"):
         check_trainable(report)
+
+
+# ---------------------------------------------------------------------------------------------- 6: generate
+def _test_split_manifest(synth_manifest: Path, name: str, edit) -> tuple[Path, list[dict]]:
+    rows = _rows(synth_manifest)
+    tests = [r for r in rows if r["split"] == "test"][:3]
+    edit(tests)
+    return _write(synth_manifest.parent / name, tests), tests
+
+
+def test_generate_checks_records_before_loading(stage1_dir, synth_manifest, tmp_path, capsys):
+    from clinicalblip.cli import main
+    from clinicalblip.generate import generate_split
+
+    def missing(tests):
+        tests[1]["images"] = [{"path": "no/such.png", "view": "PA"}]
+
+    m, tests = _test_split_manifest(synth_manifest, "missing_image.jsonl", missing)
+    out = tmp_path / "preds.jsonl"
+    with pytest.raises(UserError) as err:
+        generate_split(str(stage1_dir), str(m), "test", str(out))
+    msg = _one_line_error(err.value)
+    assert f"1 of 3 records of split 'test' are unusable: {tests[1]['id']} (missing_image)" in msg
+    assert not out.exists() and not Path(str(out) + ".meta.json").exists()
+    # skip: the rest are generated, the skipped id is named
+    assert main(["generate", str(stage1_dir), "--manifest", str(m), "--split", "test", "--out", str(out),
+                 "--on-bad-record", "skip", "--workers", "0"]) == 0
+    log = capsys.readouterr().out
+    assert f"on_bad_record=skip: dropping 1 of 3 records of split 'test': {tests[1]['id']} (missing_image)" in log
+    assert sorted(r["id"] for r in _rows(out)) == sorted([tests[0]["id"], tests[2]["id"]])
+    meta = json.loads(Path(str(out) + ".meta.json").read_text())
+    assert meta["max_report_tokens"] == 96  # the stage's data.max_report_tokens (configs/tiny/stage1.yaml)
+
+
+def test_generate_refuses_duplicate_ids_and_records_without_a_target(stage1_dir, synth_manifest, tmp_path):
+    from clinicalblip.generate import generate_split
+
+    def dup(tests):
+        tests[2]["id"] = tests[0]["id"]
+
+    m, tests = _test_split_manifest(synth_manifest, "dup.jsonl", dup)
+    with pytest.raises(UserError) as err:
+        generate_split(str(stage1_dir), str(m), "test", str(tmp_path / "p.jsonl"))
+    assert f"{tests[0]['id']} (duplicate_id)" in _one_line_error(err.value)
+
+    def no_target(tests):
+        tests[0]["findings"] = ""  # the stage's template writes findings
+
+    m, tests = _test_split_manifest(synth_manifest, "no_target_test.jsonl", no_target)
+    with pytest.raises(UserError) as err:
+        generate_split(str(stage1_dir), str(m), "test", str(tmp_path / "p.jsonl"))
+    assert f"{tests[0]['id']} (empty_target)" in _one_line_error(err.value)
+
+
+def test_generate_failing_first_batch_leaves_no_empty_file(stage1_dir, synth_manifest, tmp_path, monkeypatch):
+    from clinicalblip.generate import ReportModel, generate_split
+
+    def boom(self, *a, **k):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(ReportModel, "generate_batch", boom)
+    out = tmp_path / "p.jsonl"
+    with pytest.raises(RuntimeError, match="device lost"):
+        generate_split(str(stage1_dir), str(synth_manifest), "test", str(out), limit=2, num_workers=0)
+    assert not out.exists() and not Path(str(out) + ".meta.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------- 5/6: eval rule
+def _preds(path: Path, rows: list[tuple[str, str, str]]) -> Path:
+    return _write(path, [{"id": i, "prediction": p, "reference": r} for i, p, r in rows])
+
+
+def test_eval_skips_empty_references_with_a_count_and_refuses_duplicates(tmp_path):
+    from clinicalblip.metrics.compare import compare_files
+    from clinicalblip.metrics.evaluate_predictions import evaluate_predictions
+
+    p = _preds(tmp_path / "p.jsonl", [("a", "The heart is enlarged.", "The heart is enlarged."),
+                                     ("b", "No acute findings.", ""),
+                                     ("c", "Small left pleural effusion.", "Small left pleural effusion."),
+                                     ("d", "The lungs are clear.", "Right pneumothorax.")])
+    m = evaluate_predictions(p, tmp_path / "metrics.json", bootstrap=0, skip_java_metrics=True, report_md=False)
+    assert m["n"] == 3 and m["empty_references"] == 1 and m["empty_reference_ids"] == ["b"]
+    assert json.loads((tmp_path / "metrics.json").read_text())["empty_references"] == 1
+    # every reference empty: nothing to score against
+    e = _preds(tmp_path / "e.jsonl", [("a", "x", ""), ("b", "y", " ")])
+    with pytest.raises(UserError, match="every record has an empty reference"):
+        evaluate_predictions(e, tmp_path / "m2.json", bootstrap=0, skip_java_metrics=True, report_md=False)
+    # one duplicate rule for eval and compare: a repeated id is refused, naming it and its lines
+    d = _preds(tmp_path / "d.jsonl", [("a", "x", "The heart is enlarged."), ("b", "y", "Clear."),
+                                     ("a", "z", "The heart is enlarged.")])
+    with pytest.raises(UserError) as err:
+        evaluate_predictions(d, tmp_path / "m3.json", bootstrap=0, skip_java_metrics=True, report_md=False)
+    assert "id 'a' appears twice (first on line 1)" in _one_line_error(err.value) and "d.jsonl:3" in str(err.value)
+    with pytest.raises(UserError, match="id 'a' appears twice"):
+        compare_files([str(p), str(d)], str(tmp_path / "c.json"), resamples=10, skip_java_metrics=True)
+
+
+# ---------------------------------------------------------------------------------------------- 3: merge --metrics
+def test_merge_metrics_must_belong_to_the_chain(stage1_dir, synth_manifest, tmp_path):
+    from clinicalblip.generate import generate_split
+    from clinicalblip.merge import merge_stage_chain
+    from clinicalblip.metrics.evaluate_predictions import evaluate_predictions
+
+    preds = tmp_path / "preds.jsonl"
+    generate_split(str(stage1_dir), str(synth_manifest), "test", str(preds), limit=6, num_workers=0)
+    good = tmp_path / "metrics.json"
+    ev = evaluate_predictions(preds, good, bootstrap=50, skip_java_metrics=True, report_md=False)
+    foreign = json.loads(good.read_text())
+    foreign["provenance"]["model_hash"] = "0123456789abcdef"
+    bad = tmp_path / "foreign.json"
+    bad.write_text(json.dumps(foreign))
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps({k: v for k, v in foreign.items() if k != "provenance"}))
+    jsonl = tmp_path / "preds_as_metrics.json"
+    jsonl.write_text(preds.read_text())
+    for path, words in ((bad, "scores model hash 0123456789abcdef, which is no stage of this chain"),
+                        (bare, "has no provenance.model_hash"), (jsonl, "not a metrics.json")):
+        with pytest.raises(UserError) as err:
+            merge_stage_chain(str(stage1_dir), str(tmp_path / "rel"), metrics=str(path))
+        msg = _one_line_error(err.value)
+        assert words in msg and str(path) in msg
+        assert not (tmp_path / "rel").exists()
+
+    merge_stage_chain(str(stage1_dir), str(tmp_path / "rel"), metrics=str(good))
+    card = (tmp_path / "rel" / "README.md").read_text()
+    prov = ev["provenance"]
+    assert "checked against this chain" in card and "stage 'stage1'" in card
+    assert "| manifest | manifest.jsonl |" in card
+    for row in (f"| dataset (manifest hash) | {prov['manifest_hash']} |", "| split | test |", f"| studies (n) | {ev['n']} |",
+                "| NLG protocol | r2gen |", f"| clinical labeler | {ev['clinical']['labeler']} |"):
+        assert row in card, row
+    lo, hi = ev["nlg_ci95"]["BLEU_4"]
+    assert f"| BLEU_4 | {ev['BLEU_4']:.4f} | {lo:.4f} - {hi:.4f} |" in card
+    ci = ev["clinical"]["macro"]["f1_ci95"]
+    assert f"{ev['clinical_macro_f1']:.4f} | {ci[0]:.4f} - {ci[1]:.4f} |" in card
+
+    merge_stage_chain(str(stage1_dir), str(tmp_path / "rel2"), metrics=str(bad), force_metrics=True)
+    card = (tmp_path / "rel2" / "README.md").read_text()
+    assert "**Not verified:**" in card and "0123456789abcdef" in card and "--force-metrics" in card

@@ -35,7 +35,42 @@ LABELER_CHOICES = ("auto", "chexpert", "synthetic", "chexbert")
 
 
 def read_predictions(path: str | Path) -> tuple[list[dict], dict | None]:
-    """(records, provenance) from a predictions JSONL; clear UserErrors for a missing file or bad lines."""
+    """(records, provenance) from a predictions JSONL; clear UserErrors for a missing file or bad lines.
+
+    The rule eval, view and compare share: an id that occurs twice is refused (which row counts is unknown);
+    a record with an empty reference is skipped, with a warning naming the count and the ids (an empty
+    reference would be labelled "No Finding" and score as a correct normal study).
+    """
+    records, provenance, _ = read_predictions_checked(path)
+    return records, provenance
+
+
+def read_predictions_checked(path: str | Path) -> tuple[list[dict], dict | None, list[str]]:
+    """read_predictions plus the ids of the records skipped for an empty reference."""
+    records, provenance = _read_predictions(path)
+    seen: dict[str, int] = {}
+    for rec in records:
+        if rec.get("id") is None:
+            continue
+        rid = str(rec["id"])
+        if rid in seen:
+            raise UserError(f"{path}:{rec['_line']}: id {rid!r} appears twice (first on line {seen[rid]}); "
+                            "one row per study (regenerate, or remove the extra row)")
+        seen[rid] = rec["_line"]
+    empty = [r for r in records if not (r.get("reference") or "").strip()]
+    if empty:
+        ids = [str(r.get("id", f"line {r['_line']}")) for r in empty]
+        if len(empty) == len(records):
+            raise UserError(f"{path}: every record has an empty reference ({len(records)}): nothing to score "
+                            "against. Generate from a manifest whose records have the template's target section")
+        log.warning("%s: skipping %d of %d records with an empty reference: %s%s", path, len(empty), len(records),
+                    ", ".join(ids[:20]), f" (+{len(ids) - 20} more)" if len(ids) > 20 else "")
+        records = [r for r in records if (r.get("reference") or "").strip()]
+        return records, provenance, ids
+    return records, provenance, []
+
+
+def _read_predictions(path: str | Path) -> tuple[list[dict], dict | None]:
     path = Path(path)
     if not path.exists():
         raise UserError(f"predictions file not found: {path}")
@@ -233,12 +268,15 @@ def evaluate_predictions(
     per-label F1 PNG beside ``out_path``; a path writes the report there; False writes none. ``return_cases``:
     return ``(metrics, records, cases)`` (``evaluate_records``' per-case data, e.g. for the case viewer).
     """
-    records, provenance = read_predictions(pred_path)
+    records, provenance, empty_refs = read_predictions_checked(pred_path)
     metrics, cases = evaluate_records(
         records, protocol, labeler, bootstrap, seed, skip_java_metrics=skip_java_metrics, uncertain_as=uncertain_as,
         chexbert_weights=chexbert_weights, chexbert_tokenizer=chexbert_tokenizer,
     )
     metrics["predictions"] = str(pred_path)
+    metrics["empty_references"] = len(empty_refs)  # skipped, not scored (see read_predictions)
+    if empty_refs:
+        metrics["empty_reference_ids"] = empty_refs[:100]
     if provenance is not None:
         metrics["provenance"] = provenance
 
@@ -266,6 +304,8 @@ def format_summary(metrics: dict) -> str:
         return "   n/a" if v is None else f"{v:6.4f}"
 
     lines = [f"n={metrics['n']}  protocol={metrics['protocol']}  labeler={metrics['clinical']['labeler']}"]
+    if metrics.get("empty_references"):
+        lines[0] += f"  ({metrics['empty_references']} records with an empty reference skipped)"
     lines.append("  ".join(f"{k:>7}" for k in METRIC_KEYS))
     lines.append("  ".join(f"{f(metrics[k]):>7}" for k in METRIC_KEYS))
     c = metrics["clinical"]
