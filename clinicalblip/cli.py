@@ -164,22 +164,33 @@ def _add_data_check(dsub) -> None:
                    help="the stage's data.max_report_tokens: how many reports are longer (counted in words, "
                         "or in --tokenizer tokens)")
     p.add_argument("--tokenizer", help="a local tokenizer folder (the model's): report lengths in its tokens")
+    p.add_argument("--config", help="a stage YAML: its data.template and data.max_report_tokens (and model.base's "
+                                    "tokenizer, when that is a local folder) unless given above")
 
     def run(args) -> int:
         from clinicalblip.data.check import check_manifest
         from clinicalblip.data.manifest import read_manifest
         from clinicalblip.data.reportlen import split_report_lengths
 
+        template, limit, tokenizer = args.template, args.max_report_tokens, args.tokenizer
+        if args.config:
+            from clinicalblip.config import load_stage_config
+
+            cfg = load_stage_config(args.config)
+            template = template or cfg.data.template
+            limit = limit if limit is not None else cfg.data.max_report_tokens
+            if not tokenizer and os.path.isfile(os.path.join(cfg.model.base, "tokenizer_config.json")):
+                tokenizer = cfg.model.base
         target = None
-        if args.template:
+        if template:
             from clinicalblip.prompts import load_template
 
-            target = load_template(args.template).target
+            target = load_template(template).target
         count, unit = None, "words"
-        if args.tokenizer:
+        if tokenizer:
             from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
             count, unit = (lambda texts: [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]]), \
                 "tokens"
         mode = "decode" if args.decode else args.images
@@ -190,7 +201,7 @@ def _add_data_check(dsub) -> None:
             records = read_manifest(args.manifest)
         except UserError:
             records = []  # lines that do not parse: the summary above names them
-        print(split_report_lengths(records, target, args.max_report_tokens, count=count, unit=unit))
+        print(split_report_lengths(records, target, limit, count=count, unit=unit))
         if args.json:
             with open(args.json, "w", encoding="utf-8") as fh:
                 json.dump(report.to_dict(), fh, indent=2)

@@ -81,6 +81,15 @@ def test_cut_summary_and_data_check_lengths(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "findings length (words, n=10): p50 50  p90 90  p95 100  p99 100  max 100" in out
     assert "limit 60 words (data.max_report_tokens): 4 of 10 (40.0%) are longer" in out
+    # the configured limit and template of a stage YAML; lengths in the model's tokens with its tokenizer
+    proc = build_tiny_processor("tiny", corpus=["word"] * 20)
+    proc.tokenizer.save_pretrained(tmp_path / "tok")
+    p50 = len(proc.tokenizer(rows[4]["findings"], add_special_tokens=False)["input_ids"])
+    assert main(["data", "check", str(m), "--config", str(Path(__file__).parents[1] / "configs/tiny/stage1.yaml"),
+                 "--tokenizer", str(tmp_path / "tok")]) == 0
+    out = capsys.readouterr().out
+    assert f"findings length (tokens, n=10): p50 {p50} " in out
+    assert "limit 96 tokens (data.max_report_tokens)" in out
 
 
 def _long_report_manifest(src: Path, dst: Path, extra: list[dict] = ()) -> list[dict]:
