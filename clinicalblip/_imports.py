@@ -16,6 +16,9 @@ first by ``clinicalblip/__init__.py``, narrows exactly those two behaviours and 
   PyTorch the user cannot act on it, so that one record is dropped there (with a CUDA build it stays: a GPU
   that PyTorch cannot see is worth a line).
 
+When stderr is not a terminal, the Hugging Face progress bars are turned off as clinicalblip's own are
+(``HF_HUB_DISABLE_PROGRESS_BARS``, unless the user set it), so a log file gets no carriage returns.
+
 Warnings are not filtered globally: PEFT's and DeepSpeed's real messages still show. If bitsandbytes was
 imported before clinicalblip (``import peft`` first in a user's script), the guard cannot act; import
 clinicalblip first, or set ``CLINICALBLIP_HUB_KERNELS``.
@@ -104,6 +107,12 @@ def _cpu_only_torch() -> bool:
 
 
 def install() -> None:
+    from clinicalblip.progress import mode
+
+    if mode() != "bar":
+        # transformers' and the hub's own bars ("Loading weights", "Writing model shards") follow ours: in a log
+        # file they are carriage-return walls (see clinicalblip/progress.py); on a terminal they stay.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if os.environ.get("CLINICALBLIP_HUB_KERNELS", "").lower() not in ("1", "true", "yes", "on"):
         if _BNB_CPU_OPS not in sys.modules and not any(isinstance(f, _BnbCpuOpsFinder) for f in sys.meta_path):
             sys.meta_path.insert(0, _BnbCpuOpsFinder())

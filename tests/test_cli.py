@@ -40,12 +40,16 @@ def assert_offline_and_quiet(proc_stderr: str, trap_log: Path, what: str) -> Non
 def cli(*args, cwd=None, check=True):
     """`python -m clinicalblip ARGS` as a user runs it: no HF_HUB_OFFLINE, the network trapped, stderr quiet."""
     trap_log = Path(os.environ.get("PYTEST_TMP_TRAP", "/tmp")) / f"cb-net-trap-{os.getpid()}-{time.time_ns()}.log"
-    proc = subprocess.run([sys.executable, "-m", "clinicalblip", *map(str, args)], cwd=cwd or REPO,
-                          env=trapped_env(trap_log), capture_output=True, text=True, timeout=600)
+    # bytes, decoded by hand: text=True would turn every \r into \n and hide what a log file receives
+    raw = subprocess.run([sys.executable, "-m", "clinicalblip", *map(str, args)], cwd=cwd or REPO,
+                         env=trapped_env(trap_log), capture_output=True, timeout=600)
+    proc = subprocess.CompletedProcess(raw.args, raw.returncode, raw.stdout.decode(), raw.stderr.decode())
     if check and proc.returncode != 0:
         raise AssertionError(f"clinicalblip {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     try:
         assert_offline_and_quiet(proc.stderr, trap_log, f"clinicalblip {args[0]}")
+        # piped, as in `./train.sh > log`: progress is plain lines, never carriage-return bar updates
+        assert "\r" not in proc.stdout + proc.stderr, f"clinicalblip {args[0]} wrote carriage returns to a pipe"
     finally:
         trap_log.unlink(missing_ok=True)
     return proc
