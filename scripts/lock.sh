@@ -60,6 +60,15 @@ else
     exit 1
   fi
 fi
+"$PY" scripts/lockfile.py constraints "$WORK/new.txt" "$WORK/constraints.txt"
+# GPU users get the same pins with the CUDA build of torch: check that they resolve against PyPI's torch
+# (=== is the exact version, so a local +cpu wheel cannot stand in; dry run: metadata only)
+if "$V/bin/python" -m pip install -q --disable-pip-version-check --dry-run --ignore-installed \
+     --report "$WORK/gpu.json" -c "$WORK/constraints.txt" "torch===${TORCH%%+*}" ".[gpu]" > "$WORK/gpu.log" 2>&1; then
+  gpu="resolves with $("$V/bin/python" -c "import json,sys; r=json.load(open(sys.argv[1])); print(next(i['metadata']['version'] for i in r['install'] if i['metadata']['name']=='torch'), 'and', sum(i['metadata']['name'].startswith('nvidia') for i in r['install']), 'nvidia packages')" "$WORK/gpu.json")"
+else
+  tail -5 "$WORK/gpu.log"; echo "[lock] the GPU constraints do not resolve with torch ${TORCH%%+*}: $LOCK left as it was."; exit 1
+fi
 cp "$WORK/new.txt" "$LOCK"
-"$PY" scripts/lockfile.py constraints "$LOCK" "locks/$TAG-constraints.txt"
-echo "[lock] wrote $LOCK and locks/$TAG-constraints.txt; tests: $result"
+cp "$WORK/constraints.txt" "locks/$TAG-constraints.txt"
+echo "[lock] wrote $LOCK and locks/$TAG-constraints.txt; tests: $result; GPU constraints: $gpu"
