@@ -102,7 +102,7 @@ def _long_report_manifest(src: Path, dst: Path, extra: list[dict] = ()) -> list[
 
 
 def test_train_header_counts_cut_reports_validates_final_weights_and_logs_skipped_targets(
-        synth_manifest, tmp_path, capsys):
+        synth_manifest, tmp_path, capsys, monkeypatch):
     """Items 1, 4, 5 in one short run: the header's cut count, val loss of the last step's weights (max_steps
     ends mid-epoch, eval_every 0), and records without a target skipped with their ids (train AND val)."""
     from clinicalblip.data.manifest import read_manifest
@@ -121,8 +121,15 @@ def test_train_header_counts_cut_reports_validates_final_weights_and_logs_skippe
     cfg = tiny_stage_cfg("stage1.yaml", m, out, **{"train.max_steps": steps_per_epoch + 2, "train.eval_every": 0,
                                                    "data.max_report_tokens": 12, "data.on_bad_record": "skip",
                                                    "train.log_every": 100})
+    # the first step's supervised tokens, as the loss counts them: 12 per cut study, no EOS after the cut
+    monkeypatch.setenv("CLINICALBLIP_TEST_GRADS_AT_STEP", "1")
+    monkeypatch.setenv("CLINICALBLIP_TEST_GRADS_OUT", str(tmp_path / "grads.safetensors"))
     train_stage(cfg)
     log = capsys.readouterr().out
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "grads.safetensors"), "pt") as fh:
+        assert json.loads(fh.metadata()["window_tokens"]) == [4 * 12]
     assert "on_bad_record=skip: dropping 2 of" in log
     assert "no-findings-train (empty_target)" in log and "no-findings-val (empty_target)" in log
     assert f"reports: {n_train} of {n_train} train reports cut at 12 tokens; p95 length" in log
