@@ -26,6 +26,7 @@ from clinicalblip.jsonl import iter_json_objects
 from clinicalblip.errors import UserError
 from clinicalblip.metrics.casestats import bootstrap_cis, build_case_stats
 from clinicalblip.metrics.clinical import binarize, clinical_scores
+from clinicalblip.metrics.conventions import CONVENTION_PREFIXES, convention_scores
 from clinicalblip.metrics.labeler import COMMON_FIVE, OBSERVATIONS, CheXbertLabeler, ChexpertRuleLabeler, Labeler
 from clinicalblip.metrics.nlg import METRIC_KEYS, nlg_with_case_stats
 
@@ -195,6 +196,11 @@ def evaluate_records(
     if nlg.get("skipped"):
         metrics["skipped"] = nlg["skipped"]
     metrics["clinical_macro_f1"] = clinical["macro"]["f1"]
+    if which in CONVENTION_PREFIXES:
+        # Every named convention (micro/macro x 14/5 x uncertain +/-, example-based) at the top level.
+        conv = convention_scores(labels["reference"], labels["prediction"], CONVENTION_PREFIXES[which])
+        metrics.update(conv)
+        clinical["conventions"] = sorted(conv)
     metrics["clinical"] = clinical
     metrics["empty_predictions"] = empty
 
