@@ -157,3 +157,10 @@ def test_f1_against_expert_labels_on_iu_xray_dev():
         scores[obs] = 2 * tp / (2 * tp + fp + fn)
     print({k: round(v, 3) for k, v in scores.items()})
     assert all(v >= 0.85 for v in scores.values()), scores
+
+
+def test_a_bone_lesion_is_not_a_lung_lesion():
+    assert label_report("Expansile lesion of the right posterior 9th rib.")["Lung Lesion"] is None
+    assert label_report("Sclerotic lesion in the T8 vertebral body.")["Lung Lesion"] is None
+    # projecting over a rib is still a lung finding
+    assert label_report("Nodular opacity projecting over the left 5th rib.")["Lung Lesion"] == 1

@@ -207,6 +207,11 @@ _SCOPE_BREAK = re.compile(
     r"\b(?:seen|noted|identified|present|demonstrated|visualized|evident|appreciated)\s*,"
 )
 
+# A lesion of a bone is not a lung lesion: judged in a window around the Lung Lesion mention, within its sentence.
+_BONE = r"(?:ribs?|osseous|bony|bone|vertebra\w*|spine|spinal|clavic\w*|scapul\w*|humer\w*|sternum|sternal)"
+_BONE_AFTER = re.compile(r"\s*(?:\w+\s+)?(?:of|in|involving|within)\s+(?:the\s+)?(?:[\w-]+\s+){0,3}?" + _BONE + r"\b")
+_BONE_BEFORE = re.compile(r"\b" + _BONE + r"\s+(?:[\w-]+\s+)?$")
+
 _SENT_SPLIT = re.compile(r"(?<=[.!?])\s+|\n+|(?<=\.)(?=[a-z])|\s+(?=\d+\.\s)")
 
 # Every phrase starts at a word boundary ("stent" must not match inside "consistent").
@@ -280,6 +285,10 @@ def label_report(text: str | None) -> dict[str, int | None]:
                 value = _classify(sentence, m.start() - offset, m.end() - offset)
                 if value is None:
                     continue
+                if obs == "Lung Lesion":
+                    lo, hi = m.start() - offset, m.end() - offset
+                    if _BONE_AFTER.match(sentence, hi) or _BONE_BEFORE.search(sentence, max(0, lo - 30), lo):
+                        continue
                 if fixed == UNCERTAIN and value == POSITIVE:
                     value = UNCERTAIN
             found.setdefault(obs, []).append(value)
