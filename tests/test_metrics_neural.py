@@ -313,6 +313,23 @@ def test_parity_passes_writes_its_record_and_lifts_the_flag(weights_dir, tmp_pat
     assert "bertscore_f1" in capsys.readouterr().out and W.parity_status(d)["checked"] is False
 
 
+def test_named_metric_for_training_selection(weights_dir):
+    from clinicalblip.metrics.neural_eval import metric_for_key, named_metric
+
+    assert metric_for_key("rules_micro5_upos") is None and metric_for_key("radgraph_partial") == "radgraph"
+    assert metric_for_key("bertscore_radeval_f1") == "bertscore-radeval" and metric_for_key("sembscore") == "sembscore"
+    for bad in ("radgraph_f1", "bleu", "chexbert_micro7_upos"):
+        with pytest.raises(UserError, match="unknown clinical metric"):
+            metric_for_key(bad)
+    refs, preds = S.CORPUS, S.CORPUS[::-1]
+    assert named_metric("radgraph_partial", refs, preds, weights_dir) == pytest.approx(
+        float(np.mean([reward(h, r, "partial") for h, r in zip(
+            *(RadGraph(weights_dir / "radgraph/radgraph.tar.gz",
+                       encoder_dir_for(weights_dir / "radgraph/radgraph.tar.gz")).annotate(x) for x in (preds, refs)))])))
+    with pytest.raises(UserError, match="metrics fetch"):
+        named_metric("bertscore_f1", refs, preds, None)
+
+
 # ------------------------------------------------------------------------------------------------ real weights
 REAL = os.environ.get("CLINICALBLIP_METRICS_DIR")
 

@@ -117,3 +117,43 @@ def check_names(spec: str | None) -> list[str]:
     if not spec:
         raise UserError("--metrics needs a comma-separated list, e.g. chexbert,radgraph,bertscore,rexrank")
     return W.parse_metrics(spec)
+
+
+# ------------------------------------------------------------------------------------------------ one named metric
+def metric_for_key(key: str) -> str | None:
+    """The ``--metrics`` name that produces ``key`` (``rules_*`` keys need no weights: None)."""
+    from clinicalblip.metrics.conventions import convention_keys
+
+    if key in convention_keys("rules"):
+        return None
+    if key in convention_keys("chexbert"):
+        return "chexbert"
+    for prefix, name in (("bertscore_radeval_", "bertscore-radeval"), ("bertscore_", "bertscore"),
+                         ("radgraph_xl_", "radgraph-xl"), ("radgraph_", "radgraph"), ("radcliq_v1", "radcliq"),
+                         ("sembscore", "sembscore")):
+        if key.startswith(prefix):
+            suffix = key[len(prefix):]
+            if name.startswith("radgraph") and suffix not in ("simple", "partial", "complete", "entity_relation"):
+                break
+            if name.startswith("bertscore") and suffix not in ("precision", "recall", "f1"):
+                break
+            return name
+    raise UserError(f"unknown clinical metric {key!r}: use a rules_* or chexbert_* convention key (e.g. "
+                    "rules_micro5_upos), sembscore, bertscore_f1, bertscore_radeval_f1, radgraph_partial, "
+                    "radgraph_xl_partial, radgraph_entity_relation or radcliq_v1")
+
+
+def named_metric(key: str, references: Sequence[str], predictions: Sequence[str],
+                 metrics_dir: str | Path | None = None) -> float:
+    """One metrics.json key computed on these reports (e.g. for checkpoint selection during training)."""
+    name = metric_for_key(key)
+    if name is None:
+        from clinicalblip.metrics.conventions import convention_scores
+        from clinicalblip.metrics.labeler import ChexpertRuleLabeler
+
+        lab = ChexpertRuleLabeler()
+        return convention_scores(lab.label(list(references)), lab.label(list(predictions)), "rules")[key]
+    summary, _ = score_neural(references, predictions, metrics_dir, [name])
+    if summary.get(key) is None:
+        raise UserError(f"metric {key} is undefined on these reports")
+    return float(summary[key])
