@@ -146,6 +146,18 @@ def test_chexbert_stand_in_loads_and_a_renamed_key_is_refused_by_name(weights_di
     assert "linear_heads.13.weight" in str(exc.value) and "linear_heads.99.weight" in str(exc.value)
 
 
+def test_labeler_chexbert_path_writes_the_chexbert_convention_keys(weights_dir, tmp_path, capsys):
+    from clinicalblip.metrics.conventions import convention_keys
+
+    out = tmp_path / "m.json"
+    assert cli.main(["eval", str(_preds(tmp_path)), "--out", str(out), "--skip-java-metrics", "--bootstrap", "0",
+                     "--no-report", "--labeler", "chexbert",
+                     "--chexbert-weights", str(weights_dir / "chexbert/chexbert.pth"),
+                     "--chexbert-tokenizer", str(weights_dir / "bert-base-uncased")]) == 0
+    m = json.loads(out.read_text())
+    assert m["clinical"]["labeler"] == "chexbert" and all(isinstance(m[k], float) for k in convention_keys("chexbert"))
+
+
 def test_radgraph_stand_in_annotates_and_key_mismatch_is_refused(weights_dir, tmp_path):
     arch = weights_dir / "radgraph/radgraph.tar.gz"
     rg = RadGraph(arch, encoder_dir_for(arch))

@@ -320,15 +320,6 @@ class CheXbertLabeler:
     """
 
     name = "chexbert"
-    # CheXbert's class order per head: blank, positive, negative, uncertain (No Finding head: blank, positive).
-    _CLASS_TO_VALUE = (None, POSITIVE, NEGATIVE, UNCERTAIN)
-    # Its head order (the CheXpert column order with No Finding last).
-    _HEAD_ORDER = (
-        "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema", "Consolidation",
-        "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other", "Fracture",
-        "Support Devices", "No Finding",
-    )
-
     def __init__(self, weights: str | Path | None = None, tokenizer: str | Path | None = None,
                  device: str = "cpu", batch_size: int = 16) -> None:
         if not weights:
@@ -350,54 +341,15 @@ class CheXbertLabeler:
         self._model = None
 
     def _load(self):
-        import torch
-        from transformers import AutoTokenizer, BertConfig, BertModel
+        # One CheXbert implementation (metrics/neural.py): weights_only loading, keys checked by name.
+        from clinicalblip.metrics.neural import CheXbert
 
-        class _CheXbert(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.bert = BertModel(BertConfig())  # bert-base-uncased shape
-                self.dropout = torch.nn.Dropout(0.1)
-                hidden = self.bert.config.hidden_size
-                self.linear_heads = torch.nn.ModuleList(
-                    [torch.nn.Linear(hidden, 4) for _ in range(13)] + [torch.nn.Linear(hidden, 2)]
-                )
-
-            def forward(self, input_ids, attention_mask):
-                cls = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
-                cls = self.dropout(cls)
-                return [head(cls) for head in self.linear_heads]
-
-        model = _CheXbert()
-        state = torch.load(self.weights, map_location="cpu", weights_only=False)
-        state = state.get("model_state_dict", state)
-        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if [k for k in missing if not k.endswith("position_ids")] or unexpected:
-            raise UserError(f"{self.weights} does not look like a CheXbert checkpoint "
-                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        model.eval().to(self.device)
-        self._tok = AutoTokenizer.from_pretrained(str(self.tokenizer_dir), local_files_only=True)
-        self._model = model
+        self._model = CheXbert(self.weights, self.tokenizer_dir, device=self.device, batch_size=self.batch_size)
 
     def label(self, texts: Sequence[str]) -> list[dict[str, int | None]]:
-        import torch
-
         if self._model is None:
             self._load()
-        out: list[dict[str, int | None]] = []
-        for i in range(0, len(texts), self.batch_size):
-            batch = [" ".join((t or "").split()) for t in texts[i: i + self.batch_size]]
-            enc = self._tok(batch, padding=True, truncation=True, max_length=512, return_tensors="pt").to(self.device)
-            with torch.no_grad():
-                logits = self._model(enc["input_ids"], enc["attention_mask"])
-            classes = [lg.argmax(-1).tolist() for lg in logits]
-            for j in range(len(batch)):
-                row = {o: None for o in OBSERVATIONS}
-                for h, obs in enumerate(self._HEAD_ORDER):
-                    row[obs] = self._CLASS_TO_VALUE[classes[h][j]]
-                out.append(row)
-        return out
+        return self._model.label(texts)
 
 
 def get_labeler(name: str = "chexpert", **options) -> Labeler:
