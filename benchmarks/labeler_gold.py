@@ -60,7 +60,8 @@ def score(uids, labels, gold) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "iu_xray_dev"))
+    here = Path(__file__).resolve().parents[1]
+    ap.add_argument("--data", default=str(here / ".." / "shared" / "data" / "iu_xray_dev"))
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--errors", help="print the reports the labeler gets wrong for this observation")
     args = ap.parse_args()

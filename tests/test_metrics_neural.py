@@ -5,12 +5,10 @@ exists."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -334,10 +332,10 @@ def test_named_metric_for_training_selection(weights_dir):
         with pytest.raises(UserError, match="unknown clinical metric"):
             metric_for_key(bad)
     refs, preds = S.CORPUS, S.CORPUS[::-1]
-    assert named_metric("radgraph_partial", refs, preds, weights_dir) == pytest.approx(
-        float(np.mean([reward(h, r, "partial") for h, r in zip(
-            *(RadGraph(weights_dir / "radgraph/radgraph.tar.gz",
-                       encoder_dir_for(weights_dir / "radgraph/radgraph.tar.gz")).annotate(x) for x in (preds, refs)))])))
+    arch = weights_dir / "radgraph/radgraph.tar.gz"
+    rg = RadGraph(arch, encoder_dir_for(arch))
+    by_hand = np.mean([reward(h, r, "partial") for h, r in zip(rg.annotate(preds), rg.annotate(refs))])
+    assert named_metric("radgraph_partial", refs, preds, weights_dir) == pytest.approx(float(by_hand))
     with pytest.raises(UserError, match="metrics fetch"):
         named_metric("bertscore_f1", refs, preds, None)
 
