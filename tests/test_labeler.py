@@ -164,3 +164,12 @@ def test_a_bone_lesion_is_not_a_lung_lesion():
     assert label_report("Sclerotic lesion in the T8 vertebral body.")["Lung Lesion"] is None
     # projecting over a rib is still a lung finding
     assert label_report("Nodular opacity projecting over the left 5th rib.")["Lung Lesion"] == 1
+
+
+def test_strong_hedges_are_positive_weak_ones_uncertain():
+    assert label_report("Left basilar opacity, likely atelectasis.")["Atelectasis"] == 1
+    assert label_report("Findings suggestive of mild pulmonary edema.")["Edema"] == 1
+    assert label_report("Probable small right pleural effusion.")["Pleural Effusion"] == 1
+    assert label_report("Left basilar opacity may represent atelectasis.")["Atelectasis"] == -1
+    assert label_report("Cannot exclude early pneumonia.")["Pneumonia"] == -1
+    assert label_report("Possible small right pleural effusion.")["Pleural Effusion"] == -1

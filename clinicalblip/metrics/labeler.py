@@ -8,6 +8,10 @@ uncertainty cues found around each mention, and CheXpert's aggregation (positive
 and cue lists below are our own, written as regular expressions (CheXpert's public lists were consulted, not
 copied), and all are compiled once at import so thousands of reports label in about a second.
 
+Hedges differ in strength: "likely", "probable", "suggestive of", "presumably", "favored" state a finding the
+radiologist believes present and count as positive (expert-labelled OpenI reports read them so; CheXpert's own
+labeler calls them uncertain); "may", "possible", "questionable", "cannot exclude", "versus", "X or Y" stay uncertain.
+
 Labelers share a tiny interface (``Labeler``): a ``name`` and ``label(texts) -> list[dict]``. ``CheXbertLabeler``
 runs CheXbert when the user has its weights on disk; it is never used unless asked for and never falls back.
 """
@@ -182,14 +186,14 @@ _NEG_POST = re.compile(
     r"(?:resolved|cleared|absent|removed|gone|unlikely|excluded|ruled out|negative)\b|none\b)"
 )
 _UNC_PRE = re.compile(
-    r"\b(?:may|might|could|would|possibl[ey]|probabl[ey]|likely|questionabl[ey]|question(?:ed)?|"
-    r"suspicious|suspicion|suspect\w*|suggest\w*|concern\w*|consider\w*|differential|ddx|versus|vs|borderline|equivocal|"
-    r"indeterminate|presum\w*|favor\w*|worrisome|cannot|can ?not|uncertain|unclear|if|rule out|r/o|exclude|"
+    r"\b(?:may|might|could|would|possibl[ey]|questionabl[ey]|question(?:ed)?|"
+    r"suspicious|suspicion|suspect\w*|concern\w*|consider\w*|differential|ddx|versus|vs|borderline|equivocal|"
+    r"indeterminate|worrisome|cannot|can ?not|uncertain|unclear|if|rule out|r/o|exclude|"
     r"not excluded|either|perhaps|potential(?:ly)?)\b"
 )
 _UNC_POST = re.compile(
-    r"^(?:\s+\S+){0,4}?\s*(?:\b(?:is|are)\s+)?(?:possible|possibly|probable|likely|suspected|questioned|"
-    r"suggested|not excluded|versus|vs|may|might|could|cannot be excluded|can not be excluded|"
+    r"^(?:\s+\S+){0,4}?\s*(?:\b(?:is|are)\s+)?(?:possible|possibly|suspected|questioned|"
+    r"not excluded|versus|vs|may|might|could|cannot be excluded|can not be excluded|"
     r"would be|of uncertain|uncertain|unclear|is suspected)\b|\?"
 )
 # "X or Y" offers alternatives (uncertain) unless it merely lists what did not change ("no change in X or Y").
