@@ -10,7 +10,10 @@ copied), and all are compiled once at import so thousands of reports label in ab
 
 Hedges differ in strength: "likely", "probable", "suggestive of", "presumably", "favored" state a finding the
 radiologist believes present and count as positive (expert-labelled OpenI reports read them so; CheXpert's own
-labeler calls them uncertain); "may", "possible", "questionable", "cannot exclude", "versus", "X or Y" stay uncertain.
+labeler calls them uncertain); "may", "possible", "questionable", "cannot exclude" stay uncertain. A differential
+without such a modal ("atelectasis or scarring", "atelectasis versus infiltrate") names an opacity that is there and
+its readings: each alternative counts as a positive mention, as the expert annotators of OpenI read it (CheXpert
+calls it uncertain).
 
 Labelers share a tiny interface (``Labeler``): a ``name`` and ``label(texts) -> list[dict]``. ``CheXbertLabeler``
 runs CheXbert when the user has its weights on disk; it is never used unless asked for and never falls back.
@@ -187,18 +190,15 @@ _NEG_POST = re.compile(
 )
 _UNC_PRE = re.compile(
     r"\b(?:may|might|could|would|possibl[ey]|questionabl[ey]|question(?:ed)?|"
-    r"suspicious|suspicion|suspect\w*|concern\w*|consider\w*|differential|ddx|versus|vs|borderline|equivocal|"
+    r"suspicious|suspicion|suspect\w*|concern\w*|consider\w*|differential|ddx|borderline|equivocal|"
     r"indeterminate|worrisome|cannot|can ?not|uncertain|unclear|if|rule out|r/o|exclude|"
     r"not excluded|either|perhaps|potential(?:ly)?)\b"
 )
 _UNC_POST = re.compile(
     r"^(?:\s+\S+){0,4}?\s*(?:\b(?:is|are)\s+)?(?:possible|possibly|suspected|questioned|"
-    r"not excluded|versus|vs|may|might|could|cannot be excluded|can not be excluded|"
+    r"not excluded|may|might|could|cannot be excluded|can not be excluded|"
     r"would be|of uncertain|uncertain|unclear|is suspected)\b|\?"
 )
-# "X or Y" offers alternatives (uncertain) unless it merely lists what did not change ("no change in X or Y").
-_OR = re.compile(r"\b(?:or|and/or)\b")
-_OR_POST = re.compile(r"^\s*(?:\S+\s+){0,3}?(?:or|and/or)\b")
 # The finding is the object of a look, not a statement about the patient ("evaluation for pneumothorax is limited").
 _NOT_ASSERTED = re.compile(
     r"\b(?:evaluat\w*|assess\w*|examin\w*|screen\w*|search\w*|looking|look) (?:for|of) (?:\w+ ){0,3}$"
@@ -242,7 +242,6 @@ def _classify(sentence: str, start: int, end: int) -> int | None:
     for m in _SCOPE_BREAK.finditer(before):
         scope = m.end()
     pre = before[scope:] + " " + sentence[start:end]
-    listing = bool(_PSEUDO_NEG.search(pre))
     pre = _PSEUDO_NEG.sub(" ", pre)
     after = sentence[end:]
     cut = _SCOPE_BREAK.search(after)
@@ -253,8 +252,6 @@ def _classify(sentence: str, start: int, end: int) -> int | None:
     if _NEG_PRE.search(pre) or _NEG_POST.search(post):
         return NEGATIVE
     if _UNC_PRE.search(pre) or _UNC_POST.search(post):
-        return UNCERTAIN
-    if not listing and (_OR.search(pre) or _OR_POST.search(post)):
         return UNCERTAIN
     return POSITIVE
 
