@@ -92,6 +92,11 @@ def official_values(metrics: dict) -> dict[str, float | None]:
             out[f"clinical_{name}_f1"] = c[name]["f1"]
     for o, b in c["per_label"].items():
         out[f"f1/{o}"] = b["f1"]
+    from clinicalblip.metrics.evaluate_predictions import MEAN_CASE_KEYS
+
+    for k in MEAN_CASE_KEYS:
+        if k in metrics:
+            out[k] = metrics[k]
     return out
 
 
@@ -170,6 +175,8 @@ def compare_files(
     min_overlap: float = 0.9,
     top: int = 50,
     progress: bool = False,
+    metrics_dir: str | Path | None = None,
+    neural: str | Sequence[str] | None = None,
 ) -> dict:
     """Compare predictions files (the first is the baseline) and write ``out`` (compare.json).
 
@@ -195,7 +202,8 @@ def compare_files(
     for name, path, recs in zip(names, paths, files):
         mine = [r for r in recs if str(r["id"]) in keep]  # the file's own order: eval's numbers exactly
         metrics, cases = evaluate_records(mine, protocol, labeler, bootstrap=0, seed=seed,
-                                          skip_java_metrics=skip_java_metrics, uncertain_as=uncertain_as)
+                                          skip_java_metrics=skip_java_metrics, uncertain_as=uncertain_as,
+                                          metrics_dir=metrics_dir, neural=neural)
         systems.append({"name": name, "path": str(path), "studies_in_file": len(recs),
                         "metrics": official_values(metrics), "labeler": metrics["clinical"]["labeler"]})
         stats.append(cases["stats"].reorder(shared))
