@@ -5,6 +5,7 @@ exists."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -33,6 +34,14 @@ NEURAL_KEYS = ("chexbert_micro14_upos", "chexbert_macro5_uneg", "chexbert_exampl
 @pytest.fixture(scope="module")
 def weights_dir(tmp_path_factory):
     return S.write_weights_dir(tmp_path_factory.mktemp("metrics-weights"))
+
+
+@pytest.fixture
+def standin_files(monkeypatch):
+    """The kit's file list without the published hashes (the stand-in weights are not the published files)."""
+    files = tuple(dataclasses.replace(f, sha256=None) for f in W.FILES)
+    monkeypatch.setattr(W, "FILES", files)
+    return files
 
 
 def _preds(tmp_path: Path, name="preds.jsonl", shift=1) -> Path:
@@ -111,11 +120,22 @@ def test_bertscore_identity_rescale_and_hand_computation(weights_dir):
     r = float(sim[:, 1:-1].max(0).values.mean())
     assert len(keep_c) and len(keep_r)
     assert got["precision"][0] == pytest.approx(p, abs=1e-5) and got["recall"][0] == pytest.approx(r, abs=1e-5)
-    b = N.read_baseline(d / "bert_score_baseline.tsv", 5)
+    b = N.DISTILROBERTA_L5_BASELINE
     resc = N.BERTScorer(d, layer=5, baseline=b).score([cand], [ref])
     f = 2 * p * r / (p + r)
     assert resc["f1"][0] == pytest.approx((f - b[2]) / (1 - b[2]), abs=1e-5)
     assert N.DISTILBERT_L5_BASELINE == (0.6666034, 0.66660464, 0.66620487)
+
+
+def test_distilroberta_baseline_ships_as_the_published_table(tmp_path):
+    import hashlib
+
+    # the constants rebuild bert_score's distilroberta-base.tsv byte for byte (its sha256 at the cited commit)
+    text = N.baseline_tsv()
+    assert hashlib.sha256(text.encode()).hexdigest() == N.DISTILROBERTA_BASELINE_TSV_SHA256
+    (tmp_path / "b.tsv").write_text(text, encoding="utf-8")
+    assert N.read_baseline(tmp_path / "b.tsv", 5) == N.DISTILROBERTA_L5_BASELINE == (0.84732, 0.84759504, 0.8473319)
+    assert not any("baseline" in f.path for f in W.FILES)  # nothing unpinned is downloaded for it
 
 
 def test_radcliq_v1_arithmetic_and_bleu2():
@@ -178,12 +198,12 @@ def test_radgraph_stand_in_annotates_and_key_mismatch_is_refused(weights_dir, tm
 
 
 # ------------------------------------------------------------------------------------------------ the kit
-def test_check_detects_a_changed_byte_and_a_missing_file(weights_dir, tmp_path, capsys):
+def test_check_detects_a_changed_byte_and_a_missing_file(weights_dir, standin_files, tmp_path, capsys):
     d = tmp_path / "w"
     shutil.copytree(weights_dir, d)
     assert cli.main(["metrics", "check", str(d)]) == 0
     out = capsys.readouterr().out
-    # no invented hashes: the project's are UNKNOWN, so SHA256SUMS (written at fetch) is what is checked
+    # without a project hash, SHA256SUMS (written at fetch) is what is checked
     assert "\nUNKNOWN" not in out and "project hash UNKNOWN" in out and f"{len(W.FILES)} verified" in out
     f = d / "distilbert-base-uncased" / "vocab.txt"
     data = bytearray(f.read_bytes())
@@ -207,7 +227,7 @@ def test_check_against_a_project_hash(weights_dir):
     assert W.check(weights_dir / "radgraph", [nosums])["missing"] == ["bert-base-uncased/vocab.txt"]
 
 
-def test_fetch_writes_every_file_sums_and_record_with_a_fake_hub(weights_dir, tmp_path):
+def test_fetch_writes_every_file_sums_and_record_with_a_fake_hub(weights_dir, standin_files, tmp_path):
     asked = []
 
     def download(repo, filename, revision):
@@ -220,6 +240,43 @@ def test_fetch_writes_every_file_sums_and_record_with_a_fake_hub(weights_dir, tm
     rec = json.loads((root / "fetch.json").read_text())
     # the encoder of each RadGraph archive is the one its config.json names
     assert "tiny/stand-in-bert" in asked and {r["path"] for r in rec["files"]} == {f.path for f in W.FILES}
+
+
+def test_recorded_hashes_are_enforced_and_pins_are_recorded(weights_dir, tmp_path, capsys):
+    byname = {f.path: f for f in W.FILES}
+    cx = byname["chexbert/chexbert.pth"]
+    assert cx.sha256 == "6550703c92d640e1e04d8105a7a185d76ece0f25fcbf033d292785bf22c0fde1"
+    assert cx.revision == "6646433b3ad83a10f6e141db76d0ece44312b236"
+    assert byname["radgraph/radgraph.tar.gz"].revision == "d97745aa136e5beb927da7e768e99de6ae807902"
+    for f in W.FILES:  # a recorded value is a full hex digest / commit, never a placeholder
+        assert f.sha256 is None or (len(f.sha256) == 64 and int(f.sha256, 16) >= 0), f.path
+        assert f.revision is None or (len(f.revision) == 40 and int(f.revision, 16) >= 0), f.path
+    # the stand-ins are not the published files: check names each recorded-hash file DIFFERENT, not SHA256SUMS-OK
+    assert cli.main(["metrics", "check", str(weights_dir)]) == 1
+    out = capsys.readouterr().out
+    assert "DIFFERENT  chexbert/chexbert.pth" in out and "project records 6550703c" in out
+    assert "OK         distilbert-base-uncased/vocab.txt (project hash UNKNOWN" in out
+    # fetch refuses a download whose sha256 differs from the recorded one, and asks for the pinned revision
+    asked = []
+
+    def download(repo, filename, revision):
+        asked.append((repo, filename, revision))
+        return weights_dir / byname["chexbert/chexbert.pth"].path
+
+    with pytest.raises(UserError) as exc:
+        W.fetch(tmp_path / "f", files=[cx], download=download)
+    assert "chexbert.pth" in str(exc.value) and "differs" in str(exc.value)
+    assert asked == [("StanfordAIMI/RRG_scorers", "chexbert.pth", "6646433b3ad83a10f6e141db76d0ece44312b236")]
+
+
+def test_fetch_records_the_commit_a_hub_snapshot_resolved(weights_dir, tmp_path):
+    src = weights_dir / "distilbert-base-uncased" / "vocab.txt"
+    snap = tmp_path / "hub" / "models--x" / "snapshots" / ("ab" * 20)
+    snap.mkdir(parents=True)
+    shutil.copyfile(src, snap / "vocab.txt")
+    wf = W.WeightFile("d/vocab.txt", "x/y", "vocab.txt")
+    root = W.fetch(tmp_path / "f", files=[wf], download=lambda repo, filename, revision: snap / "vocab.txt")
+    assert json.loads((root / "fetch.json").read_text())["files"][0]["revision"] == "ab" * 20
 
 
 def test_eval_without_the_folder_names_the_missing_file_and_fetch(tmp_path, capsys):
@@ -271,7 +328,11 @@ FAKE_PACKAGES = {
     "bert_score/__init__.py": '''
 import json, os
 class BERTScorer:
-    def __init__(self, **kw): pass
+    def __init__(self, **kw):
+        import hashlib
+        # the driver hands bert_score the published distilroberta-base table (written from the shipped constants)
+        assert hashlib.sha256(open(kw["baseline_path"], "rb").read()).hexdigest() == (
+            "208d5b2547bc41a1dbfb110f665c4ce38f0b90f7ce1d5c5fa30a25a4d779e1b4")
     def score(self, hyps, refs):
         v = json.load(open(os.environ["FAKE_REF"]))["bertscore_f1"]
         return v, v, v
