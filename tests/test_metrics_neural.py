@@ -322,6 +322,12 @@ def test_eval_end_to_end_every_metric_in_json_report_viewer_and_compare(weights_
     block = cmp["comparisons"][0]["metrics"]
     for k in ("radgraph_partial", "bertscore_f1", "sembscore", "radcliq_v1", "chexbert_example_f1"):
         assert k in block and block[k]["a"] == pytest.approx(m[k]) and len(block[k]["ci95"]) == 2, k
+    # CheXbert's and the rule labeler's corpus-level micro / macro F1 are resampled too (per-case TP / FP / FN)
+    for k in ("chexbert_micro14_upos", "chexbert_macro5_uneg", "chexbert_micro5_upos", "rules_macro14_upos",
+              "rules_micro5_uneg"):
+        assert block[k]["a"] == m[k], k  # eval's number exactly
+        assert block[k]["diff_from_statistics"] == pytest.approx(block[k]["diff"], abs=1e-12), k
+        assert len(block[k]["ci95"]) == 2 and 0 < block[k]["p"] <= 1, k
 
 
 FAKE_PACKAGES = {
@@ -417,3 +423,43 @@ def test_real_weights_check_and_sane_scores():
     lab = N.CheXbert(Path(REAL) / "chexbert/chexbert.pth", Path(REAL) / "bert-base-uncased").label(
         ["Moderate cardiomegaly."])[0]
     assert lab["Cardiomegaly"] == 1
+
+
+def _viewer_data(html: Path) -> dict:
+    import re
+
+    m = re.search(r'<script type="application/json" id="viewer-data">(.*?)</script>', html.read_text(), re.S)
+    return json.loads(m.group(1))
+
+
+def test_view_with_the_weights_folder_shows_what_eval_html_shows(weights_dir, tmp_path, capsys):
+    preds = _preds(tmp_path)
+    common = ["--skip-java-metrics", "--bootstrap", "0", "--labeler", "chexpert", "--no-thumbnails"]
+    ev = tmp_path / "eval.html"
+    assert cli.main(["eval", str(preds), "--out", str(tmp_path / "m.json"), "--no-report", *common,
+                     "--metrics-dir", str(weights_dir), "--metrics", "chexbert,radgraph", "--html", str(ev)]) == 0
+    vw = tmp_path / "view.html"
+    assert cli.main(["view", str(preds), "--out", str(vw), *common, "--metrics-dir", str(weights_dir),
+                     "--metrics", "chexbert,radgraph"]) == 0
+    a, b = _viewer_data(ev)["cases"], _viewer_data(vw)["cases"]
+    assert len(a) == len(b) == len(S.CORPUS)
+    for ca, cb in zip(a, b):
+        assert "rg" in cb["s"] and "cxb" in cb["s"]
+        assert (cb["s"]["rg"], cb["s"]["cxb"]) == (ca["s"]["rg"], ca["s"]["cxb"])
+    assert len({c["s"]["rg"] for c in b}) > 1  # per-case values, not one number repeated
+    # a metrics.json summary goes with --metrics-json; the neural per-case values still come from the folder
+    vj = tmp_path / "view_json.html"
+    assert cli.main(["view", str(preds), "--out", str(vj), *common, "--metrics-json", str(tmp_path / "m.json"),
+                     "--metrics-dir", str(weights_dir), "--metrics", "radgraph"]) == 0
+    cj = _viewer_data(vj)["cases"]
+    assert [c["s"]["rg"] for c in cj] == [c["s"]["rg"] for c in a] and "cxb" not in cj[0]["s"]
+    # without the folder the page has no neural values, and neural names without it are one clear line
+    plain = tmp_path / "plain.html"
+    assert cli.main(["view", str(preds), "--out", str(plain), *common]) == 0
+    assert "rg" not in _viewer_data(plain)["cases"][0]["s"]
+    capsys.readouterr()
+    assert cli.main(["view", str(preds), "--out", str(plain), *common, "--metrics", "radgraph"]) == 2
+    err = capsys.readouterr().err
+    assert "needs --metrics-dir DIR" in err and err.count("\n") == 1
+    assert cli.main(["view", str(preds), "--out", str(plain), *common, "--metrics-dir", str(weights_dir)]) == 2
+    assert "--metrics-dir needs --metrics NAMES" in capsys.readouterr().err
