@@ -51,8 +51,9 @@ _RRG = "StanfordAIMI/RRG_scorers"
 # https://huggingface.co/StanfordAIMI/RRG_scorers/blob/main/chexbert.pth (no hub access here).
 _CHEXBERT_REV = "6646433b3ad83a10f6e141db76d0ece44312b236"
 _CHEXBERT_SHA = "6550703c92d640e1e04d8105a7a185d76ece0f25fcbf033d292785bf22c0fde1"
-# radgraph.tar.gz at RRG_scorers@d97745aa...: the revision F1RadGraphv2._download_radgraph pins (RadEval's F1RadGraph
-# wrapper, copied into several public repositories); its sha256 was found nowhere: UNKNOWN.
+# radgraph.tar.gz at RRG_scorers@d97745aa...: the revision an ``F1RadGraphv2._download_radgraph`` wrapper of the radgraph
+# package pins in hf_hub_download (the same code in five public repositories found through the code index; its
+# original repository was not identified). Its sha256 was found nowhere: UNKNOWN.
 _RADGRAPH_REV = "d97745aa136e5beb927da7e768e99de6ae807902"
 # google-bert/bert-base-uncased (the old id bert-base-uncased redirects there): vocab.txt pinned as
 # https://huggingface.co/bert-base-uncased/resolve/86b5e0934494bd15c9632b12f734a8a67f723594/vocab.txt with sha256
