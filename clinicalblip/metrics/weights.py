@@ -59,7 +59,8 @@ _RADGRAPH_REV = "d97745aa136e5beb927da7e768e99de6ae807902"
 # https://huggingface.co/bert-base-uncased/resolve/86b5e0934494bd15c9632b12f734a8a67f723594/vocab.txt with sha256
 # 07eced37... (third-party Bazel-style pin; the same hash, 231,508 bytes, is recorded by many repositories).
 # config.json 7160e155... (570 bytes) is recorded by two third-party repositories; tokenizer_config.json a025160e...
-# by one (both alongside the chexbert.pth hash above, pinning CheXbert's encoder files).
+# by one (both alongside the chexbert.pth hash above, pinning CheXbert's encoder files); a025160e... is the sha256 of
+# the 48 bytes '{"do_lower_case": true, "model_max_length": 512}' (checked here), that file's published content.
 _BERT_REV = "86b5e0934494bd15c9632b12f734a8a67f723594"
 _BERT = "google-bert/bert-base-uncased"
 FILES: tuple[WeightFile, ...] = (
