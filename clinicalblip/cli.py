@@ -447,6 +447,9 @@ def _view_metrics_args(args) -> tuple[str | None, str | None]:
         if not args.metrics:
             raise UserError("--metrics-dir needs --metrics NAMES (e.g. chexbert,radgraph); give the metrics.json "
                             "summary as --metrics-json FILE")
+        if Path(args.metrics).is_file():
+            raise UserError(f"with --metrics-dir, --metrics names neural metrics (e.g. chexbert,radgraph); give "
+                            f"the metrics.json as --metrics-json {args.metrics}")
         return args.metrics_json, args.metrics
     if args.metrics and args.metrics_json:
         raise UserError("--metrics FILE and --metrics-json FILE both name the metrics.json; give it once")

@@ -463,3 +463,6 @@ def test_view_with_the_weights_folder_shows_what_eval_html_shows(weights_dir, tm
     assert "needs --metrics-dir DIR" in err and err.count("\n") == 1
     assert cli.main(["view", str(preds), "--out", str(plain), *common, "--metrics-dir", str(weights_dir)]) == 2
     assert "--metrics-dir needs --metrics NAMES" in capsys.readouterr().err
+    assert cli.main(["view", str(preds), "--out", str(plain), *common, "--metrics-dir", str(weights_dir),
+                     "--metrics", str(tmp_path / "m.json")]) == 2
+    assert f"--metrics-json {tmp_path / 'm.json'}" in capsys.readouterr().err
