@@ -45,15 +45,15 @@ class WeightFile:
 
 
 _RRG = "StanfordAIMI/RRG_scorers"
-# StanfordAIMI/RRG_scorers@6646433b3ad83a10f6e141db76d0ece44312b236 with chexbert.pth sha256 6550703c...: pinned together
-# (CHEXBERT_CHECKPOINT_REVISION / CHEXBERT_CHECKPOINT_SHA256) in third-party GitHub code found through the code index;
-# the same sha256 (1,314,414,442 bytes) is recorded by at least eight independent public repositories. Not read from
-# https://huggingface.co/StanfordAIMI/RRG_scorers/blob/main/chexbert.pth (no hub access here).
+# StanfordAIMI/RRG_scorers@6646433b3ad83a10f6e141db76d0ece44312b236 with chexbert.pth sha256 6550703c...: pinned
+# together (CHEXBERT_CHECKPOINT_REVISION / CHEXBERT_CHECKPOINT_SHA256) in third-party GitHub code found through the
+# code index; the same sha256 (1,314,414,442 bytes) is recorded by at least eight independent public repositories.
+# Not read from https://huggingface.co/StanfordAIMI/RRG_scorers/blob/main/chexbert.pth (no hub access here).
 _CHEXBERT_REV = "6646433b3ad83a10f6e141db76d0ece44312b236"
 _CHEXBERT_SHA = "6550703c92d640e1e04d8105a7a185d76ece0f25fcbf033d292785bf22c0fde1"
-# radgraph.tar.gz at RRG_scorers@d97745aa...: the revision an ``F1RadGraphv2._download_radgraph`` wrapper of the radgraph
-# package pins in hf_hub_download (the same code in five public repositories found through the code index; its
-# original repository was not identified). Its sha256 was found nowhere: UNKNOWN.
+# radgraph.tar.gz at RRG_scorers@d97745aa...: the revision an ``F1RadGraphv2._download_radgraph`` wrapper of the
+# radgraph package pins in hf_hub_download (the same code in five public repositories found through the code index;
+# its original repository was not identified). Its sha256 was found nowhere: UNKNOWN.
 _RADGRAPH_REV = "d97745aa136e5beb927da7e768e99de6ae807902"
 # google-bert/bert-base-uncased (the old id bert-base-uncased redirects there): vocab.txt pinned as
 # https://huggingface.co/bert-base-uncased/resolve/86b5e0934494bd15c9632b12f734a8a67f723594/vocab.txt with sha256
@@ -236,8 +236,8 @@ def fetch(to: str | Path, files: Sequence[WeightFile] | None = None, download=No
         digest = sha256_file(dest)
         if wf.sha256 and digest != wf.sha256:
             raise UserError(f"{wf.repo}/{wf.filename}: sha256 {digest} differs from the project's {wf.sha256}")
-        record.append({"path": wf.path, "repo": repo, "filename": wf.filename,
-                       "revision": wf.revision or _snapshot_commit(src) or "UNPINNED (hub default branch at fetch time)",
+        resolved = wf.revision or _snapshot_commit(src) or "UNPINNED (hub default branch at fetch time)"
+        record.append({"path": wf.path, "repo": repo, "filename": wf.filename, "revision": resolved,
                        "sha256": digest})
     write_sums(root, [wf.path for wf in files])
     (root / "fetch.json").write_text(json.dumps({"files": record}, indent=2) + "\n", encoding="utf-8")
