@@ -460,9 +460,16 @@ def checked_split_records(records: list[dict], model_dir: str, template: str | N
             else release_template(Path(model_dir), read_release(model_dir)) if is_release_dir(model_dir) else None
     except Exception:  # noqa: BLE001 - an unreadable model folder is refused with its own message when it loads
         tpl = None
+    # a study without a reference report is still a study to report on (new, unreported studies): it is
+    # generated, counted here, and skipped with a count by eval; only unusable inputs are refused or skipped
     kept = apply_bad_record_policy(
-        records, policy, log=log, image_cache=find_image_cache(image_cache, manifest),
-        target=tpl.target if tpl is not None else None, what=f"records of split '{split}'")
+        records, policy, log=log, image_cache=find_image_cache(image_cache, manifest), what=f"records of split '{split}'")
     if not kept:
         raise UserError(f"{manifest}: no usable records in split '{split}' (all {len(records)} skipped)")
+    if tpl is not None:
+        no_ref = [r["id"] for r in kept if not str(r.get(tpl.target) or "").strip()]
+        if no_ref:
+            shown = ", ".join(map(str, no_ref[:20])) + (f" and {len(no_ref) - 20} more" if len(no_ref) > 20 else "")
+            log(f"{len(no_ref)} of {len(kept)} records of split '{split}' have no reference {tpl.target}: generated; "
+                f"eval skips them with a count ({shown})")
     return kept
