@@ -88,7 +88,7 @@ def resolve(lm, kwargs: dict) -> tuple[Settings | None, str]:
     eos = gc.eos_token_id
     eos = [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
     pad = gc.pad_token_id if gc.pad_token_id is not None else (eos[0] if eos else 0)
-    if gc.num_beams > 1 and gc.do_sample:
+    if (gc.num_beams or 1) > 1 and gc.do_sample:
         return None, "beam sampling is not implemented by the fast loop"
     return Settings(max_new_tokens=int(gc.max_new_tokens), min_new_tokens=int(gc.min_new_tokens or 0),
                     num_beams=int(gc.num_beams or 1), do_sample=bool(gc.do_sample),
@@ -182,6 +182,7 @@ class Decoder:
         self.compile = bool(compile) and not reason
         self.compile_refused = reason
         self._compiled = None
+        self._plan = None
         self.fallback_reason = ""
         self.first_call_s: float | None = None  # wall time of the first compiled call (compile included)
         if self.compile:
@@ -266,14 +267,29 @@ class Decoder:
         return _greedy_or_sample(state, logits, input_ids, s)
 
     def _llama_step(self, ids, position_ids, mask4d, cache):
+        """One token for every row through the model's own weights, in the same op order as LlamaDecoderLayer
+        (the module wrappers, hub-kernel hooks and deprecation shims around it cost more than the arithmetic at
+        small sizes). Linear layers that are not plain nn.Linear (LoRA, bitsandbytes) are called as modules."""
         lm = self.lm
-        h = lm.model.embed_tokens(ids)
+        if self._plan is None:
+            self._plan = _llama_plan(lm)
+        embed, layers, norm, head, attn = self._plan
+        h = embed(ids)
         cos_sin = lm.model.rotary_emb(h, position_ids)
-        for layer in lm.model.layers:
-            h = layer(h, attention_mask=mask4d, position_ids=position_ids, cache=cache, use_cache=True,
-                      position_embeddings=cos_sin)
-        h = lm.model.norm(h)
-        return lm.lm_head(h)[:, -1, :]
+        B = h.shape[0]
+        for i, (ln1, q_proj, k_proj, v_proj, o_proj, module, ln2, gate, up, down, act) in enumerate(layers):
+            x = ln1(h)
+            hd = module.head_dim
+            q = q_proj(x).view(B, 1, -1, hd).transpose(1, 2)
+            k = k_proj(x).view(B, 1, -1, hd).transpose(1, 2)
+            v = v_proj(x).view(B, 1, -1, hd).transpose(1, 2)
+            q, k = _rope(q, k, *cos_sin)
+            k, v = cache.update(k, v, i)
+            o, _ = attn(module, q, k, v, mask4d, dropout=0.0, scaling=module.scaling)
+            h = h + o_proj(o.reshape(B, 1, -1).contiguous())
+            x = ln2(h)
+            h = h + down(act(gate(x)) * up(x))
+        return head(norm(h))[:, -1, :]
 
     # ------------------------------------------------------------------ T5-style
     def _t5(self, embeds, mask, s: Settings) -> torch.Tensor:
@@ -355,6 +371,53 @@ class Decoder:
         if getattr(lm.config, "scale_decoder_outputs", lm.config.tie_word_embeddings):
             h = h * (lm.model_dim**-0.5)
         return lm.lm_head(h)[:, -1, :]
+
+
+def _linear(mod):
+    """A plain nn.Linear as F.linear on its (live) weights; anything else (LoRA, bitsandbytes) as the module."""
+    if type(mod) is torch.nn.Linear:
+        return lambda x: torch.nn.functional.linear(x, mod.weight, mod.bias)
+    return mod
+
+
+def _rms(mod):
+    """LlamaRMSNorm's arithmetic, op for op (float32 variance, weight times the input dtype)."""
+    if type(mod).__name__ != "LlamaRMSNorm":
+        return mod
+    eps = mod.variance_epsilon
+
+    def norm(x):
+        dtype = x.dtype
+        h = x.to(torch.float32) if dtype != torch.float32 else x
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        return mod.weight * (h.to(dtype) if dtype != torch.float32 else h)
+    return norm
+
+
+def _rope(q, k, cos, sin):
+    """apply_rotary_pos_emb's arithmetic (rotate_half: cat(-x2, x1))."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = q.shape[-1] // 2
+    q_rot = torch.cat((-q[..., half:], q[..., :half]), dim=-1)
+    k_rot = torch.cat((-k[..., half:], k[..., :half]), dim=-1)
+    return q * cos + q_rot * sin, k * cos + k_rot * sin
+
+
+def _llama_plan(lm):
+    """Per-layer callables for the lean LLaMA step, resolved once per model."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    attn = _attention_fn(lm.config) or eager_attention_forward
+    layers = []
+    for layer in lm.model.layers:
+        a, mlp = layer.self_attn, layer.mlp
+        layers.append((_rms(layer.input_layernorm), _linear(a.q_proj), _linear(a.k_proj), _linear(a.v_proj),
+                       _linear(a.o_proj), a, _rms(layer.post_attention_layernorm), _linear(mlp.gate_proj),
+                       _linear(mlp.up_proj), _linear(mlp.down_proj), mlp.act_fn))
+    emb = lm.model.embed_tokens
+    embed = (lambda ids: torch.nn.functional.embedding(ids, emb.weight, emb.padding_idx)) \
+        if type(emb) is torch.nn.Embedding else emb
+    return embed, layers, _rms(lm.model.norm), _linear(lm.lm_head), attn
 
 
 def _attend(module, attn, q, k, v, mask, bias):
@@ -600,3 +663,12 @@ def _beam_search(state, logits, prompt_ids, s: Settings, batch: int, prompt_len:
     best_seq = sequences[:, 0]
     n = int((fin_hist[:, 0] + 1).bool().sum(1).max())
     return best_seq[:, prompt_len: prompt_len + n]
+
+
+def decoder_for(model, compile: bool = False) -> Decoder:
+    """The model's Decoder (made once per model and compile setting: compiled graphs live in it)."""
+    dec = model.__dict__.get("_clinicalblip_decoder")
+    if dec is None or dec.model is not model or dec.compile != (bool(compile) and not refuse_compile_reason(model)):
+        dec = Decoder(model, compile=compile)
+        model.__dict__["_clinicalblip_decoder"] = dec
+    return dec

@@ -38,6 +38,8 @@ class ReportModel:
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     max_views: int = 2
     max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
+    decode: str = "fast"  # fast: clinicalblip.decode (static cache); hf: plain transformers generate
+    compile: bool = False  # torch.compile the decoding step (decode="fast" only)
 
     @classmethod
     def load(cls, model_dir: str, dtype: str = "fp32", device: str | None = None,
@@ -105,6 +107,13 @@ class ReportModel:
         inputs = {k: v.to(self.device) for k, v in model_inputs(batch).items()}
         if inputs["pixel_values"].dtype != self.model.dtype:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        if self.decode == "fast":
+            from clinicalblip.decode import decoder_for
+
+            out = decoder_for(self.model, self.compile).generate(
+                inputs, max_new_tokens=max_new_tokens or self.max_new_tokens, num_beams=num_beams, **kw)
+            return [t.strip() for t in self.processor.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        kw.pop("seed", None)
         out = self.model.generate(
             **inputs, max_new_tokens=max_new_tokens or self.max_new_tokens, num_beams=num_beams,
             do_sample=kw.pop("do_sample", False), **kw,
