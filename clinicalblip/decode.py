@@ -36,7 +36,9 @@ import torch
 log = logging.getLogger("clinicalblip.decode")
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-LENGTH_BUCKET = 64  # total cache length (prompt + new tokens) is rounded up to a multiple of this
+# The cache length (prompt + new tokens) is rounded up to one of these, then to a multiple of the last: few
+# shapes, so a server with varied prompts and max_new_tokens compiles a handful of graphs, not one per request.
+LENGTH_BUCKETS = (128, 256, 512, 1024, 2048)
 
 # generate() keywords this loop implements; any other keyword, or a generation_config field set to something
 # other than its default (see _UNSUPPORTED_FIELDS), goes to plain generate.
@@ -107,7 +109,11 @@ def _bucket(n: int, buckets=BATCH_BUCKETS) -> int:
     return n
 
 
-def _round_up(n: int, k: int = LENGTH_BUCKET) -> int:
+def _round_up(n: int) -> int:
+    for b in LENGTH_BUCKETS:
+        if n <= b:
+            return b
+    k = LENGTH_BUCKETS[-1]
     return (n + k - 1) // k * k
 
 
@@ -187,6 +193,12 @@ class Decoder:
         self.first_call_s: float | None = None  # wall time of the first compiled call (compile included)
         if self.compile:
             compile_cache_dir()
+            import torch._dynamo
+
+            # one graph per (batch bucket, length bucket); dynamo's default limit of 8 would fall back to eager
+            for name in ("cache_size_limit", "recompile_limit"):
+                if hasattr(torch._dynamo.config, name):
+                    setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
 
     @property
     def device(self):
@@ -317,7 +329,12 @@ class Decoder:
             cvs.append(cv.index_select(0, idx).contiguous())
         enc_mask = mask.repeat_interleave(nb, 0) if nb > 1 else mask
         cross_mask = None
-        if bool((enc_mask == 0).any()):
+        if self.compile:  # the encoder length to its bucket too (masked slots): one graph for many prompt lengths
+            extra = _round_up(enc.shape[1]) - enc.shape[1]
+            cks = [torch.nn.functional.pad(t, (0, 0, 0, extra)) for t in cks]
+            cvs = [torch.nn.functional.pad(t, (0, 0, 0, extra)) for t in cvs]
+            enc_mask = torch.nn.functional.pad(enc_mask, (0, extra))
+        if self.compile or bool((enc_mask == 0).any()):
             m = enc_mask.bool()
             if nrows > rows:
                 m = torch.cat([m, m[:1].expand(nrows - rows, -1)])
@@ -672,3 +689,41 @@ def decoder_for(model, compile: bool = False) -> Decoder:
         dec = Decoder(model, compile=compile)
         model.__dict__["_clinicalblip_decoder"] = dec
     return dec
+
+
+def default_compile(device) -> bool:
+    """compile's default ("auto"): on for CUDA, off on the CPU.
+
+    Measured (benchmarks/decode_speed.py, demo-sized tiny release, one thread): the compiled step is faster per
+    token than the eager static-cache loop, but inductor's first compile of one (batch, length) bucket takes
+    ~40-80 s on a 2-core CPU (~10-20 s when the compile cache directory already holds it), which a one-off
+    `generate` or a CPU server does not win back. On CUDA, compilation with CUDA graphs is what removes the
+    per-step launch overhead, so it is on by default there.
+    """
+    return torch.device(device).type == "cuda"
+
+
+def warm_up(rm, batch_sizes=(1,), max_new_tokens: int | None = None) -> dict:
+    """Generate once for each batch size on a synthetic study (black views, a short indication), so that the
+    compiled shapes the first requests need exist before they arrive. Returns the seconds each took."""
+    from PIL import Image
+
+    size = rm.processor.image_processor.size
+    img = Image.new("RGB", (size.get("width", 224), size.get("height", 224)))
+    rec = {"id": "warm-up", "images": [{"image": img, "view": "PA"}, {"image": img, "view": "LATERAL"}],
+           "indication": "Cough.", "history": None, "comparison": None}
+    collate = rm.collator()
+    took, t_all = {}, time.perf_counter()
+    for b in batch_sizes:
+        batch = collate([dict(rec, id=f"warm-up-{i}") for i in range(b)])
+        t0 = time.perf_counter()
+        rm.generate_batch(batch, max_new_tokens=max_new_tokens or rm.max_new_tokens)
+        took[str(b)] = round(time.perf_counter() - t0, 2)
+    return {"compile": bool(rm.compile), "batch_seconds": took, "total_s": round(time.perf_counter() - t_all, 2),
+            "compile_cache_dir": compile_cache_dir() if rm.compile else None}
+
+
+def warm_batch_sizes(max_batch: int) -> tuple[int, ...]:
+    """The batch buckets a server with this --max-batch can fill."""
+    sizes = [b for b in BATCH_BUCKETS if b < max_batch] + [_bucket(max_batch)]
+    return tuple(dict.fromkeys(sizes))
