@@ -28,6 +28,7 @@ from clinicalblip.errors import UserError
 log = logging.getLogger("clinicalblip.serve")
 TEST_DIE_FILE = "CLINICALBLIP_TEST_WORKER_DIE_FILE"  # tests: the worker exits mid-batch when this file exists
 TEST_HANG_FILE = "CLINICALBLIP_TEST_WORKER_HANG_FILE"  # tests: the worker hangs mid-batch when this file exists
+TEST_WARM_DELAY = "CLINICALBLIP_TEST_WARMUP_DELAY_S"  # tests: the warm-up takes at least this long
 
 
 class WorkerError(RuntimeError):
@@ -73,6 +74,8 @@ def _worker_main(conn, model_dir: str, dtype: str | None, quantization: str, thr
         from clinicalblip.decode import warm_up
 
         try:
+            if os.environ.get(TEST_WARM_DELAY):
+                threading.Event().wait(float(os.environ[TEST_WARM_DELAY]))
             conn.send(("warm", warm_up(rm, warm_batches)))
         except Exception as exc:  # noqa: BLE001 - a failed warm-up leaves compilation to the first requests
             conn.send(("warm", {"error": f"{type(exc).__name__}: {exc}"}))
