@@ -189,6 +189,7 @@ class Decoder:
         self.compile_refused = reason
         self._compiled = None
         self._plan = None
+        self._rope = None
         self.fallback_reason = ""
         self.first_call_s: float | None = None  # wall time of the first compiled call (compile included)
         if self.compile:
@@ -273,21 +274,29 @@ class Decoder:
             input_ids = input_ids.repeat_interleave(nb, 0)
         next_pos = pos[:, -1].repeat_interleave(nb, 0) + 1 if nb > 1 else pos[:, -1] + 1
         padded = bool((mask == 0).any())
-        state = _LlamaState(self, cache, mask, next_pos, L, rows, nrows, size, padded)
+        state = _LlamaState(self, cache, mask, next_pos, L, rows, nrows, size, padded, self.rope_table(size, embeds))
         if nb > 1:
             return _beam_search(state, logits, input_ids, s, B, prompt_len=L)
         return _greedy_or_sample(state, logits, input_ids, s)
 
-    def _llama_step(self, ids, position_ids, mask4d, cache):
+    def _llama_step(self, ids, position_ids, mask4d, cache, table=None):
         """One token for every row through the model's own weights, in the same op order as LlamaDecoderLayer
         (the module wrappers, hub-kernel hooks and deprecation shims around it cost more than the arithmetic at
-        small sizes). Linear layers that are not plain nn.Linear (LoRA, bitsandbytes) are called as modules."""
+        small sizes). Linear layers that are not plain nn.Linear (LoRA, bitsandbytes) are called as modules.
+        table: (cos, sin with the rotate-half sign folded in) per position, from rope_table; else computed."""
         lm = self.lm
         if self._plan is None:
             self._plan = _llama_plan(lm)
-        embed, layers, norm, head, attn = self._plan
+        embed, layers, norm, head, attn, direct = self._plan
         h = embed(ids)
-        cos_sin = lm.model.rotary_emb(h, position_ids)
+        if table is not None:
+            cos, sin_signed = table[0][position_ids], table[1][position_ids]  # [B, 1, D]
+        else:
+            cos, sin = lm.model.rotary_emb(h, position_ids)
+            half = sin.shape[-1] // 2
+            sin_signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        cos, sin_signed = cos.unsqueeze(1), sin_signed.unsqueeze(1)
+        half = cos.shape[-1] // 2
         B = h.shape[0]
         for i, (ln1, q_proj, k_proj, v_proj, o_proj, module, ln2, gate, up, down, act) in enumerate(layers):
             x = ln1(h)
@@ -295,13 +304,36 @@ class Decoder:
             q = q_proj(x).view(B, 1, -1, hd).transpose(1, 2)
             k = k_proj(x).view(B, 1, -1, hd).transpose(1, 2)
             v = v_proj(x).view(B, 1, -1, hd).transpose(1, 2)
-            q, k = _rope(q, k, *cos_sin)
+            # apply_rotary_pos_emb: x*cos + cat(-x2, x1)*sin == x*cos + roll(x)*(sin with its first half negated)
+            q = q * cos + q.roll(half, -1) * sin_signed
+            k = k * cos + k.roll(half, -1) * sin_signed
             k, v = cache.update(k, v, i)
-            o, _ = attn(module, q, k, v, mask4d, dropout=0.0, scaling=module.scaling)
+            if direct:  # what sdpa_attention_forward runs for one query without grouped heads
+                o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask4d, dropout_p=0.0,
+                                                                     scale=module.scaling, is_causal=False)
+                o = o.transpose(1, 2)
+            else:
+                o, _ = attn(module, q, k, v, mask4d, dropout=0.0, scaling=module.scaling)
             h = h + o_proj(o.reshape(B, 1, -1).contiguous())
             x = ln2(h)
             h = h + down(act(gate(x)) * up(x))
         return head(norm(h))[:, -1, :]
+
+    def rope_table(self, size: int, like: torch.Tensor):
+        """cos and sign-folded sin for positions 0..size-1 computed by the model's rotary module at once, or None
+        where a table could differ from per-step values in the last bit (scaled rope types; head sizes whose
+        rows would not fill whole vector lanes)."""
+        re = self.lm.model.rotary_emb
+        hd = self.lm.model.layers[0].self_attn.head_dim
+        if getattr(re, "rope_type", "default") != "default" or hd % 32:
+            return None
+        key = (size, like.dtype, like.device)
+        if self._rope is None or self._rope[0] != key:
+            cos, sin = re(like, torch.arange(size, device=like.device)[None])
+            half = hd // 2
+            sin_signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+            self._rope = (key, (cos[0], sin_signed[0]))
+        return self._rope[1]
 
     # ------------------------------------------------------------------ T5-style
     def _t5(self, embeds, mask, s: Settings) -> torch.Tensor:
@@ -411,15 +443,6 @@ def _rms(mod):
     return norm
 
 
-def _rope(q, k, cos, sin):
-    """apply_rotary_pos_emb's arithmetic (rotate_half: cat(-x2, x1))."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    half = q.shape[-1] // 2
-    q_rot = torch.cat((-q[..., half:], q[..., :half]), dim=-1)
-    k_rot = torch.cat((-k[..., half:], k[..., :half]), dim=-1)
-    return q * cos + q_rot * sin, k * cos + k_rot * sin
-
-
 def _llama_plan(lm):
     """Per-layer callables for the lean LLaMA step, resolved once per model."""
     from transformers.models.llama.modeling_llama import eager_attention_forward
@@ -434,7 +457,10 @@ def _llama_plan(lm):
     emb = lm.model.embed_tokens
     embed = (lambda ids: torch.nn.functional.embedding(ids, emb.weight, emb.padding_idx)) \
         if type(emb) is torch.nn.Embedding else emb
-    return embed, layers, _rms(lm.model.norm), _linear(lm.lm_head), attn
+    impl = lm.config._attn_implementation
+    a0 = lm.model.layers[0].self_attn
+    direct = impl == "sdpa" and a0.num_key_value_groups == 1
+    return embed, layers, _rms(lm.model.norm), _linear(lm.lm_head), attn, direct
 
 
 def _attend(module, attn, q, k, v, mask, bias):
@@ -449,8 +475,10 @@ def _attend(module, attn, q, k, v, mask, bias):
 class _LlamaState:
     """One batch's static cache and the per-step inputs for a LLaMA-style step (eager or compiled)."""
 
-    def __init__(self, dec: Decoder, cache: _LlamaCache, prompt_mask, next_pos, L, rows, nrows, size, padded):
+    def __init__(self, dec: Decoder, cache: _LlamaCache, prompt_mask, next_pos, L, rows, nrows, size, padded,
+                 table):
         self.dec, self.cache, self.rows, self.nrows, self.size = dec, cache, rows, nrows, size
+        self.table = table
         self.slot = L
         self.pos = next_pos
         dev = next_pos.device
@@ -472,12 +500,13 @@ class _LlamaState:
         position_ids = self.pos[:, None]
         if self.dec.compile:
             slot = torch.tensor([self.slot], device=tokens.device)
-            logits = self.fn(ids, position_ids, self.valid[:, None, None, :], slot, self.cache.k, self.cache.v)
+            logits = self.fn(ids, position_ids, self.valid[:, None, None, :], slot, self.cache.k, self.cache.v,
+                             self.table)
             logits = logits.clone()
         else:
             self.cache.slot, self.cache.visible = self.slot, self.slot + 1
             mask = self.valid[:, None, None, : self.slot + 1] if self.padded else None
-            logits = self.dec._llama_step(ids, position_ids, mask, self.cache)
+            logits = self.dec._llama_step(ids, position_ids, mask, self.cache, self.table)
         self.slot += 1
         self.pos = self.pos + 1
         return logits[:rows].float()
@@ -528,10 +557,10 @@ def _compiled(dec: Decoder, kind: str, nrows: int, size: int):
     if dec._compiled is None:
         mode = "reduce-overhead" if dec.device.type == "cuda" else None
         if kind == "llama":
-            def fn(ids, position_ids, mask4d, slot, k, v):
+            def fn(ids, position_ids, mask4d, slot, k, v, table):
                 cache = _LlamaCache(k, v)
                 cache.slot, cache.visible = slot, None
-                return dec._llama_step(ids, position_ids, mask4d, cache)
+                return dec._llama_step(ids, position_ids, mask4d, cache, table)
         else:
             def fn(ids, slot, self_mask, ks, vs, cks, cvs, cross_mask):
                 return dec._t5_step(ids, slot, None, ks, vs, cks, cvs, self_mask, cross_mask)
@@ -552,8 +581,7 @@ def _process(scores, seen, n_new: int, s: Settings) -> torch.Tensor:
     if s.repetition_penalty != 1.0:
         scores = _repetition_penalty(scores, seen, s.repetition_penalty)
     if n_new < s.min_new_tokens and s.eos:
-        scores = scores.clone()
-        scores[:, s.eos] = float("-inf")
+        scores[:, s.eos] = float("-inf")  # in place: scores is this step's own tensor
     return scores
 
 
