@@ -167,3 +167,25 @@ def test_compiled_step_same_tokens(base, records):
         hf = _hf(rm, inp, max_new_tokens=10, num_beams=beams)
         assert torch.equal(hf, dec.generate(inp, max_new_tokens=10, num_beams=beams))
     assert dec.first_call_s is not None and dec.first_call_s > 0
+
+
+@pytest.mark.parametrize("base,quant", [("tiny", "4bit"), ("tiny-t5", "8bit")])
+def test_quantized_language_models_decode_the_same_tokens_eagerly(base, quant, records):
+    """bitsandbytes layers run in the static-cache loop as modules (same tokens as generate, bf16); compile is
+    refused for them, with the reason kept on the decoder."""
+    pytest.importorskip("bitsandbytes")
+    from clinicalblip.model import quantize_from_model
+
+    model, proc = build_base(base, dtype="bf16")
+    head = model.language_model.get_output_embeddings()
+    head.weight = torch.nn.Parameter(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(1))
+                                     .to(torch.bfloat16))
+    qm = quantize_from_model(model, quant, "bf16").eval()
+    rm = ReportModel(model=qm, processor=proc, template=load_template("findings_with_context"), model_dir="q")
+    inp = _inputs(rm, records, 3)
+    inp["pixel_values"] = inp["pixel_values"].to(torch.bfloat16)
+    dec = Decoder(qm, compile=True)
+    assert not dec.compile and "bitsandbytes" in dec.compile_refused
+    for beams in (1, 2):
+        hf = _hf(rm, inp, max_new_tokens=10, num_beams=beams)
+        assert torch.equal(hf, dec.generate(inp, max_new_tokens=10, num_beams=beams))
