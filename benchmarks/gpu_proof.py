@@ -420,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         if name not in wanted:
             continue
         why = missing_package(name)
-        needs = {"s2": "s1", "merge": "s2", "gen": "merge", "decode": "merge", "z3_s2": "z3_s1", "z2_s2": "z2_s1", "q4_s2": "s1"}
+        needs = {"s2": "s1", "merge": "s2", "gen": "merge", "decode": "merge", "z3_s2": "z3_s1", "z2_s2": "z2_s1",
+                 "q4_s2": "s1"}
         if not why and name in needs and parts.get(needs[name], {}).get("status") != "ok":
             why = f"needs {needs[name]}, which did not run or failed"
         if not why and name == "baseline" and baseline is None:

@@ -76,7 +76,7 @@ def _free_port() -> int:
 
 
 def start_server(model: Path, port: int, max_batch: int, max_wait_ms: float, max_queue: int, threads: int | None,
-                 in_process: bool = False, compile: bool | None = None):
+                 in_process: bool = False, compile: bool | None = None, decode: str | None = None):
     env = dict(os.environ)
     cmd = [sys.executable, "-m", "clinicalblip", "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
            "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--max-queue", str(max_queue)]
@@ -86,6 +86,8 @@ def start_server(model: Path, port: int, max_batch: int, max_wait_ms: float, max
         cmd += ["--in-process"]
     if compile is not None:
         cmd += ["--compile" if compile else "--no-compile"]
+    if decode:
+        cmd += ["--decode", decode]
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     return proc, log
@@ -231,13 +233,14 @@ def summarise(max_batch: int, parts: list[dict], args) -> dict:
             "worker_cpu_ms_per_request": round(sum(p["worker_cpu"] for p in parts) * 1000 / max(1, ok), 2)}
 
 
-async def run_one(model: Path, forms, max_batch: int, args, compile: bool | None = None) -> dict:
+async def run_one(model: Path, forms, max_batch: int, args, compile: bool | None = None,
+                  decode: str | None = None) -> dict:
     import httpx
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     proc, log = start_server(model, port, max_batch, args.max_wait_ms, args.max_queue, args.threads,
-                             args.in_process, compile)
+                             args.in_process, compile, decode)
     try:
         t0 = time.perf_counter()
         await wait_ready(url, proc)
@@ -332,9 +335,10 @@ def main() -> None:
 
 
 def compare_compile(args) -> None:
-    """serve with --compile against --no-compile at each --max-batch, alternating for --rounds rounds."""
+    """serve --compile against --no-compile (and against --decode hf, plain generate) at each --max-batch,
+    alternating for --rounds rounds."""
     out = args.out or Path(os.environ.get("OUT") or REPO / "runs") / "serve_load_compile.json"
-    configs = [(mb, c) for mb in args.max_batch for c in (True, False)]
+    configs = [(mb, c) for mb in args.max_batch for c in (True, False, "hf")]
     parts: dict = {cfg: [] for cfg in configs}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -347,26 +351,33 @@ def compare_compile(args) -> None:
         forms = _study_forms(write_synthetic_dataset(tmp / "load", n=40, seed=11))
         for rnd in range(args.rounds):
             for mb, c in configs:
-                print(f"[serve_load] round {rnd + 1}/{args.rounds}: --max-batch {mb} "
-                      f"{'--compile' if c else '--no-compile'}, {args.clients} clients for {args.duration:g} s",
-                      flush=True)
-                parts[(mb, c)].append(asyncio.run(run_one(model, forms, mb, args, compile=c)))
+                flag = "--decode hf" if c == "hf" else "--compile" if c else "--no-compile"
+                print(f"[serve_load] round {rnd + 1}/{args.rounds}: --max-batch {mb} {flag}, {args.clients} "
+                      f"clients for {args.duration:g} s", flush=True)
+                parts[(mb, c)].append(asyncio.run(run_one(model, forms, mb, args, compile=c is True,
+                                                          decode="hf" if c == "hf" else None)))
     rows = []
     for mb, c in configs:
         r = summarise(mb, parts[(mb, c)], args)
-        r["compile"] = c
+        r["compile"] = c is True
+        r["decode"] = "hf" if c == "hf" else "fast"
         r["ready_s"] = [round(p["ready_s"], 1) for p in parts[(mb, c)]]
         rows.append(r)
-    print(f"{'max_batch':>9} {'compile':>7} {'req/s':>8} {'vs eager':>8} {'p50 ms':>8} {'p95 ms':>8} {'ok':>6} "
-          f"{'ready s':>12}  codes, lost")
+    print(f"{'max_batch':>9} {'decode':>14} {'req/s':>8} {'vs eager':>8} {'vs hf':>6} {'p50 ms':>8} {'p95 ms':>8} "
+          f"{'ok':>6} {'ready s':>12}  codes, lost")
     lost = 0
     for r in rows:
-        eager = next(x for x in rows if x["max_batch"] == r["max_batch"] and not x["compile"])
+        eager = next(x for x in rows if x["max_batch"] == r["max_batch"] and not x["compile"]
+                     and x["decode"] == "fast")
+        hf = next(x for x in rows if x["max_batch"] == r["max_batch"] and x["decode"] == "hf")
+        r["speedup_vs_hf"] = round(r["requests_per_s"] / hf["requests_per_s"], 2) if hf["requests_per_s"] else None
         r["speedup_vs_no_compile"] = round(r["requests_per_s"] / eager["requests_per_s"], 2) \
             if eager["requests_per_s"] else None
         lost += r["lost"] + sum(r["errors"].values())
-        print(f"{r['max_batch']:>9} {'on' if r['compile'] else 'off':>7} {r['requests_per_s']:>8.2f} "
-              f"{r['speedup_vs_no_compile']:>7}x {r['p50_ms']:>8} {r['p95_ms']:>8} {r['requests_ok']:>6} "
+        name = "hf generate" if r["decode"] == "hf" else "fast compiled" if r["compile"] else "fast eager"
+        print(f"{r['max_batch']:>9} {name:>14} {r['requests_per_s']:>8.2f} "
+              f"{r['speedup_vs_no_compile']:>7}x {r['speedup_vs_hf']:>5}x {r['p50_ms']:>8} {r['p95_ms']:>8} "
+              f"{r['requests_ok']:>6} "
               f"{str(r['ready_s']):>12}  {r['codes']}, lost {r['lost']}")
     result = {"benchmark": "serve_load --compare-compile", "model": str(model), "rows": rows,
               "lost_or_errors": lost, "duration_s": args.duration, "rounds": args.rounds, "threads": args.threads,

@@ -513,6 +513,9 @@ def _add_serve(sub) -> None:
                    help="a batch generating longer than S seconds fails with 504 and the model worker is restarted "
                         "(default 300)")
     _add_compile(p)
+    p.add_argument("--decode", choices=["fast", "hf"], default="fast",
+                   help="fast: the static-cache decode path (default); hf: plain transformers generate, the same "
+                        "tokens slower (for comparisons)")
     p.add_argument("--api-key-env", metavar="VAR",
                    help="environment variable holding the API key: every request then needs "
                         "'Authorization: Bearer <key>'")
@@ -526,7 +529,7 @@ def _cmd_serve(args) -> int:
           max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
           api_key_env=args.api_key_env, max_file_mb=args.max_file_mb, max_views=args.max_views,
           threads=args.threads, in_process=args.in_process, compile=args.compile,
-          generation_timeout_s=args.generation_timeout)
+          generation_timeout_s=args.generation_timeout, decode=args.decode)
     return 0
 
 

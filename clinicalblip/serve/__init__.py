@@ -42,7 +42,7 @@ def http_stack() -> tuple[str, str]:
 
 def load_service(model_dir: str, dtype: str | None = None, quantization: str = "none", settings=None,
                  in_process: bool = False, threads: int | None = None, compile: bool | None = None,
-                 background_warmup: bool = False):
+                 background_warmup: bool = False, decode: str = "fast"):
     """Load the model once and wrap it for serving (a ReportService).
 
     By default the model is loaded in a worker process (serve/worker.py) and this process only handles HTTP and
@@ -50,7 +50,7 @@ def load_service(model_dir: str, dtype: str | None = None, quantization: str = "
     A model that cannot be loaded raises UserError either way. Call `close()` on the service when done.
     compile (None: clinicalblip.decode.default_compile) compiles the decoding step and warms it up for every
     batch bucket up to max_batch after loading; background_warmup lets the server answer (/health: "warming")
-    meanwhile.
+    meanwhile. decode="hf" generates with plain transformers `generate` instead (for comparisons).
     """
     from clinicalblip.serve.engine import ReportService, ServeSettings
 
@@ -64,14 +64,17 @@ def load_service(model_dir: str, dtype: str | None = None, quantization: str = "
         import torch
 
         compile = default_compile("cuda" if torch.cuda.is_available() else "cpu")
+    if decode not in ("fast", "hf"):
+        raise UserError(f"unknown decode path '{decode}' (known: fast, hf)")
+    compile = compile and decode == "fast"
     warm = warm_batch_sizes(settings.max_batch) if compile else ()
     if in_process:
-        rm = load_model(model_dir, dtype, quantization, threads, compile)
+        rm = load_model(model_dir, dtype, quantization, threads, compile, decode)
         service = ReportService(rm, settings)
         service.warmup = warm_up(rm, warm) if warm else None
         return service
     worker = ModelWorker(model_dir, dtype=dtype, quantization=quantization, threads=threads, compile=compile,
-                         warm_batches=warm, timeout_s=settings.generation_timeout_s)
+                         warm_batches=warm, timeout_s=settings.generation_timeout_s, decode=decode)
     worker.start(background_warmup=background_warmup)
     return ReportService(worker, settings)
 
@@ -80,7 +83,7 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, dtype: str 
           quantization: str = "none", max_batch: int = 8, max_wait_ms: float = 15.0, max_queue: int = 64,
           api_key_env: str | None = None, max_file_mb: float = 50.0, max_views: int | None = None,
           threads: int | None = None, log_level: str = "info", in_process: bool = False,
-          compile: bool | None = None, generation_timeout_s: float | None = 300.0) -> None:
+          compile: bool | None = None, generation_timeout_s: float | None = 300.0, decode: str = "fast") -> None:
     """Load MODEL_DIR and serve it until interrupted. Binding beyond loopback without an API key warns."""
     from clinicalblip.serve.engine import ServeSettings
 
@@ -112,7 +115,8 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, dtype: str 
         # worker, which has the --threads.
         torch.set_num_threads(1)
     service = load_service(model_dir, dtype=dtype, quantization=quantization, settings=settings,
-                           in_process=in_process, threads=threads, compile=compile, background_warmup=True)
+                           in_process=in_process, threads=threads, compile=compile, background_warmup=True,
+                           decode=decode)
     from PIL import Image
 
     # Uploads are checked against max_pixels on their header; PIL's own guard (it raises above twice this) covers

@@ -170,7 +170,8 @@ class ReportService:
                     "warmup": getattr(self, "warmup", None)}
         return {"mode": "worker-process", "pid": self.worker.pid, "alive": self.worker.alive,
                 "restarts": self.worker.restarts, "last_restart": self.worker.last_restart,
-                "compile": self.worker.compile, "warming": self.worker.warming, "warmup": self.worker.warmup,
+                "compile": self.worker.compile, "decode": self.worker.decode, "warming": self.worker.warming,
+                "warmup": self.worker.warmup,
                 "timeout_s": self.worker.timeout_s}
 
     def close(self) -> None:

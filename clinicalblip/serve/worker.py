@@ -39,7 +39,8 @@ class WorkerTimeout(WorkerError):
     """A batch ran past the generation time limit: the worker was killed and a new one started."""
 
 
-def load_model(model_dir: str, dtype: str | None, quantization: str, threads: int | None, compile: bool = False):
+def load_model(model_dir: str, dtype: str | None, quantization: str, threads: int | None, compile: bool = False,
+               decode: str = "fast"):
     """The ReportModel that serving generates with (in the worker, or in the server with --in-process). dtype None:
     bf16 on a GPU that supports it, else fp32. compile: the decoding step through torch.compile."""
     import torch
@@ -51,17 +52,17 @@ def load_model(model_dir: str, dtype: str | None, quantization: str, threads: in
     if dtype is None:
         dtype = default_dtype("cuda" if torch.cuda.is_available() else "cpu")
     rm = ReportModel.load(model_dir, dtype=dtype, quantization=quantization)
-    rm.compile = compile
+    rm.compile, rm.decode = compile, decode
     return rm
 
 
 def _worker_main(conn, model_dir: str, dtype: str | None, quantization: str, threads: int | None,
-                 compile: bool = False, warm_batches: tuple = ()) -> None:
+                 compile: bool = False, warm_batches: tuple = (), decode: str = "fast") -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         import torch
 
-        rm = load_model(model_dir, dtype, quantization, threads, compile)
+        rm = load_model(model_dir, dtype, quantization, threads, compile, decode)
         front = rm.front()
     except UserError as exc:
         conn.send(("failed", "user", str(exc)))
@@ -109,11 +110,12 @@ class ModelWorker:
 
     def __init__(self, model_dir: str, dtype: str | None = None, quantization: str = "none",
                  threads: int | None = None, compile: bool = False, warm_batches: tuple = (),
-                 timeout_s: float | None = None):
+                 timeout_s: float | None = None, decode: str = "fast"):
         self.model_dir, self.dtype, self.quantization, self.threads = model_dir, dtype, quantization, threads
         # compile: torch.compile the decoding step; warm_batches: batch sizes generated once after loading, so
         # that compilation happens before the first request; timeout_s: the longest a batch may take
         self.compile, self.warm_batches, self.timeout_s = compile, tuple(warm_batches), timeout_s
+        self.decode = decode  # fast: clinicalblip.decode; hf: plain transformers generate (for comparisons)
         self.warming = False
         self.warmup: dict | None = None  # what the last warm-up took (seconds per batch size, total)
         self.last_restart: str | None = None
@@ -134,7 +136,7 @@ class ModelWorker:
         parent, child = self._ctx.Pipe()
         proc = self._ctx.Process(target=_worker_main, name="clinicalblip-model",
                                  args=(child, self.model_dir, self.dtype, self.quantization, self.threads,
-                                       self.compile, self.warm_batches),
+                                       self.compile, self.warm_batches, self.decode),
                                  daemon=True)
         proc.start()
         child.close()
