@@ -189,3 +189,26 @@ def test_quantized_language_models_decode_the_same_tokens_eagerly(base, quant, r
     for beams in (1, 2):
         hf = _hf(rm, inp, max_new_tokens=10, num_beams=beams)
         assert torch.equal(hf, dec.generate(inp, max_new_tokens=10, num_beams=beams))
+
+
+def test_decode_speed_benchmark_rows_follow_the_schema(records, tmp_path):
+    """benchmarks/decode_speed.py's measuring core on the tiny model: one row per batch, the issue's keys."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_speed.py"
+    spec = importlib.util.spec_from_file_location("decode_speed", path)
+    ds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ds)
+    rm = _setup("tiny")
+    rows = ds.bench("tiny", rm, records, [1, 2], 3, 1, 4, 6, False, "cpu")
+    assert [r["batch"] for r in rows] == [1, 2] and rows[0]["same_tokens"] == "4/4"
+    for r in rows:
+        assert r["hf_ms_per_token"] > 0 and r["ours_ms_per_token"] > 0
+        assert r["speedup"] == round(r["hf_ms_per_token"] / r["ours_ms_per_token"], 2) or abs(
+            r["speedup"] - r["hf_ms_per_token"] / r["ours_ms_per_token"]) < 0.02
+    out = ds.write(rows, tmp_path, {"mode": "cpu"})
+    data = json.loads(out.read_text())
+    assert {"model", "batch", "hf_ms_per_token", "ours_ms_per_token", "speedup", "same_tokens"} <= set(data["results"][0])
+    assert "| tiny | 1 | eager |" in ds.table(rows)
