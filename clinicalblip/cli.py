@@ -264,9 +264,16 @@ def _add_generate(sub) -> None:
                                                           "machine affords; 0: load in the main process)")
     p.add_argument("--json", action="store_true", help="single study: print prompt, qformer_prompt, report as JSON")
     p.add_argument("--on-bad-record", choices=["error", "skip"], default=None,
-                   help="manifest mode: records with missing/unreadable images, a duplicate id or no target section "
-                        "are refused (error, the default) or left out with their ids listed (skip)")
+                   help="manifest mode: records with missing/unreadable images or a duplicate id are refused "
+                        "(error, the default) or left out with their ids listed (skip)")
+    _add_compile(p)
     p.set_defaults(func=_cmd_generate)
+
+
+def _add_compile(p) -> None:
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decoding step (default: on with CUDA, off on the CPU, where the first "
+                        "compile costs more than a run saves; see README 'Decoding')")
 
 
 def _decoding_kwargs(args) -> dict:
@@ -298,7 +305,7 @@ def _cmd_generate(args) -> int:
         result = G.generate_single(
             args.model_dir, images=args.image, indication=args.indication, history=args.history,
             comparison=args.comparison, template=args.template, max_new_tokens=args.max_new_tokens,
-            num_beams=args.num_beams, context=args.context, dtype=args.dtype, out=args.out,
+            num_beams=args.num_beams, context=args.context, dtype=args.dtype, out=args.out, compile=args.compile,
             **_decoding_kwargs(args),
         )
         if args.json:
@@ -315,7 +322,7 @@ def _cmd_generate(args) -> int:
         context=args.context, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
         batch_size=args.batch_size or 16, limit=args.limit, dtype=args.dtype, overwrite=args.overwrite,
         quantization=args.quantization, image_cache=args.image_cache, num_workers=args.workers,
-        on_bad_record=args.on_bad_record or "error", **_decoding_kwargs(args),
+        on_bad_record=args.on_bad_record or "error", compile=args.compile, **_decoding_kwargs(args),
     )
     if os.environ.get("RANK", "0") == "0":  # once under accelerate launch
         print(f"wrote {n} predictions to {args.out}")
@@ -637,6 +644,13 @@ def _add_serve(sub) -> None:
     p.add_argument("--in-process", action="store_true",
                    help="generate in the server process instead of a model worker process (simpler to debug; "
                         "slower under load, as HTTP handling and generation then share one GIL)")
+    p.add_argument("--generation-timeout", type=float, default=300.0, metavar="S",
+                   help="a batch generating longer than S seconds fails with 504 and the model worker is restarted "
+                        "(default 300)")
+    _add_compile(p)
+    p.add_argument("--decode", choices=["fast", "hf"], default="fast",
+                   help="fast: the static-cache decode path (default); hf: plain transformers generate, the same "
+                        "tokens slower (for comparisons)")
     p.add_argument("--api-key-env", metavar="VAR",
                    help="environment variable holding the API key: every request then needs "
                         "'Authorization: Bearer <key>'")
@@ -649,7 +663,8 @@ def _cmd_serve(args) -> int:
     serve(args.model_dir, host=args.host, port=args.port, dtype=args.dtype, quantization=args.quantization,
           max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
           api_key_env=args.api_key_env, max_file_mb=args.max_file_mb, max_views=args.max_views,
-          threads=args.threads, in_process=args.in_process)
+          threads=args.threads, in_process=args.in_process, compile=args.compile,
+          generation_timeout_s=args.generation_timeout, decode=args.decode)
     return 0
 
 

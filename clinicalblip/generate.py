@@ -39,6 +39,8 @@ class ReportModel:
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     max_views: int = 2
     max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
+    decode: str = "fast"  # fast: clinicalblip.decode (static cache); hf: plain transformers generate
+    compile: bool = False  # torch.compile the decoding step (decode="fast" only)
 
     @classmethod
     def load(cls, model_dir: str, dtype: str = "fp32", device: str | None = None,
@@ -106,6 +108,13 @@ class ReportModel:
         inputs = {k: v.to(self.device) for k, v in model_inputs(batch).items()}
         if inputs["pixel_values"].dtype != self.model.dtype:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        if self.decode == "fast":
+            from clinicalblip.decode import decoder_for
+
+            out = decoder_for(self.model, self.compile).generate(
+                inputs, max_new_tokens=max_new_tokens or self.max_new_tokens, num_beams=num_beams, **kw)
+            return [t.strip() for t in self.processor.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        kw.pop("seed", None)
         out = self.model.generate(
             **inputs, max_new_tokens=max_new_tokens or self.max_new_tokens, num_beams=num_beams,
             do_sample=kw.pop("do_sample", False), **kw,
@@ -185,10 +194,17 @@ def default_dtype(device: str | torch.device) -> str:
     return "bf16" if is_cuda and torch.cuda.is_bf16_supported() else "fp32"
 
 
+def _compile_default(compile: bool | None, device) -> bool:
+    from clinicalblip.decode import default_compile
+
+    return default_compile(device) if compile is None else bool(compile)
+
+
 def generate_single(model_dir: str, images: list[str], indication: str | None = None, history: str | None = None,
                     comparison: str | None = None, template: str | None = None, max_new_tokens: int | None = None,
                     num_beams: int = 1, context: str = "real", dtype: str | None = None, out: str | None = None,
-                    views: list[str] | None = None, quantization: str = "none", **generate_kwargs) -> dict:
+                    views: list[str] | None = None, quantization: str = "none", compile: bool | None = None,
+                    **generate_kwargs) -> dict:
     """One study, with the same dtype default as generate_split (so both modes write the same text).
 
     out: also write the result as JSON to this file.
@@ -202,6 +218,7 @@ def generate_single(model_dir: str, images: list[str], indication: str | None = 
         load_image(p)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rm = ReportModel.load(model_dir, dtype=dtype or default_dtype(device), device=device, quantization=quantization)
+    rm.compile = _compile_default(compile, device)
     result = rm.report(images, indication=indication, history=history, comparison=comparison, template=template,
                        views=views, max_new_tokens=max_new_tokens, num_beams=num_beams, context=context,
                        **generate_kwargs)
@@ -341,7 +358,8 @@ def generate_split(model_dir: str, manifest: str, split: str, out: str, template
                    context: str = "real", max_new_tokens: int | None = None, num_beams: int = 1,
                    batch_size: int = 16, limit: int | None = None, dtype: str | None = None,
                    overwrite: bool = False, quantization: str = "none", image_cache: str | None = None,
-                   num_workers: int = -1, on_bad_record: str = "error", **generate_kwargs) -> int:
+                   num_workers: int = -1, on_bad_record: str = "error", compile: bool | None = None,
+                   **generate_kwargs) -> int:
     """Generate a report for every study of a split; output written as it goes, a rerun skips finished ids.
 
     context: real | none (indication left out) | generic (replaced by an uninformative one) | shuffled (another
@@ -376,6 +394,7 @@ def generate_split(model_dir: str, manifest: str, split: str, out: str, template
                                     log=print if main else (lambda msg: None))
     dtype = dtype or default_dtype(state.device)
     rm = ReportModel.load(model_dir, dtype=dtype, device=str(state.device), quantization=quantization)
+    rm.compile = _compile_default(compile, state.device)
     tpl = load_template(template) if template else rm.template
     out_path = Path(out)
     meta_path = Path(str(out_path) + ".meta.json")

@@ -760,10 +760,15 @@ def validation_reports(run: Run, model, loaders: Loaders) -> dict | None:
             batch = collate(chunk)
             inputs = {k: v.to(acc.device) for k, v in model_inputs(batch).items()}
             inputs["pixel_values"] = inputs["pixel_values"].to(next(unwrapped.parameters()).dtype)
-            out = unwrapped.generate(**inputs, max_new_tokens=cfg.data.max_report_tokens, num_beams=1,
-                                     do_sample=False, synced_gpus=run.zero == 3)
-            if loaders.collate.decoder_only and out.shape[1] > inputs["input_ids"].shape[1]:
-                out = out[:, inputs["input_ids"].shape[1]:]
+            if run.zero == 3:  # partitioned weights: generate's synced_gpus keeps the ranks in step
+                out = unwrapped.generate(**inputs, max_new_tokens=cfg.data.max_report_tokens, num_beams=1,
+                                         do_sample=False, synced_gpus=True)
+                if loaders.collate.decoder_only and out.shape[1] > inputs["input_ids"].shape[1]:
+                    out = out[:, inputs["input_ids"].shape[1]:]
+            else:  # the decode path generate and serve use (same tokens as plain generate)
+                from clinicalblip.decode import Decoder
+
+                out = Decoder(unwrapped).generate(inputs, max_new_tokens=cfg.data.max_report_tokens, num_beams=1)
             texts += [(str(r["id"]), t.strip()) for r, t in zip(
                 chunk, loaders.collate.processor.tokenizer.batch_decode(out, skip_special_tokens=True))]
     unwrapped.train(was_training)

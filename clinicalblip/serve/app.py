@@ -29,6 +29,7 @@ from starlette.datastructures import MutableHeaders
 from clinicalblip.serve.batching import Batcher, Job, QueueFull, ServerClosing
 from clinicalblip.serve.engine import DECODING_FIELDS, TEXT_FIELDS, ReportService
 from clinicalblip.serve.forms import FormError, parse_form
+from clinicalblip.serve.worker import WorkerTimeout
 
 log = logging.getLogger("clinicalblip.serve")
 STATIC = files("clinicalblip.serve") / "static"
@@ -77,7 +78,8 @@ _REPORT_SCHEMA = {
         "findings": {"labeler": "chexpert-rules", "positive": ["Cardiomegaly"], "uncertain": [],
                      "negative": ["Pleural Effusion"], "labels": {"Cardiomegaly": 1}}}}}},
         "4XX": {"description": "bad input: {error: {field, message}, id}"},
-        "503": {"description": "queue full (Retry-After) or shutting down"}},
+        "503": {"description": "queue full (Retry-After) or shutting down"},
+        "504": {"description": "generation exceeded the time limit; the model worker was restarted"}},
 }
 _PREVIEW_SCHEMA = {
     "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
@@ -164,7 +166,8 @@ def create_app(service: ReportService) -> FastAPI:
     @app.get("/health", summary="liveness, and whether the model is loaded")
     async def health():
         loaded = service.model_loaded
-        return {"status": "ok" if loaded else "degraded", "model_loaded": loaded, "queue": len(batcher),
+        status = "warming" if service.warming else "ok" if loaded else "degraded"
+        return {"status": status, "model_loaded": loaded, "queue": len(batcher),
                 "max_queue": batcher.max_queue, "generation": service.generation_info()}
 
     @app.get("/v1/model", summary="base, stages, template and slots, decoding defaults, limits, model card")
@@ -209,6 +212,9 @@ def create_app(service: ReportService) -> FastAPI:
             report = await job.future
         except ServerClosing as exc:
             return _error(503, "server", str(exc), rid)
+        except WorkerTimeout as exc:  # the batch hung: the worker was killed and restarted
+            log.error("request %s: %s", rid, exc)
+            return _error(504, "server", str(exc), rid)
         except Exception as exc:  # generation failed for this batch: one clean 500 per request, type only logged
             log.error("request %s: generation failed: %s", rid, type(exc).__name__)
             return _error(500, "server", "generation failed; the request id is in the server log", rid)

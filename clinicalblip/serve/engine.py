@@ -47,6 +47,7 @@ class ServeSettings:
     max_new_tokens_limit: int = 512
     max_beams: int = 8
     retry_after_s: int = 1
+    generation_timeout_s: float | None = 300.0  # a batch running longer fails with 504 and the worker restarts
     api_key: str | None = None  # when set, every request needs "Authorization: Bearer <key>"
 
     @property
@@ -158,11 +159,20 @@ class ReportService:
     def model_loaded(self) -> bool:
         return self.worker.alive if self.worker is not None else self.rm is not None
 
+    @property
+    def warming(self) -> bool:
+        """The worker is compiling / warming up: requests queue until it is done."""
+        return self.worker is not None and self.worker.warming
+
     def generation_info(self) -> dict:
         if self.worker is None:
-            return {"mode": "in-process", "pid": os.getpid()}
+            return {"mode": "in-process", "pid": os.getpid(), "compile": bool(getattr(self.rm, "compile", False)),
+                    "warmup": getattr(self, "warmup", None)}
         return {"mode": "worker-process", "pid": self.worker.pid, "alive": self.worker.alive,
-                "restarts": self.worker.restarts}
+                "restarts": self.worker.restarts, "last_restart": self.worker.last_restart,
+                "compile": self.worker.compile, "decode": self.worker.decode, "warming": self.worker.warming,
+                "warmup": self.worker.warmup,
+                "timeout_s": self.worker.timeout_s}
 
     def close(self) -> None:
         """Stop the model worker, if this service has one (services made by with_settings share it)."""
