@@ -202,6 +202,12 @@ def _add_generate(sub) -> None:
     p.add_argument("--indication", help="single study: the indication (reason for the exam)")
     p.add_argument("--history", help="single study: the clinical history")
     p.add_argument("--comparison", help="single study: the prior exam compared with, if any")
+    p.add_argument("--view", action="append", default=[],
+                   help="single study: the view of each --image, in order (PA, AP, LATERAL...; '' for unknown); "
+                        "default: a DICOM's ViewPosition")
+    p.add_argument("--age", help="single study: the patient's age (the template's {age} slot)")
+    p.add_argument("--sex", help="single study: the patient's sex (the template's {sex} slot)")
+    p.add_argument("--hints", help="single study: suspected findings, comma-separated (the template's {hints} slot)")
     p.add_argument("--template", help="prompt template name (default: the one the stage was trained with)")
     p.add_argument("--context", choices=["real", "none", "generic", "shuffled", "blank_image"], default="real",
                    help="ablations: real context (default), no indication, a generic one, another study's "
@@ -248,8 +254,22 @@ def _refuse_flags(args, why: str, **unset) -> None:
 
 
 def _cmd_generate(args) -> int:
-    from clinicalblip import generate as G
+    from clinicalblip.study import StudyInputError
 
+    try:
+        return _generate(args)
+    except StudyInputError as exc:  # name the flag, not the API's field
+        flag = {"images": "--image", "views": "--view", "do_sample": "--sample"}.get(
+            exc.field, "--" + exc.field.replace("_", "-"))
+        raise UserError(f"{flag}: {exc.message}") from None
+
+
+def _generate(args) -> int:
+    from clinicalblip import generate as G
+    from clinicalblip.study import check_decoding
+
+    # checked before anything loads, as the server checks a request
+    check_decoding(args.num_beams, args.max_new_tokens, sample_name="--sample", **_decoding_kwargs(args))
     if args.image:
         if args.manifest:
             raise UserError("give either --image (one study) or --manifest (a split), not both")
@@ -259,6 +279,7 @@ def _cmd_generate(args) -> int:
             args.model_dir, images=args.image, indication=args.indication, history=args.history,
             comparison=args.comparison, template=args.template, max_new_tokens=args.max_new_tokens,
             num_beams=args.num_beams, context=args.context, dtype=args.dtype, out=args.out,
+            views=args.view or None, age=args.age, sex=args.sex, hints=args.hints, quantization=args.quantization,
             **_decoding_kwargs(args),
         )
         if args.json:
@@ -269,7 +290,8 @@ def _cmd_generate(args) -> int:
     if not args.manifest or not args.out:
         raise UserError("generate needs --image PATH (one study) or --manifest M --out PREDS.jsonl (a split)")
     _refuse_flags(args, "with --manifest; the manifest gives each study's context (use --context for ablations)",
-                  indication=None, history=None, comparison=None, json=False)
+                  indication=None, history=None, comparison=None, json=False, view=[], age=None, sex=None,
+                  hints=None)
     n = G.generate_split(
         args.model_dir, args.manifest, split=args.split or "test", out=args.out, template=args.template,
         context=args.context, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,

@@ -48,7 +48,7 @@ async function setFile(slot, file) {
   showError("");
   if (!file) { img.hidden = true; img.removeAttribute("src"); hint.hidden = false; clear.hidden = true; return; }
   const fd = new FormData();
-  fd.append("image", file, file.name);
+  fd.append("images", file, file.name);
   // Previews come from the server's own image pipeline (DICOM windowing included), not the browser's decoder.
   const resp = await fetch("/v1/preview", { method: "POST", body: fd });
   if (!resp.ok) { files[slot] = null; showError(`${slot} image: ` + await errorText(resp)); return; }
@@ -72,7 +72,8 @@ function studyForm(withIndication) {
   const fd = new FormData();
   if (files.frontal) { fd.append("images", files.frontal, files.frontal.name); fd.append("views", $("frontal-view").value); }
   if (files.lateral) { fd.append("images", files.lateral, files.lateral.name); fd.append("views", "LATERAL"); }
-  for (const name of ["indication", "history", "comparison"]) {
+  // Every context slot a template can declare (the server refuses nothing a manifest could carry).
+  for (const name of ["indication", "history", "comparison", "age", "sex", "hints"]) {
     const v = $(name).value.trim();
     if (v && (withIndication || name !== "indication")) fd.append(name, v);
   }
