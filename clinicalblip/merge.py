@@ -19,6 +19,7 @@ from peft import PeftModel
 from clinicalblip import __version__
 from clinicalblip.data.collate import StudyCollator, model_inputs
 from clinicalblip.errors import UserError
+from clinicalblip.filemode import give_umask_mode
 from clinicalblip.model import is_builtin, is_decoder_only, require_hub_online, torch_dtype
 from clinicalblip.release import RELEASE_FORMAT, RELEASE_META, is_release_dir, write_release_files
 from clinicalblip.stages import (
@@ -198,6 +199,7 @@ def merge_stage_chain(stage_dir: str, out: str, dtype: str = "fp32", tolerance: 
             tmp_out.mkdir(parents=True)
             merged.save_pretrained(tmp_out, max_shard_size=max_shard_size, safe_serialization=True)
             processor.save_pretrained(tmp_out)
+            give_umask_mode(tmp_out)  # safetensors writes 0600; a release must load for other users too
             del merged, chain_model
 
             # Verify what was written, not what is in memory: reload the release with plain transformers.
@@ -228,7 +230,9 @@ def merge_stage_chain(stage_dir: str, out: str, dtype: str = "fp32", tolerance: 
             "max_views": int(stage_cfg.get("data", {}).get("max_views", 2)),
             "max_prompt_tokens": int(stage_cfg.get("data", {}).get("max_prompt_tokens", 256)),
             "dtype": dtype, "base": chain[0]["base"],
-            "stages": [{"name": s["name"], "dir": s["dir"], "trainable": s.get("trainable"),
+            # stage folders relative to the release (as stage.json names its parent): no local absolute paths
+            "stages": [{"name": s["name"], "dir": os.path.relpath(s["dir"], out_path.resolve()),
+                        "trainable": s.get("trainable"),
                         "template": s.get("template"), "metrics": s.get("metrics"), "data_hash": s.get("data_hash")}
                        for s in chain],
             "verification": verification,

@@ -33,6 +33,7 @@ from clinicalblip.data.collate import StudyCollator, model_inputs
 from clinicalblip.data.loader import make_loader
 from clinicalblip.data.manifest import file_hash, read_manifest
 from clinicalblip.errors import UserError
+from clinicalblip.filemode import give_umask_mode
 from clinicalblip.model import (
     build_base,
     describe_base,
@@ -350,6 +351,7 @@ def _load_model(run: Run, records: Records) -> Built:
                                                   seed=cfg.train.seed, layers=cfg.model.layers)
                     model.save_pretrained(saved_base)
                     processor.save_pretrained(saved_base)
+                    give_umask_mode(saved_base)  # safetensors writes 0600
                     del model
                 acc.wait_for_everyone()
             # Every rank loads the saved copy: the very same base everywhere, and under ZeRO-3 a model built

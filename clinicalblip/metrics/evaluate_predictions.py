@@ -277,3 +277,23 @@ def format_summary(metrics: dict) -> str:
     if "no_finding" in c:
         lines.append(f"No Finding F1: {c['no_finding']['f1']:.4f}")
     return "\n".join(lines)
+
+
+def read_metrics_file(path: str | Path) -> dict:
+    """A metrics.json written by `eval`; anything else (a predictions JSONL, a cut file) is refused naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"metrics file not found: {p}")
+    text = p.read_text(encoding="utf-8", errors="replace")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        looks_jsonl = len(lines) > 1 and all(ln.lstrip().startswith("{") for ln in lines[:3])
+        hint = (" (it looks like a predictions JSONL: run `clinicalblip eval` on it and pass the metrics.json it "
+                "writes)" if looks_jsonl else "")
+        raise UserError(f"{p}: not a metrics.json from `clinicalblip eval`: invalid JSON at line {exc.lineno}"
+                        f"{hint}") from None
+    if not isinstance(data, dict) or not ({"n", "protocol"} <= set(data) or "clinical" in data):
+        raise UserError(f"{p}: not a metrics.json from `clinicalblip eval` (no 'n', 'protocol' or 'clinical' key)")
+    return data
