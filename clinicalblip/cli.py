@@ -186,7 +186,17 @@ def _cmd_train(args) -> int:
     from clinicalblip.train import train_stage
 
     cfg = load_stage_config(args.config, args.overrides)
-    train_stage(cfg)
+    try:
+        train_stage(cfg)
+    except KeyboardInterrupt:
+        import shlex
+
+        from clinicalblip.train import interrupted_message
+
+        if os.environ.get("RANK", "0") == "0":  # once under accelerate launch
+            command = shlex.join(["clinicalblip", "train", args.config, *args.overrides])
+            print(interrupted_message(cfg, command), file=sys.stderr)
+        return 130
     return 0
 
 
@@ -397,7 +407,7 @@ def _add_compare(sub) -> None:
     p = sub.add_parser(
         "compare", help="paired significance between systems on the same studies (bootstrap CI, permutation p)",
         description="Compare predictions files on the studies they share: for every metric the difference B - A "
-                    "(and C - A, ...), a paired bootstrap 95%% CI and a paired approximate-randomisation p-value, "
+                    "(and C - A, ...), a paired bootstrap 95% CI and a paired approximate-randomisation p-value, "
                     "corpus-level metrics recomputed from per-study sufficient statistics; Holm-corrected with "
                     "more than two systems.",
     )
@@ -565,8 +575,11 @@ typical order:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from clinicalblip import __version__
+
     parser = argparse.ArgumentParser(prog="clinicalblip", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"clinicalblip {__version__}")
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="{data,train,generate,eval,view,compare,label,merge,serve}")
     _add_data(sub)
     _add_train(sub)

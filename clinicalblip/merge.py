@@ -82,7 +82,10 @@ def _model_card(chain: list[dict], meta: dict, dtype: str) -> str:
         "model = InstructBlipForConditionalGeneration.from_pretrained(PATH)",
         "processor = InstructBlipProcessor.from_pretrained(PATH)",
         "inputs = processor(images=image, text=prompt, return_tensors='pt')  # prompt: see prompts/",
-        "report = processor.batch_decode(model.generate(**inputs), skip_special_tokens=True)[0]",
+        "out = model.generate(**inputs, max_new_tokens=128)",
+        "# a decoder-only LLM (Vicuna) returns the prompt + the report: decode only the new tokens",
+        "new = out[:, inputs['input_ids'].shape[1]:] if model.config.use_decoder_only_language_model else out",
+        "report = processor.batch_decode(new, skip_special_tokens=True)[0]",
         "```", "",
         "Multi-view studies: give each view as one row of `pixel_values` and put `num_views x num_query_tokens` "
         "image tokens before the prompt (clinicalblip's `generate` does this).", "",

@@ -47,12 +47,14 @@ def check_decoding(num_beams: int | None = 1, max_new_tokens: int | None = None,
                    temperature: float | None = None, top_p: float | None = None,
                    repetition_penalty: float | None = None, no_repeat_ngram_size: int | None = None, *,
                    max_beams: int | None = None, max_new_tokens_limit: int | None = None,
-                   default_max_new_tokens: int | None = None, sample_name: str = "do_sample=true") -> dict:
+                   default_max_new_tokens: int | None = None, sample_name: str = "do_sample=true",
+                   **other) -> dict:
     """Validated `generate()` settings: absurd values and settings that would be ignored are refused.
 
     Returns {num_beams, max_new_tokens, do_sample[, temperature, top_p][, repetition_penalty]
     [, no_repeat_ngram_size]}; temperature and top_p only with sampling (1.0 when not given).
     sample_name: how the caller spells "sampling on" in messages (the CLI's --sample).
+    other: further `generate()` settings of library callers (min_new_tokens, length_penalty...), passed through.
     """
     num_beams = _range("num_beams", 1 if num_beams is None else num_beams, 1, max_beams)
     max_new = _range("max_new_tokens", max_new_tokens if max_new_tokens is not None else default_max_new_tokens,
@@ -77,7 +79,7 @@ def check_decoding(num_beams: int | None = 1, max_new_tokens: int | None = None,
         out["repetition_penalty"] = repetition_penalty
     if no_repeat_ngram_size is not None:
         out["no_repeat_ngram_size"] = no_repeat_ngram_size
-    return out
+    return {**other, **out}
 
 
 def check_views(n_images: int, views: list | None, max_views: int | None) -> list[str | None]:

@@ -115,3 +115,132 @@ def test_release_records_stage_paths_relative_to_itself(trained_release):
     for st in meta["stages"]:
         assert not os.path.isabs(st["dir"]), st
         assert (trained_release / st["dir"] / "stage.json").is_file()
+
+
+def test_version_flag(capsys):
+    from clinicalblip import __version__
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"clinicalblip {__version__}"
+
+
+def test_compare_help_prints_a_single_percent_sign(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "--help"])
+    out = capsys.readouterr().out
+    assert "95% CI" in out and "%%" not in out
+
+
+def test_backend_reads_as_plain_words():
+    from clinicalblip.train import _backend_words
+
+    assert _backend_words("NO", 1) == "single process"
+    assert _backend_words("MULTI_GPU", 4) == "DDP, 4 processes"
+    assert _backend_words("MULTI_CPU", 2) == "DDP (CPU, gloo), 2 processes"
+
+
+def test_bad_record_hint_shows_the_override_syntax(tmp_path):
+    from clinicalblip.data.check import BadRecordsError, apply_bad_record_policy
+
+    recs = [{"id": "a", "split": "train", "images": [{"path": str(tmp_path / "missing.png")}], "findings": "x"}]
+    with pytest.raises(BadRecordsError, match=r"skip them with data\.on_bad_record=skip"):
+        apply_bad_record_policy(recs, "error", log=lambda m: None, check_images="exists", root=tmp_path,
+                                share=False)
+
+
+def test_ctrl_c_names_the_last_checkpoint_and_the_resume_command(tmp_path, monkeypatch, capsys):
+    import clinicalblip.train as train
+
+    out = tmp_path / "stage"
+    config = str(REPO / "configs" / "tiny" / "stage1.yaml")
+
+    def interrupted_after_a_checkpoint(cfg):
+        for step in (2, 4):
+            (out / "checkpoints" / f"step-{step}").mkdir(parents=True)
+            (out / "checkpoints" / f"step-{step}" / "progress.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train_stage", interrupted_after_a_checkpoint)
+    argv = ["train", config, f"output_dir={out}", f"data.manifest={tmp_path / 'm.jsonl'}", "train.save_every=2"]
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err.strip()
+    assert f"the last checkpoint is {out / 'checkpoints' / 'step-4'} (step 4)" in err
+    assert f"clinicalblip train {config} output_dir={out}" in err and "train.save_every=2" in err
+
+    monkeypatch.setattr(train, "train_stage", lambda cfg: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert cli.main(["train", config, f"output_dir={tmp_path / 'other'}", f"data.manifest={tmp_path / 'm.jsonl'}",
+                     "train.save_every=0"]) == 130
+    assert "no checkpoint is written, so a rerun starts over. Set train.save_every=N" in capsys.readouterr().err
+
+
+def test_card_snippet_decodes_only_the_new_tokens(trained_release, synth_manifest):
+    """The model card's plain-transformers code, run as a user would: its report is ours, without the prompt."""
+    import re
+
+    from clinicalblip.data.images import load_image
+    from clinicalblip.data.manifest import read_manifest
+    from clinicalblip.generate import ReportModel
+
+    card = (trained_release / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    rec = read_manifest(synth_manifest, split="test")[0]
+    rm = ReportModel.load(str(trained_release), device="cpu")
+    ours = rm.report([rec["images"][0]["path"]], indication=rec["indication"], max_new_tokens=128)
+    scope = {"PATH": str(trained_release), "image": load_image(rec["images"][0]["path"]), "prompt": ours["prompt"]}
+    exec(code, scope)
+    assert scope["report"].strip() == ours["report"]
+    assert not scope["report"].startswith(ours["prompt"][:20])
+
+
+# ---------------------------------------------------------------------------------------------- item 10
+def test_missing_tensorboard_is_refused_naming_the_package_and_extra(tmp_path, monkeypatch):
+    import importlib.util
+
+    from clinicalblip.config import load_stage_config
+    from clinicalblip.errors import UserError
+    from clinicalblip.train import train_stage
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    cfg = load_stage_config(REPO / "configs" / "tiny" / "stage1.yaml",
+                            [f"output_dir={tmp_path / 'o'}", f"data.manifest={tmp_path / 'm.jsonl'}",
+                             "train.report_to=tensorboard"])
+    with pytest.raises(UserError, match=r"needs the 'tensorboard' package.*clinicalblip\[tracking\]"):
+        train_stage(cfg)
+    assert not (tmp_path / "o").exists()  # refused before anything ran
+
+
+def test_a_tracked_run_logs_the_resolved_config_and_a_resume_may_extend_max_steps(synth_manifest, tmp_path,
+                                                                                 monkeypatch, capsys):
+    from accelerate import Accelerator
+
+    from conftest import tiny_stage_cfg
+    from clinicalblip.errors import UserError
+    from clinicalblip.train import train_stage
+
+    seen = {}
+    monkeypatch.setattr(Accelerator, "init_trackers", lambda self, name, config=None, **k: seen.update(config))
+    out = tmp_path / "stage"
+    # checkpoints are written before the last step (the stage itself holds the final weights): step-2 of 3
+    train_stage(tiny_stage_cfg("stage1.yaml", synth_manifest, out, **{"train.save_every": 2, "train.max_steps": 3,
+                                                                      "train.report_to": "tensorboard"}))
+    assert seen["optim.lr"] > 0 and seen["train.max_steps"] == 3 and seen["data.template"] == "findings_with_context"
+    assert seen["output_dir"] == str(out)
+    assert all(isinstance(v, (int, float, str, bool)) for v in seen.values())
+    header = capsys.readouterr().out
+    assert "single process on cpu" in header and "NO on" not in header
+
+    # a longer run from the step-2 checkpoint
+    train_stage(tiny_stage_cfg("stage1.yaml", synth_manifest, out, **{"train.save_every": 2, "train.max_steps": 5}))
+    log = capsys.readouterr().out
+    assert "train.max_steps 3 -> 5: extending the run from step 2" in log and "resumed from" in log, log
+    assert "step 3/5" in log and "step 5/5" in log and "step 1/5" not in log
+    steps = [json.loads(line).get("step") for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(s for s in steps if s is not None) == 5
+    assert json.loads((out / "stage.json").read_text())["metrics"]["steps"] == 5
+    # a resume can extend a run, not shorten it past its checkpoint
+    with pytest.raises(UserError, match="is not beyond this checkpoint's step 4"):
+        train_stage(tiny_stage_cfg("stage1.yaml", synth_manifest, out, **{"train.save_every": 2,
+                                                                          "train.max_steps": 3}))

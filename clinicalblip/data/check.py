@@ -488,7 +488,8 @@ def bad_record_list(records: list[dict], check_images: str | bool = "header", ro
 def apply_bad_record_policy(records: list[dict], policy: str = "error", log: Callable[[str], None] = print,
                             check_images: str | bool = "header", root: str | os.PathLike | None = None,
                             max_ids: int = 50, manifest: str | os.PathLike | None = None,
-                            image_cache: str | os.PathLike | None = None, share: bool = True) -> list[dict]:
+                            image_cache: str | os.PathLike | None = None, share: bool = True,
+                            skip_hint: str = "data.on_bad_record=skip") -> list[dict]:
     """The records to use under `on_bad_record`.
 
     "error": any unusable record raises BadRecordsError naming the records and their problems.
@@ -496,6 +497,7 @@ def apply_bad_record_policy(records: list[dict], policy: str = "error", log: Cal
     silently). Returns the remaining records in their original order.
     manifest: the file the records came from; its check result is stored and reused (see bad_record_list).
     share: under torch.distributed, rank 0 checks and the other ranks receive its result.
+    skip_hint: how the caller's user skips them (the train override by default), quoted in the error.
     """
     if policy not in ("error", "skip"):
         raise UserError(f"on_bad_record must be 'error' or 'skip', not {policy!r}")
@@ -516,7 +518,7 @@ def apply_bad_record_policy(records: list[dict], policy: str = "error", log: Cal
     listing = "; ".join(described[:max_ids]) + more
     if policy == "error":
         raise BadRecordsError(f"{len(bad)} of {len(records)} records are unusable: {listing}. Fix them "
-                              "(`clinicalblip data check MANIFEST` lists every problem) or set on_bad_record: skip")
+                              f"(`clinicalblip data check MANIFEST` lists every problem) or skip them with {skip_hint}")
     log(f"on_bad_record=skip: dropping {len(bad)} of {len(records)} records: {listing}")
     drop = {i for i, _, _ in bad}
     return [r for i, r in enumerate(records) if i not in drop]

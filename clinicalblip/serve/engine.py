@@ -229,7 +229,10 @@ class ReportService:
         try:
             return load_image_bytes(data, name=f"{field}{suffix}", max_pixels=self.settings.max_pixels)
         except ImageLoadError as exc:
-            raise FormError(422, field, str(exc).replace(f"{field}{suffix}", field, 1)) from None
+            # the field is named once, by the error's field: the message does not repeat it
+            name = f"{field}{suffix}"
+            msg = str(exc).replace(f"{name}: ", "", 1).replace(f" {name}:", ":", 1).replace(f": {name}", "", 1)
+            raise FormError(422, field, msg.replace(name, field)) from None
 
     def prepare(self, form: Form) -> dict:
         """Validate a study form and build its single-study batch (CPU work: run it in a worker thread)."""
