@@ -105,9 +105,14 @@ def _add_data_prepare(dsub) -> None:
         t.add_argument("--map", action="append", default=[], metavar="TARGET=COLUMN",
                        help="e.g. --map findings=report_text --map id=accession --map images=frontal,lateral; "
                             "targets: id patient_id split images views indication history comparison findings "
-                            "impression report (a whole report, split into sections)")
+                            "impression report (a whole report, split into sections) age sex")
         t.add_argument("--images", help="folder that relative image paths start from (default: the input's folder)")
         t.add_argument("--split", help="split for rows without one (e.g. test)")
+        t.add_argument("--split-by", choices=["patient_id", "id"],
+                       help="give rows without a split train/val/test, whole patients (or studies) at a time")
+        t.add_argument("--ratios", default="0.7,0.1,0.2", help="train,val,test fractions for --split-by "
+                                                              "(default 0.7,0.1,0.2)")
+        t.add_argument("--seed", type=int, default=0, help="shuffle seed for --split-by (default 0)")
         t.add_argument("--encoding", default="utf-8-sig",
                        help="text encoding of the input (default utf-8-sig: UTF-8, a leading byte-order mark dropped)")
         if fmt == "csv":
@@ -136,11 +141,13 @@ def _add_data_prepare(dsub) -> None:
                                         reports=args.reports, images=args.images, image_ext=args.image_ext,
                                         drop_empty=args.drop_empty)
         else:
+            from clinicalblip.data.prepare import parse_ratios
             from clinicalblip.data.tabular import parse_mapping, prepare_table
 
             summary = prepare_table(args.input, args.out, fmt=args.source, mapping=parse_mapping(args.map),
                                     images=args.images, split=args.split, encoding=args.encoding,
-                                    delimiter=getattr(args, "delimiter", None), keep_columns=args.keep_columns)
+                                    delimiter=getattr(args, "delimiter", None), keep_columns=args.keep_columns,
+                                    split_by=args.split_by, ratios=parse_ratios(args.ratios), seed=args.seed)
         print(format_summary(summary))
         return 0
 

@@ -4,6 +4,7 @@ one-line `error:` naming the key, flag or file."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import stat
 from pathlib import Path
@@ -244,3 +245,66 @@ def test_a_tracked_run_logs_the_resolved_config_and_a_resume_may_extend_max_step
     with pytest.raises(UserError, match="is not beyond this checkpoint's step 4"):
         train_stage(tiny_stage_cfg("stage1.yaml", synth_manifest, out, **{"train.save_every": 2,
                                                                           "train.max_steps": 3}))
+
+
+# ---------------------------------------------------------------------------------------------- item 9
+def _export(tmp_path, n_patients=30, per_patient=3) -> Path:
+    import csv
+
+    path = tmp_path / "export.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["accession", "mrn", "img", "report_text", "AGE_Y", "gender"])
+        for p in range(n_patients):
+            for s in range(per_patient):
+                w.writerow([f"S{p}-{s}", f"P{p}", f"img/{p}_{s}.png", "The heart is normal.", str(40 + p), "F"])
+    return path
+
+
+def _prepare(tmp_path, *extra, out="m.jsonl") -> list[dict]:
+    from clinicalblip.data.manifest import read_manifest
+
+    argv = ["data", "prepare", "csv", str(_export(tmp_path)), "--map", "id=accession", "--map", "patient_id=mrn",
+            "--map", "images=img", "--map", "findings=report_text", "--map", "age=AGE_Y", "--map", "sex=gender",
+            "--out", str(tmp_path / out), *extra]
+    assert cli.main(argv) == 0
+    return read_manifest(tmp_path / out)
+
+
+def test_prepare_split_by_patient_gives_whole_patients_the_ratios_and_is_seeded(tmp_path, capsys):
+    from collections import Counter, defaultdict
+
+    recs = _prepare(tmp_path, "--split-by", "patient_id", "--ratios", "0.7,0.1,0.2", "--seed", "1")
+    assert "split by: patient_id, seed 1: train 21, val 3, test 6 patients" in capsys.readouterr().out
+    by_patient = defaultdict(set)
+    for r in recs:
+        by_patient[r["patient_id"]].add(r["split"])
+    assert all(len(s) == 1 for s in by_patient.values())  # no patient in two splits
+    assert Counter(next(iter(s)) for s in by_patient.values()) == {"train": 21, "val": 3, "test": 6}
+    assert recs[0]["age"] == 40 and recs[0]["sex"] == "F"  # age/sex as --map targets
+    again = _prepare(tmp_path, "--split-by", "patient_id", "--seed", "1", out="m2.jsonl")
+    assert [r["split"] for r in again] == [r["split"] for r in recs]
+    other = _prepare(tmp_path, "--split-by", "patient_id", "--seed", "2", out="m3.jsonl")
+    assert [r["split"] for r in other] != [r["split"] for r in recs]
+
+
+def test_prepare_refuses_bad_ratios(tmp_path, capsys):
+    argv = ["data", "prepare", "csv", str(_export(tmp_path)), "--map", "id=accession", "--split-by", "patient_id",
+            "--ratios", "0.7,0.2,0.2", "--out", str(tmp_path / "m.jsonl")]
+    assert cli.main(argv) == 2
+    assert "--ratios '0.7,0.2,0.2'" in _one_line_error(capsys, "data")
+    assert cli.main(argv[:-4] + ["--ratios", "0.7,0.1,0.2", "--out", str(tmp_path / "m.jsonl")]) == 2
+    assert "have no patient_id" in _one_line_error(capsys, "data")  # mrn not mapped, no patient_id column
+
+
+def test_data_check_flags_records_no_split_uses(tmp_path, capsys):
+    _prepare(tmp_path)
+    capsys.readouterr()
+    cli.main(["data", "check", str(tmp_path / "m.jsonl"), "--images", "none"])
+    out = capsys.readouterr().out
+    assert re.search(r"warning no_split\s+90", out), out
+    assert "no record has a split: `train` would find no train records" in out
+    _prepare(tmp_path, "--split-by", "patient_id", out="split.jsonl")
+    capsys.readouterr()
+    assert cli.main(["data", "check", str(tmp_path / "split.jsonl"), "--images", "none"]) == 0
+    assert "no_split" not in capsys.readouterr().out

@@ -17,7 +17,9 @@ Problems that make a record unusable (errors):
     encoding          text with U+FFFD replacement characters, mojibake ("Ã©", "â€™") or control bytes
 
 Warnings (reported, exit status unaffected): no_patient_id (the leakage check cannot see the record),
-no_view (no image has a view label), unknown_split (a split outside train/val/test, e.g. "dev").
+no_view (no image has a view label), unknown_split (a split outside train/val/test, e.g. "dev"), no_split
+(no split at all: train, val and test all leave the record out; `data prepare csv|jsonl --split-by patient_id`
+assigns one).
 
 Image checks (`check_images`): "header" (default: existence, size and header, read cheaply: a DICOM header
 without its pixels), "decode" (every image fully decoded: `data check --decode`; the image cache build
@@ -48,9 +50,9 @@ from clinicalblip.errors import UserError
 
 ERRORS = ("bad_json", "not_utf8", "missing_id", "duplicate_id", "patient_in_two_splits", "no_images",
           "missing_image", "unreadable_image", "empty_report", "encoding")
-WARNINGS = ("no_patient_id", "no_view", "unknown_split")
+WARNINGS = ("no_patient_id", "no_view", "unknown_split", "no_split")
 IMAGE_CHECKS = ("header", "decode", "exists", "none")
-CHECK_VERSION = 1  # bump when a check changes: stored results of older checks are then not reused
+CHECK_VERSION = 2  # bump when a check changes: stored results of older checks are then not reused
 
 
 class BadRecordsError(UserError):
@@ -125,6 +127,10 @@ class CheckReport:
             more = f" (+{len(ids) - max_ids} more)" if len(ids) > max_ids else ""
             detail = f"  [{first_detail[code]}]" if first_detail.get(code) else ""
             lines.append(f"  {kind} {code:<22} {len(ids):>7}  {shown}{more}{detail}")
+        n_nosplit = len(set(by_code.get("no_split", [])))
+        if n_nosplit and n_nosplit == self.n_records:
+            lines.append(f"  no record has a split: `train` would find no train records (re-run data prepare with "
+                         "--split-by patient_id --ratios 0.7,0.1,0.2, or --split)")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -287,6 +293,9 @@ def check_records(records: list[dict], check_images: str | bool = "header", root
                               f"patient {pid} in {'/'.join(s for s in SPLITS if s in patient_splits[str(pid)])}"))
         if split is not None and split not in SPLITS:
             ps.append(Problem("unknown_split", repr(split)))
+        elif split is None:
+            ps.append(Problem("no_split", "no split: train/val/test leave it out; set one, e.g. data prepare "
+                                          "--split-by patient_id"))
         images = r.get("images") or []
         if not images:
             ps.append(Problem("no_images"))
