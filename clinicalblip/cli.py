@@ -185,6 +185,8 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train one stage from a stage YAML (plain or under accelerate launch)")
     p.add_argument("config", help="stage YAML, e.g. configs/tiny/stage1.yaml")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-4 data.manifest=M")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (YAML + overrides + defaults) with a comment per key, and exit")
     p.set_defaults(func=_cmd_train)
 
 
@@ -193,6 +195,13 @@ def _cmd_train(args) -> int:
     from clinicalblip.train import train_stage
 
     cfg = load_stage_config(args.config, args.overrides)
+    if args.print_config:
+        from clinicalblip.config_doc import format_config
+
+        print(f"# {args.config}" + (f" + {' '.join(args.overrides)}" if args.overrides else "")
+              + ": the resolved stage config (every key; override any with key=value)")
+        print(format_config(cfg), end="")
+        return 0
     try:
         train_stage(cfg)
     except KeyboardInterrupt:

@@ -308,3 +308,24 @@ def test_data_check_flags_records_no_split_uses(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["data", "check", str(tmp_path / "split.jsonl"), "--images", "none"]) == 0
     assert "no_split" not in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- item 11
+def test_print_config_prints_every_resolved_key_with_a_comment(capsys, monkeypatch):
+    import yaml
+
+    from clinicalblip.config import load_stage_config
+
+    _no_loading(monkeypatch)
+    config = str(REPO / "configs" / "tiny" / "stage1.yaml")
+    assert cli.main(["train", "--print-config", config, "optim.lr=2e-4", "train.max_steps=7"]) == 0
+    out = capsys.readouterr().out
+    cfg = load_stage_config(config, ["optim.lr=2e-4", "train.max_steps=7"])
+    assert yaml.safe_load(out) == cfg.to_dict()  # the resolved config, defaults included, loads back as it is
+    leaves = [line for line in out.splitlines() if not line.startswith("#") and not line.rstrip().endswith(":")]
+    assert len(leaves) > 60
+    for line in leaves:
+        assert "  # " in line and line.split("  # ", 1)[1].strip(), line
+    assert re.search(r"^  max_steps: 7 +# optimizer steps; 0 = from epochs", out, re.M)
+    assert re.search(r"^  lr: 0\.0002 +# peak learning rate", out, re.M)
+    assert re.search(r"^  on_bad_record: error +# error \| skip", out, re.M)
