@@ -329,3 +329,51 @@ def test_print_config_prints_every_resolved_key_with_a_comment(capsys, monkeypat
     assert re.search(r"^  max_steps: 7 +# optimizer steps; 0 = from epochs", out, re.M)
     assert re.search(r"^  lr: 0\.0002 +# peak learning rate", out, re.M)
     assert re.search(r"^  on_bad_record: error +# error \| skip", out, re.M)
+
+
+# ---------------------------------------------------------------------------------------------- item 14
+REFS = ["The heart is enlarged. No pleural effusion.", "Small left pleural effusion. Heart size is normal.",
+        "No acute cardiopulmonary process.", "Cardiomegaly with mild pulmonary edema."]
+PREDS_A = ["The heart is enlarged.", "Heart size is normal. No effusion.", "No acute cardiopulmonary process.",
+           "Cardiomegaly."]
+PREDS_B = ["Cardiomegaly. No pleural effusion.", "Small left pleural effusion.", "No acute cardiopulmonary process.",
+           "Cardiomegaly with mild pulmonary edema."]
+
+
+def _preds(tmp_path, name, preds) -> Path:
+    p = tmp_path / f"{name}.jsonl"
+    p.write_text("".join(json.dumps({"id": f"s{i}", "prediction": a, "reference": r}) + "\n"
+                         for i, (a, r) in enumerate(zip(preds, REFS))))
+    return p
+
+
+def test_report_shows_na_for_absent_labels_a_present_macro_and_the_labeler_note():
+    from clinicalblip.metrics.evaluate_predictions import evaluate_records, format_summary
+    from clinicalblip.metrics.report import render_markdown
+
+    recs = [{"id": f"s{i}", "prediction": a, "reference": r, "_line": i + 1}
+            for i, (a, r) in enumerate(zip(PREDS_A, REFS))]
+    metrics, _ = evaluate_records(recs, "r2gen", "chexpert", bootstrap=0, seed=0, skip_java_metrics=True)
+    metrics.setdefault("n", len(recs))
+    md = render_markdown(metrics)
+    per = metrics["clinical"]["per_label"]
+    assert per["Fracture"]["support"] == 0 and per["Fracture"]["predicted"] == 0
+    assert "| Fracture | 0 | 0 | n/a | n/a | n/a | |" in md
+    assert "| Fracture | 0 | 0 | 0.0000" not in md
+    present = [o for o, b in per.items() if b["support"] or b["predicted"]]
+    row = re.search(rf"\| \*\*macro \({len(present)} labels present\)\*\* \| [0-9.]+ \| [0-9.]+ \| ([0-9.]+) \|", md)
+    assert row, md
+    assert abs(float(row.group(1)) - sum(per[o]["f1"] for o in present) / len(present)) < 1e-4
+    assert "| **macro (14 labels)** |" in md  # the all-label macro stays beside it
+    assert "not CheXbert F1" in md and "not CheXbert F1" in format_summary(metrics)
+
+
+def test_compare_hides_rows_nobody_has(tmp_path):
+    from clinicalblip.metrics.compare import compare_files, format_table
+
+    a, b = _preds(tmp_path, "a", PREDS_A), _preds(tmp_path, "b", PREDS_B)
+    result = compare_files([a, b], tmp_path / "c.json", resamples=50, labeler="chexpert", skip_java_metrics=True)
+    assert "f1/Fracture" in result["empty_rows"] and "f1/Cardiomegaly" not in result["empty_rows"]
+    table = format_table(result)
+    assert "f1/Fracture" not in table and "f1/Cardiomegaly" in table
+    assert re.search(r"not shown: .*Fracture.*no support in the references and never predicted", table)

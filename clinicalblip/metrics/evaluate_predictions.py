@@ -272,10 +272,19 @@ def format_summary(metrics: dict) -> str:
     ci = c["macro"].get("f1_ci95")
     extra = f"  95% CI [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
     lines.append(f"clinical macro F1 ({len(c['observations'])} labels): {c['macro']['f1']:.4f}{extra}")
+    from clinicalblip.metrics.report import labeler_note, present_macro
+
+    present = present_macro(c)
+    if present is not None and present["labels"] < len(c["per_label"]):
+        lines.append(f"clinical macro F1 ({present['labels']} labels present in references or predictions): "
+                     f"{present['f1']:.4f}")
     if "micro_5" in c:
         lines.append(f"clinical micro F1 (5 common): {c['micro_5']['f1']:.4f}")
     if "no_finding" in c:
         lines.append(f"No Finding F1: {c['no_finding']['f1']:.4f}")
+    note = labeler_note(c)
+    if note:
+        lines.append(note.replace("`", ""))
     return "\n".join(lines)
 
 
