@@ -231,7 +231,8 @@ class ReportService:
         except ImageLoadError as exc:
             # the field is named once, by the error's field: the message does not repeat it
             name = f"{field}{suffix}"
-            msg = str(exc).replace(f"{name}: ", "", 1).replace(f" {name}:", ":", 1).replace(f": {name}", "", 1)
+            msg = str(exc).replace(f" {name}:", ":", 1).replace(f": {name}", "", 1)
+            msg = msg.removeprefix(f"{name}: ")
             raise FormError(422, field, msg.replace(name, field)) from None
 
     def prepare(self, form: Form) -> dict:
