@@ -613,6 +613,7 @@ def _save_checkpoint(run: Run, global_step: int, epoch: int, batches_in_epoch: i
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
     if run.main:
+        give_umask_mode(tmp)  # safetensors writes 0600: a shared run folder stays resumable by its group
         (tmp / "progress.json").write_text(json.dumps(
             {"global_step": global_step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "identity": identity}))
         if final.exists():

@@ -48,7 +48,12 @@ vm.runInContext(fs.readFileSync(process.argv[2], "utf8"), ctx);
   const after_good = { preview_hidden: el("frontal-preview").hidden, src: el("frontal-preview").src };
   el("frontal-input").value = "C:\\fakepath\\scan.png";
   await ctx.setFile("frontal", file("scan.png"));
-  console.log(JSON.stringify({ after_good, preview_hidden: el("frontal-preview").hidden,
+  // every context slot of the templates goes into the study form (issue 24 item 7)
+  for (const [k, v] of Object.entries({ indication: "Cough.", age: "63", sex: "F", hints: "effusion, edema" })) {
+    el(k).value = v;
+  }
+  const form = [...ctx.studyForm(true).entries()].filter(([k]) => typeof k === "string").map(([k, v]) => [k, v]);
+  console.log(JSON.stringify({ after_good, form, preview_hidden: el("frontal-preview").hidden,
     src: el("frontal-preview").src, hint_hidden: el("frontal-hint").hidden, clear_hidden: el("frontal-clear").hidden,
     input: el("frontal-input").value, error: el("error").textContent, error_hidden: el("error").hidden }));
 })();
@@ -84,3 +89,6 @@ def test_a_rejected_image_clears_the_preview_and_says_its_error_once(tmp_path):
     assert not state["error_hidden"]
     err = state["error"]
     assert err == "frontal image: cannot decode image: not a PNG, JPEG, DICOM or other known image format (HTTP 422)"
+    form = dict((k, v) for k, v in state["form"] if isinstance(v, str))
+    assert {k: form.get(k) for k in ("indication", "age", "sex", "hints")} == {
+        "indication": "Cough.", "age": "63", "sex": "F", "hints": "effusion, edema"}

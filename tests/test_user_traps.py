@@ -229,6 +229,10 @@ def test_a_tracked_run_logs_the_resolved_config_and_a_resume_may_extend_max_step
                                                                       "train.report_to": "tensorboard"}))
     assert seen["optim.lr"] > 0 and seen["train.max_steps"] == 3 and seen["data.template"] == "findings_with_context"
     assert seen["output_dir"] == str(out)
+    from clinicalblip.filemode import umask_file_mode
+
+    ckpt_weights = _weights(out / "checkpoints")
+    assert ckpt_weights and all(stat.S_IMODE(p.stat().st_mode) == umask_file_mode() for p in ckpt_weights)
     assert all(isinstance(v, (int, float, str, bool)) for v in seen.values())
     header = capsys.readouterr().out
     assert "single process on cpu" in header and "NO on" not in header
