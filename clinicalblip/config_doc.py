@@ -56,6 +56,8 @@ KEY_HELP = {
     "train.seed": "seed of the data order, dropout and the tiny base's weights",
     "train.keep_last": "checkpoints kept (older ones are deleted)",
     "train.resume": "auto (newest checkpoint) | none (start over) | PATH to a checkpoint folder",
+    "train.val_metric": "one more metrics.json key logged on the val_generate reports (e.g. rules_micro5_upos)",
+    "train.val_metrics_dir": "the `clinicalblip metrics fetch` folder the neural val_metric reads its weights from",
 }
 
 _COMMENT = re.compile(r"#\s?(.*)$")
