@@ -105,9 +105,14 @@ def _add_data_prepare(dsub) -> None:
         t.add_argument("--map", action="append", default=[], metavar="TARGET=COLUMN",
                        help="e.g. --map findings=report_text --map id=accession --map images=frontal,lateral; "
                             "targets: id patient_id split images views indication history comparison findings "
-                            "impression report (a whole report, split into sections)")
+                            "impression report (a whole report, split into sections) age sex")
         t.add_argument("--images", help="folder that relative image paths start from (default: the input's folder)")
         t.add_argument("--split", help="split for rows without one (e.g. test)")
+        t.add_argument("--split-by", choices=["patient_id", "id"],
+                       help="give rows without a split train/val/test, whole patients (or studies) at a time")
+        t.add_argument("--ratios", default="0.7,0.1,0.2", help="train,val,test fractions for --split-by "
+                                                              "(default 0.7,0.1,0.2)")
+        t.add_argument("--seed", type=int, default=0, help="shuffle seed for --split-by (default 0)")
         t.add_argument("--encoding", default="utf-8-sig",
                        help="text encoding of the input (default utf-8-sig: UTF-8, a leading byte-order mark dropped)")
         if fmt == "csv":
@@ -136,11 +141,13 @@ def _add_data_prepare(dsub) -> None:
                                         reports=args.reports, images=args.images, image_ext=args.image_ext,
                                         drop_empty=args.drop_empty)
         else:
+            from clinicalblip.data.prepare import parse_ratios
             from clinicalblip.data.tabular import parse_mapping, prepare_table
 
             summary = prepare_table(args.input, args.out, fmt=args.source, mapping=parse_mapping(args.map),
                                     images=args.images, split=args.split, encoding=args.encoding,
-                                    delimiter=getattr(args, "delimiter", None), keep_columns=args.keep_columns)
+                                    delimiter=getattr(args, "delimiter", None), keep_columns=args.keep_columns,
+                                    split_by=args.split_by, ratios=parse_ratios(args.ratios), seed=args.seed)
         print(format_summary(summary))
         return 0
 
@@ -215,6 +222,8 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train one stage from a stage YAML (plain or under accelerate launch)")
     p.add_argument("config", help="stage YAML, e.g. configs/tiny/stage1.yaml")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-4 data.manifest=M")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (YAML + overrides + defaults) with a comment per key, and exit")
     p.set_defaults(func=_cmd_train)
 
 
@@ -223,7 +232,24 @@ def _cmd_train(args) -> int:
     from clinicalblip.train import train_stage
 
     cfg = load_stage_config(args.config, args.overrides)
-    train_stage(cfg)
+    if args.print_config:
+        from clinicalblip.config_doc import format_config
+
+        print(f"# {args.config}" + (f" + {' '.join(args.overrides)}" if args.overrides else "")
+              + ": the resolved stage config (every key; override any with key=value)")
+        print(format_config(cfg), end="")
+        return 0
+    try:
+        train_stage(cfg)
+    except KeyboardInterrupt:
+        import shlex
+
+        from clinicalblip.train import interrupted_message
+
+        if os.environ.get("RANK", "0") == "0":  # once under accelerate launch
+            command = shlex.join(["clinicalblip", "train", args.config, *args.overrides])
+            print(interrupted_message(cfg, command), file=sys.stderr)
+        return 130
     return 0
 
 
@@ -239,6 +265,12 @@ def _add_generate(sub) -> None:
     p.add_argument("--indication", help="single study: the indication (reason for the exam)")
     p.add_argument("--history", help="single study: the clinical history")
     p.add_argument("--comparison", help="single study: the prior exam compared with, if any")
+    p.add_argument("--view", action="append", default=[],
+                   help="single study: the view of each --image, in order (PA, AP, LATERAL...; '' for unknown); "
+                        "default: a DICOM's ViewPosition")
+    p.add_argument("--age", help="single study: the patient's age (the template's {age} slot)")
+    p.add_argument("--sex", help="single study: the patient's sex (the template's {sex} slot)")
+    p.add_argument("--hints", help="single study: suspected findings, comma-separated (the template's {hints} slot)")
     p.add_argument("--template", help="prompt template name (default: the one the stage was trained with)")
     p.add_argument("--context", choices=["real", "none", "generic", "shuffled", "blank_image"], default="real",
                    help="ablations: real context (default), no indication, a generic one, another study's "
@@ -295,8 +327,22 @@ def _refuse_flags(args, why: str, **unset) -> None:
 
 
 def _cmd_generate(args) -> int:
-    from clinicalblip import generate as G
+    from clinicalblip.study import StudyInputError
 
+    try:
+        return _generate(args)
+    except StudyInputError as exc:  # name the flag, not the API's field
+        flag = {"images": "--image", "views": "--view", "do_sample": "--sample"}.get(
+            exc.field, "--" + exc.field.replace("_", "-"))
+        raise UserError(f"{flag}: {exc.message}") from None
+
+
+def _generate(args) -> int:
+    from clinicalblip import generate as G
+    from clinicalblip.study import check_decoding
+
+    # checked before anything loads, as the server checks a request
+    check_decoding(args.num_beams, args.max_new_tokens, sample_name="--sample", **_decoding_kwargs(args))
     if args.image:
         if args.manifest:
             raise UserError("give either --image (one study) or --manifest (a split), not both")
@@ -306,6 +352,7 @@ def _cmd_generate(args) -> int:
             args.model_dir, images=args.image, indication=args.indication, history=args.history,
             comparison=args.comparison, template=args.template, max_new_tokens=args.max_new_tokens,
             num_beams=args.num_beams, context=args.context, dtype=args.dtype, out=args.out, compile=args.compile,
+            views=args.view or None, age=args.age, sex=args.sex, hints=args.hints, quantization=args.quantization,
             **_decoding_kwargs(args),
         )
         if args.json:
@@ -316,7 +363,8 @@ def _cmd_generate(args) -> int:
     if not args.manifest or not args.out:
         raise UserError("generate needs --image PATH (one study) or --manifest M --out PREDS.jsonl (a split)")
     _refuse_flags(args, "with --manifest; the manifest gives each study's context (use --context for ablations)",
-                  indication=None, history=None, comparison=None, json=False)
+                  indication=None, history=None, comparison=None, json=False, view=[], age=None, sex=None,
+                  hints=None)
     n = G.generate_split(
         args.model_dir, args.manifest, split=args.split or "test", out=args.out, template=args.template,
         context=args.context, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
@@ -510,7 +558,7 @@ def _add_compare(sub) -> None:
     p = sub.add_parser(
         "compare", help="paired significance between systems on the same studies (bootstrap CI, permutation p)",
         description="Compare predictions files on the studies they share: for every metric the difference B - A "
-                    "(and C - A, ...), a paired bootstrap 95%% CI and a paired approximate-randomisation p-value, "
+                    "(and C - A, ...), a paired bootstrap 95% CI and a paired approximate-randomisation p-value, "
                     "corpus-level metrics recomputed from per-study sufficient statistics; Holm-corrected with "
                     "more than two systems.",
     )
@@ -688,8 +736,11 @@ typical order:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from clinicalblip import __version__
+
     parser = argparse.ArgumentParser(prog="clinicalblip", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"clinicalblip {__version__}")
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="{data,train,generate,eval,view,compare,label,merge,serve,metrics}")
     _add_data(sub)
     _add_train(sub)

@@ -325,6 +325,19 @@ def validate(cfg: StageConfig) -> None:
         raise ConfigError("data.num_workers must be -1 (auto), 0 or more")
     if cfg.data.max_prompt_tokens < 1:
         raise ConfigError("data.max_prompt_tokens must be >= 1")
+    if cfg.data.max_views < 1:
+        raise ConfigError(f"data.max_views must be >= 1 (views per study the model sees), got {cfg.data.max_views}")
+    if cfg.data.max_report_tokens < 1:
+        raise ConfigError(f"data.max_report_tokens must be >= 1, got {cfg.data.max_report_tokens}")
+    if not (cfg.optim.lr > 0 and cfg.optim.lr == cfg.optim.lr):
+        raise ConfigError(f"optim.lr must be a positive number, got {cfg.optim.lr}")
+    if cfg.optim.weight_decay < 0 or cfg.optim.max_grad_norm < 0:
+        raise ConfigError("optim.weight_decay and optim.max_grad_norm must be >= 0")
+    if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
+        raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {cfg.optim.warmup_ratio}")
+    for comp, mult in cfg.optim.lr_mult.items():
+        if not mult > 0:
+            raise ConfigError(f"optim.lr_mult.{comp} must be > 0, got {mult} (freeze a component with trainable.*)")
     if not 0.0 <= cfg.data.context_dropout <= 1.0:
         raise ConfigError("data.context_dropout must be in [0, 1]")
     if cfg.optim.schedule not in ("cosine", "linear", "constant"):

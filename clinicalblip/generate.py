@@ -15,7 +15,7 @@ from clinicalblip.progress import progress
 
 from clinicalblip import __version__
 from clinicalblip.data.cache import find_image_cache, pixel_source
-from clinicalblip.data.collate import StudyCollator, model_inputs
+from clinicalblip.data.collate import StudyCollator, model_inputs, ordered_images
 from clinicalblip.data.loader import make_loader
 from clinicalblip.data.manifest import file_hash, read_manifest
 from clinicalblip.errors import UserError
@@ -127,34 +127,40 @@ class ReportModel:
     def report(self, images: list[str], indication: str | None = None, history: str | None = None,
                comparison: str | None = None, views: list[str] | None = None, template: str | None = None,
                max_new_tokens: int | None = None, num_beams: int = 1, context: str = "real",
-               **generate_kwargs) -> dict:
+               age=None, sex: str | None = None, hints=None, **generate_kwargs) -> dict:
         """One study: image paths (one per view) + clinical context -> {prompt, qformer_prompt, report, ...}.
 
+        views: one per image (None / "" for unknown: a DICOM's ViewPosition, if any). indication, history,
+        comparison, age, sex and hints fill the template's slots exactly as the training collator fills them
+        from a manifest record (study.py), so the prompt equals the training prompt of the same study.
         context: real | none (indication left out) | generic (replaced) | blank_image, as in generate_split;
-        'shuffled' needs other studies and is refused.
+        'shuffled' needs other studies and is refused. Decoding settings are checked as the server checks them.
         """
-        if not images:
-            raise UserError("give at least one image (one per view)")
+        from clinicalblip.data.images import dicom_view_position
+        from clinicalblip.study import check_decoding, check_views, study_record
+
         if context not in CONTEXT_MODES:
             raise UserError(f"unknown context mode '{context}' (known: {', '.join(CONTEXT_MODES)})")
         if context == "shuffled":
             raise UserError("--context shuffled gives each study another study's indication: it needs a manifest "
                             "split (--manifest), not one study (--image)")
         tpl = load_template(template) if template else self.template
-        views = views or [None] * len(images)
-        if len(views) != len(images):
-            raise UserError(f"{len(images)} image(s) but {len(views)} view name(s)")
-        record = {"id": "study", "images": [{"path": p, "view": v} for p, v in zip(images, views)],
-                  "indication": indication, "history": history, "comparison": comparison}
+        views = check_views(len(images or []), views, self.max_views)
+        views = [v or dicom_view_position(p) for v, p in zip(views, images)]
+        decoding = check_decoding(num_beams, max_new_tokens, default_max_new_tokens=self.max_new_tokens,
+                                  **generate_kwargs)
+        record = study_record(images, views, {"indication": indication, "history": history,
+                                              "comparison": comparison, "age": age, "sex": sex, "hints": hints})
         collate = self.collator(tpl, indication="real" if context == "blank_image" else context,
                                 blank_images=context == "blank_image")
-        collate.max_views = max(self.max_views, len(images))
         batch = collate([record])
-        n_new = max_new_tokens or self.max_new_tokens
-        text = self.generate_batch(batch, max_new_tokens=n_new, num_beams=num_beams, **generate_kwargs)[0]
-        rendered = collate.render(record, record["images"])
+        n_new = decoding.pop("max_new_tokens")
+        text = self.generate_batch(batch, max_new_tokens=n_new, num_beams=decoding.pop("num_beams"), **decoding)[0]
+        # the prompt the model was given (views in the collator's order: frontal first)
+        rendered = collate.render(record, ordered_images(record, collate.max_views))
         return {"prompt": rendered.prompt, "qformer_prompt": rendered.qformer_prompt, "report": text,
                 "max_new_tokens": n_new, "template": tpl.name, "num_views": len(images), "context": context,
+                "views": [im.get("view") for im in ordered_images(record, collate.max_views)],
                 "dtype": _dtype_name(self.model.dtype), "prompt_shortened": bool(collate.shortened)}
 
 
@@ -204,16 +210,22 @@ def generate_single(model_dir: str, images: list[str], indication: str | None = 
                     comparison: str | None = None, template: str | None = None, max_new_tokens: int | None = None,
                     num_beams: int = 1, context: str = "real", dtype: str | None = None, out: str | None = None,
                     views: list[str] | None = None, quantization: str = "none", compile: bool | None = None,
-                    **generate_kwargs) -> dict:
+                    age=None, sex: str | None = None, hints=None, **generate_kwargs) -> dict:
     """One study, with the same dtype default as generate_split (so both modes write the same text).
 
+    Views, context and decoding are checked (as the server checks them) before the model loads.
     out: also write the result as JSON to this file.
     """
     from clinicalblip.data.images import load_image
+    from clinicalblip.study import check_context, check_decoding, check_views
 
     if context == "shuffled":
         raise UserError("--context shuffled gives each study another study's indication: it needs a manifest "
                         "split (--manifest), not one study (--image)")
+    check_views(len(images), views, model_max_views(model_dir))
+    check_decoding(num_beams, max_new_tokens, **generate_kwargs)
+    check_context({"indication": indication, "history": history, "comparison": comparison, "age": age, "sex": sex,
+                   "hints": hints})
     for p in images:  # fail on a bad image before the model loads
         load_image(p)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -221,11 +233,25 @@ def generate_single(model_dir: str, images: list[str], indication: str | None = 
     rm.compile = _compile_default(compile, device)
     result = rm.report(images, indication=indication, history=history, comparison=comparison, template=template,
                        views=views, max_new_tokens=max_new_tokens, num_beams=num_beams, context=context,
-                       **generate_kwargs)
+                       age=age, sex=sex, hints=hints, **generate_kwargs)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     return result
+
+
+def model_max_views(model_dir: str) -> int | None:
+    """The views per study a stage or release folder was trained with, read without loading it (None: unknown)."""
+    path = Path(model_dir)
+    try:
+        if is_stage_dir(path) and (path / "config.yaml").is_file():
+            cfg = yaml.safe_load((path / "config.yaml").read_text()) or {}
+            return int((cfg.get("data") or {}).get("max_views", 2))
+        if is_release_dir(path):
+            return int(read_release(path).get("max_views", 2))
+    except (yaml.YAMLError, ValueError, TypeError, AttributeError):
+        return None  # ReportModel.load names the broken file
+    return None
 
 
 def _dir_hash(model_dir: str) -> str:

@@ -19,6 +19,7 @@ from peft import PeftModel
 from clinicalblip import __version__
 from clinicalblip.data.collate import StudyCollator, model_inputs
 from clinicalblip.errors import UserError
+from clinicalblip.filemode import give_umask_mode
 from clinicalblip.model import is_builtin, is_decoder_only, require_hub_online, torch_dtype
 from clinicalblip.release import RELEASE_FORMAT, RELEASE_META, is_release_dir, write_release_files
 from clinicalblip.stages import (
@@ -81,7 +82,10 @@ def _model_card(chain: list[dict], meta: dict, dtype: str) -> str:
         "model = InstructBlipForConditionalGeneration.from_pretrained(PATH)",
         "processor = InstructBlipProcessor.from_pretrained(PATH)",
         "inputs = processor(images=image, text=prompt, return_tensors='pt')  # prompt: see prompts/",
-        "report = processor.batch_decode(model.generate(**inputs), skip_special_tokens=True)[0]",
+        "out = model.generate(**inputs, max_new_tokens=128)",
+        "# a decoder-only LLM (Vicuna) returns the prompt + the report: decode only the new tokens",
+        "new = out[:, inputs['input_ids'].shape[1]:] if model.config.use_decoder_only_language_model else out",
+        "report = processor.batch_decode(new, skip_special_tokens=True)[0]",
         "```", "",
         "Multi-view studies: give each view as one row of `pixel_values` and put `num_views x num_query_tokens` "
         "image tokens before the prompt (clinicalblip's `generate` does this).", "",
@@ -170,17 +174,12 @@ def read_eval_metrics(path: str, chain: list[dict], force: bool = False) -> tupl
     or force is set; `source` says which stage it belongs to, or why it was not verified.
     """
     from clinicalblip.generate import _dir_hash
+    from clinicalblip.metrics.evaluate_predictions import read_metrics_file
 
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"--metrics {path}: file not found")
     try:
-        ev = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"--metrics {path}: not a metrics.json (not a JSON object; `clinicalblip eval PRED --out "
-                        "metrics.json` writes one)") from None
-    if not isinstance(ev, dict) or "n" not in ev or "protocol" not in ev:
-        raise UserError(f"--metrics {path}: not a metrics.json of `clinicalblip eval` (no 'n' or 'protocol')")
+        ev = read_metrics_file(path)
+    except UserError as exc:
+        raise UserError(f"--metrics {exc}") from None
     force_hint = "pass --force-metrics to attach it anyway (the card then says it was not verified)"
     model_hash = (ev.get("provenance") or {}).get("model_hash") if isinstance(ev.get("provenance"), dict) else None
     if not model_hash:
@@ -276,6 +275,7 @@ def merge_stage_chain(stage_dir: str, out: str, dtype: str = "fp32", tolerance: 
             tmp_out.mkdir(parents=True)
             merged.save_pretrained(tmp_out, max_shard_size=max_shard_size, safe_serialization=True)
             processor.save_pretrained(tmp_out)
+            give_umask_mode(tmp_out)  # safetensors writes 0600; a release must load for other users too
             del merged, chain_model
 
             # Verify what was written, not what is in memory: reload the release with plain transformers.
@@ -306,7 +306,9 @@ def merge_stage_chain(stage_dir: str, out: str, dtype: str = "fp32", tolerance: 
             "max_views": int(stage_cfg.get("data", {}).get("max_views", 2)),
             "max_prompt_tokens": int(stage_cfg.get("data", {}).get("max_prompt_tokens", 256)),
             "dtype": dtype, "base": chain[0]["base"],
-            "stages": [{"name": s["name"], "dir": s["dir"], "trainable": s.get("trainable"),
+            # stage folders relative to the release (as stage.json names its parent): no local absolute paths
+            "stages": [{"name": s["name"], "dir": os.path.relpath(s["dir"], out_path.resolve()),
+                        "trainable": s.get("trainable"),
                         "template": s.get("template"), "metrics": s.get("metrics"), "data_hash": s.get("data_hash")}
                        for s in chain],
             "verification": verification,

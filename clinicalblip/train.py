@@ -35,6 +35,7 @@ from clinicalblip.data.reportlen import cut_summary
 from clinicalblip.data.loader import make_loader
 from clinicalblip.data.manifest import file_hash, read_manifest
 from clinicalblip.errors import UserError
+from clinicalblip.filemode import give_umask_mode
 from clinicalblip.model import (
     build_base,
     describe_base,
@@ -253,8 +254,34 @@ def make_accelerator(cfg: StageConfig) -> Accelerator:
     )
 
 
+# train.report_to -> (the module its accelerate tracker imports, the package that brings it)
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
+
+
+def check_tracker(report_to: str) -> None:
+    """Refuse a tracker whose package is missing: accelerate would otherwise log nothing, with rc 0."""
+    import importlib.util
+
+    if report_to not in TRACKER_PACKAGES:
+        return
+    module, package = TRACKER_PACKAGES[report_to]
+    if importlib.util.find_spec(module) is None:
+        extra = " (pip install 'clinicalblip[tracking]' brings it)" if report_to == "tensorboard" else ""
+        raise UserError(f"train.report_to={report_to} needs the '{package}' package, which is not installed: "
+                        f"pip install {package}{extra}, or set train.report_to=none")
+
+
+def tracker_config(cfg: StageConfig) -> dict:
+    """The resolved config as flat hyperparameters (key -> int/float/str/bool) for TensorBoard / W&B."""
+    out = {}
+    for k, v in _flatten(cfg.to_dict()).items():
+        out[k] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v, default=str)
+    return out
+
+
 def _checks(cfg: StageConfig) -> Run:
     """Refuse combinations that cannot work before anything is built or loaded; make the accelerator."""
+    check_tracker(cfg.train.report_to)
     if cfg.model.dtype == "fp16" and not torch.cuda.is_available():
         raise UserError("model.dtype=fp16 is not supported on CPU: use fp32 (or bf16)")
     if cfg.model.quantization != "none":
@@ -358,6 +385,7 @@ def _load_model(run: Run, records: Records) -> Built:
                                                   seed=cfg.train.seed, layers=cfg.model.layers)
                     model.save_pretrained(saved_base)
                     processor.save_pretrained(saved_base)
+                    give_umask_mode(saved_base)  # safetensors writes 0600
                     del model
                 acc.wait_for_everyone()
             # Every rank loads the saved copy: the very same base everywhere, and under ZeRO-3 a model built
@@ -512,11 +540,23 @@ def _restore(run: Run, records: Records, identity: dict) -> Progress:
                         "Restore the manifest, or start over with train.resume=none")
     if saved["config_hash"] != identity["config_hash"]:
         keys = sorted(set(saved["config"]) | set(identity["config"]))
-        diff = [f"{k}: {saved['config'].get(k)!r} -> {identity['config'].get(k)!r}" for k in keys
-                if saved["config"].get(k) != identity["config"].get(k)]
+        changed = [k for k in keys if saved["config"].get(k) != identity["config"].get(k)]
+        diff = [f"{k}: {saved['config'].get(k)!r} -> {identity['config'].get(k)!r}" for k in changed]
+        if changed == ["train.max_steps"] and cfg.train.max_steps > int(progress["global_step"]):
+            # A longer run: the schedule is rebuilt for the new total and followed from the checkpoint's step on
+            # (README, "Resuming"); the LR moves to the new curve's value at that step.
+            run.log(f"train.max_steps {saved['config']['train.max_steps']} -> {cfg.train.max_steps}: extending the "
+                    f"run from step {progress['global_step']}; the {cfg.optim.schedule} schedule now ends at step "
+                    f"{cfg.train.max_steps}")
+            changed = []
+        if changed == ["train.max_steps"]:
+            raise UserError(f"{resume_dir}: train.max_steps={cfg.train.max_steps} is not beyond this checkpoint's step "
+                            f"{progress['global_step']}: a resume may only extend the run (or start over with "
+                            "train.resume=none)")
+    if saved["config_hash"] != identity["config_hash"] and changed:
         raise UserError(f"{resume_dir}: the config differs from the one this checkpoint was trained with: "
                         f"{'; '.join(diff)}. Undo the change to resume, or start over with train.resume=none "
-                        f"(keys that may change on resume: {', '.join(RESUMABLE_KEYS)})")
+                        f"(keys that may change on resume: {', '.join(RESUMABLE_KEYS)}; train.max_steps may grow)")
     acc.load_state(str(resume_dir))
     p = Progress(progress["global_step"], progress["epoch"], progress["batches_in_epoch"])
     metrics = run.out_dir / "metrics.jsonl"
@@ -529,10 +569,20 @@ def _restore(run: Run, records: Records, identity: dict) -> Progress:
     return p
 
 
+def _backend_words(distributed_type: str, num_processes: int) -> str:
+    """accelerate's DistributedType in plain words ("NO" means one process, no distribution)."""
+    words = {"NO": "single process", "MULTI_GPU": "DDP", "MULTI_CPU": "DDP (CPU, gloo)", "FSDP": "FSDP",
+             "DEEPSPEED": "DeepSpeed", "XLA": "XLA", "MULTI_XPU": "DDP (XPU)", "MULTI_NPU": "DDP (NPU)",
+             "MULTI_MLU": "DDP (MLU)", "MULTI_SDAA": "DDP (SDAA)", "MULTI_MUSA": "DDP (MUSA)",
+             "MULTI_HPU": "DDP (HPU)"}.get(distributed_type, distributed_type.lower().replace("_", " "))
+    return words if num_processes == 1 or distributed_type == "NO" else f"{words}, {num_processes} processes"
+
+
 def _header(run: Run, records: Records, built: Built, loaders: Loaders, sched: Schedule) -> None:
     cfg, acc = run.cfg, run.accelerator
     eff_batch = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
-    backend = f"DeepSpeed ZeRO-{run.zero}" if run.zero else acc.distributed_type.value
+    backend = f"DeepSpeed ZeRO-{run.zero}" if run.zero else _backend_words(acc.distributed_type.value,
+                                                                            acc.num_processes)
     run.log("=" * 78)
     run.log(f"clinicalblip {__version__} | stage '{cfg.name}' -> {run.out_dir}")
     run.log(f"parent: {built.parent_desc} | base: {built.base['name']} | template: {records.template.name} | "
@@ -574,6 +624,7 @@ def _save_checkpoint(run: Run, global_step: int, epoch: int, batches_in_epoch: i
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
     if run.main:
+        give_umask_mode(tmp)  # safetensors writes 0600: a shared run folder stays resumable by its group
         (tmp / "progress.json").write_text(json.dumps(
             {"global_step": global_step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "identity": identity}))
         if final.exists():
@@ -826,6 +877,19 @@ def train_stage(cfg: StageConfig) -> Path:
     progress = _restore(run, records, identity)
     _header(run, records, built, loaders, sched)
     if cfg.train.report_to != "none":
-        run.accelerator.init_trackers(cfg.name, config={"stage": cfg.name})
+        # the resolved config as hyperparameters: a tracked run says what it trained
+        run.accelerator.init_trackers(cfg.name, config=tracker_config(cfg))
     fit = _fit(run, built, loaders, sched, progress, identity)
     return _finish(run, records, built, fit)
+
+
+def interrupted_message(cfg: StageConfig, command: str) -> str:
+    """What Ctrl-C during training leaves: the newest checkpoint and the command that resumes from it."""
+    found = _checkpoint_dirs(Path(cfg.output_dir) / "checkpoints")
+    if not found:
+        how = ("train.save_every=0: no checkpoint is written" if cfg.train.save_every <= 0
+               else f"no checkpoint yet (one every train.save_every={cfg.train.save_every} steps)")
+        return (f"interrupted: {how}, so a rerun starts over. Set train.save_every=N to make a run resumable")
+    last = found[-1]
+    return (f"interrupted: the last checkpoint is {last} (step {last.name.split('-')[1]}). Resume from it with the "
+            f"same command: {command}" + ("" if cfg.train.resume == "auto" else " train.resume=auto"))

@@ -469,9 +469,12 @@ def write_compare_html(result: Mapping, out_html: str | Path, viewers: Sequence[
     links = {n: (relpath(v, out_html) if v else None) for n, v in zip(names, viewers)}
     esc = _html.escape
     parts = []
+    hidden = set(result.get("empty_rows", []))  # labels nobody wrote and no reference has: 0 vs 0
     for c in result["comparisons"]:
         rows = []
         for k, m in c["metrics"].items():
+            if k in hidden:
+                continue
             cls = "sig" if m["significant"] else "ns"
             a = "n/a" if m["a"] is None else f"{m['a']:.4f}"
             b = "n/a" if m["b"] is None else f"{m['b']:.4f}"

@@ -359,7 +359,7 @@ def _bad_cases(rec):
         ("four files", img * 4, {}, 422, "images", "too many files"),
         ("views mismatch", img, {"views": ["PA", "LATERAL"]}, 422, "views", "1 image"),
         ("unknown template", img, {"template": "no_such_template"}, 422, "template", "unknown template"),
-        ("unknown slot", img, {"age": "54"}, 422, "age", "template slot the API does not take"),
+        ("NUL in a context slot", img, {"age": "5\x004"}, 422, "age", "NUL character"),
         ("unknown field", img, {"patient_name": "x"}, 422, "patient_name", "unknown field"),
         ("num_beams 1000", img, {"num_beams": "1000"}, 422, "num_beams", "out of range"),
         ("max_new_tokens 1e6", img, {"max_new_tokens": "1000000"}, 422, "max_new_tokens", "out of range"),

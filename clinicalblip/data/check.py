@@ -20,9 +20,10 @@ Problems that make a record unusable (errors):
     encoding          text with U+FFFD replacement characters, mojibake ("Ã©", "â€™") or control bytes
 
 Warnings (reported, exit status unaffected): no_patient_id (the leakage check cannot see the record),
-no_view (no image has a view label), unknown_split (a split outside train/val/test, e.g. "dev"),
-no_findings / no_impression (without a target: a train/val/test record whose findings or impression is empty,
-so a template writing that section cannot use it).
+no_view (no image has a view label), unknown_split (a split outside train/val/test, e.g. "dev"), no_split
+(no split at all: train, val and test all leave the record out; `data prepare csv|jsonl --split-by patient_id`
+assigns one), no_findings / no_impression (without a target: a train/val/test record whose findings or
+impression is empty, so a template writing that section cannot use it).
 
 Image checks (`check_images`): "header" (default: existence, size and header, read cheaply: a DICOM header
 without its pixels), "decode" (every image fully decoded: `data check --decode`; the image cache build
@@ -53,7 +54,7 @@ from clinicalblip.errors import UserError
 
 ERRORS = ("bad_json", "not_utf8", "missing_id", "duplicate_id", "patient_in_two_splits", "no_images",
           "missing_image", "unreadable_image", "empty_report", "empty_target", "encoding")
-WARNINGS = ("no_patient_id", "no_view", "unknown_split", "no_findings", "no_impression")
+WARNINGS = ("no_patient_id", "no_view", "unknown_split", "no_split", "no_findings", "no_impression")
 IMAGE_CHECKS = ("header", "decode", "exists", "none")
 CHECK_VERSION = 2  # bump when a check changes: stored results of older checks are then not reused
 
@@ -130,6 +131,10 @@ class CheckReport:
             more = f" (+{len(ids) - max_ids} more)" if len(ids) > max_ids else ""
             detail = f"  [{first_detail[code]}]" if first_detail.get(code) else ""
             lines.append(f"  {kind} {code:<22} {len(ids):>7}  {shown}{more}{detail}")
+        n_nosplit = len(set(by_code.get("no_split", [])))
+        if n_nosplit and n_nosplit == self.n_records:
+            lines.append(f"  no record has a split: `train` would find no train records (re-run data prepare with "
+                         "--split-by patient_id --ratios 0.7,0.1,0.2, or --split)")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -311,6 +316,9 @@ def check_records(records: list[dict], check_images: str | bool = "header", root
                               f"patient {pid} in {'/'.join(s for s in SPLITS if s in patient_splits[str(pid)])}"))
         if split is not None and split not in SPLITS:
             ps.append(Problem("unknown_split", repr(split)))
+        elif split is None:
+            ps.append(Problem("no_split", "no split: train/val/test leave it out; set one, e.g. data prepare "
+                                          "--split-by patient_id"))
         images = r.get("images") or []
         if not images:
             ps.append(Problem("no_images"))
@@ -513,7 +521,8 @@ def apply_bad_record_policy(records: list[dict], policy: str = "error", log: Cal
                             check_images: str | bool = "header", root: str | os.PathLike | None = None,
                             max_ids: int = 50, manifest: str | os.PathLike | None = None,
                             image_cache: str | os.PathLike | None = None, share: bool = True,
-                            target: str | None = None, what: str = "records") -> list[dict]:
+                            target: str | None = None, what: str = "records",
+                            skip_hint: str = "data.on_bad_record=skip") -> list[dict]:
     """The records to use under `on_bad_record`.
 
     "error": any unusable record raises BadRecordsError naming the records and their problems.
@@ -523,6 +532,7 @@ def apply_bad_record_policy(records: list[dict], policy: str = "error", log: Cal
     share: under torch.distributed, rank 0 checks and the other ranks receive its result.
     target: the template's target section (records without it are unusable: empty_target).
     what: how the records are named in the messages (e.g. "records of split 'test'").
+    skip_hint: how the caller's user skips them (the train override by default), quoted in the error.
     """
     if policy not in ("error", "skip"):
         raise UserError(f"on_bad_record must be 'error' or 'skip', not {policy!r}")
@@ -544,7 +554,7 @@ def apply_bad_record_policy(records: list[dict], policy: str = "error", log: Cal
     listing = "; ".join(described[:max_ids]) + more
     if policy == "error":
         raise BadRecordsError(f"{len(bad)} of {len(records)} {what} are unusable: {listing}. Fix them "
-                              "(`clinicalblip data check MANIFEST` lists every problem) or set on_bad_record: skip")
+                              f"(`clinicalblip data check MANIFEST` lists every problem) or skip them with {skip_hint}")
     log(f"on_bad_record=skip: dropping {len(bad)} of {len(records)} {what}: {listing}")
     drop = {i for i, _, _ in bad}
     return [r for i, r in enumerate(records) if i not in drop]

@@ -64,6 +64,8 @@ def clinical_context(record: dict, images: list[dict], indication: str = "real",
     for key in ("age", "sex", "hints"):
         if record.get(key) not in (None, "", []):
             ctx[key] = record[key]
+    if isinstance(ctx.get("hints"), str):  # "effusion,pneumothorax" renders as a list does: "effusion, pneumothorax"
+        ctx["hints"] = ctx["hints"].split(",")
     return ctx
 
 

@@ -204,7 +204,9 @@ def compare_files(
                                           skip_java_metrics=skip_java_metrics, uncertain_as=uncertain_as,
                                           metrics_dir=metrics_dir, neural=neural)
         systems.append({"name": name, "path": str(path), "studies_in_file": len(recs),
-                        "metrics": official_values(metrics), "labeler": metrics["clinical"]["labeler"]})
+                        "metrics": official_values(metrics), "labeler": metrics["clinical"]["labeler"],
+                        "absent_labels": [o for o, b in metrics["clinical"]["per_label"].items()
+                                          if b["support"] == 0 and b["predicted"] == 0]})
         stats.append(cases["stats"].reorder(shared))
         labels.append(cases)
     if len({s["labeler"] for s in systems}) > 1:
@@ -237,6 +239,9 @@ def compare_files(
         "alpha": ALPHA,
         "metrics": metric_list,
         "comparisons": comparisons,
+        # per-label rows with no support in the references and no prediction by any system: 0 vs 0 says nothing
+        "empty_rows": [f"f1/{o}" for o in systems[0]["absent_labels"]
+                       if all(o in s["absent_labels"] for s in systems)],
         "disagreements": _disagreements(shared, names, files, labels, top),
         "method": {
             "difference": "b - a, each system's point estimate exactly as `clinicalblip eval` computes it",
@@ -302,12 +307,15 @@ def format_table(result: dict) -> str:
     lines = [f"{result['shared']} shared studies; protocol {result['protocol']}; labeler {result['labeler']}; "
              f"{result['resamples']} resamples, seed {result['seed']}"]
     holm_note = len(result["comparisons"]) > 1
+    hidden = set(result.get("empty_rows", []))
     for c in result["comparisons"]:
         lines.append("")
         lines.append(f"{c['b']}  vs  {c['a']}   (diff = {c['b']} - {c['a']})")
         head = f"{'metric':<34}{'A':>8}{'B':>8}{'diff':>9}  {'95% CI':<20}{'p':>8}"
         lines.append(head + (f"{'p_holm':>9}" if holm_note else ""))
         for k, m in c["metrics"].items():
+            if k in hidden:
+                continue
             ci = f"[{m['ci95'][0]:+.4f}, {m['ci95'][1]:+.4f}]"
             mark = " *" if m["significant"] else "  n.s."
             line = f"{k:<34}{_fmt(m['a']):>8}{_fmt(m['b']):>8}{m['diff']:+9.4f}  {ci:<20}{m['p']:8.4f}"
@@ -315,4 +323,7 @@ def format_table(result: dict) -> str:
     lines.append("")
     lines.append(f"* significant at {result['alpha']}" + (" after Holm correction" if holm_note else "")
                  + "; n.s. = not significant")
+    if hidden:
+        lines.append(f"not shown: {', '.join(k.removeprefix('f1/') for k in sorted(hidden))} (no support in the "
+                     "references and never predicted: nothing to compare)")
     return "\n".join(lines)

@@ -351,6 +351,12 @@ def format_summary(metrics: dict) -> str:
     ci = c["macro"].get("f1_ci95")
     extra = f"  95% CI [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
     lines.append(f"clinical macro F1 ({len(c['observations'])} labels): {c['macro']['f1']:.4f}{extra}")
+    from clinicalblip.metrics.report import labeler_note, present_macro
+
+    present = present_macro(c)
+    if present is not None and present["labels"] < len(c["per_label"]):
+        lines.append(f"clinical macro F1 ({present['labels']} labels present in references or predictions): "
+                     f"{present['f1']:.4f}")
     if "micro_5" in c:
         lines.append(f"clinical micro F1 (5 common): {c['micro_5']['f1']:.4f}")
     if "no_finding" in c:
@@ -360,4 +366,27 @@ def format_summary(metrics: dict) -> str:
 
         shown = [f"{k}={metrics[k]:.4f}" for k in NEURAL_SUMMARY_KEYS if isinstance(metrics.get(k), float)]
         lines.append("neural metrics (" + metrics["neural"]["parity"] + "): " + "  ".join(shown))
+    note = labeler_note(c)
+    if note:
+        lines.append(note.replace("`", ""))
     return "\n".join(lines)
+
+
+def read_metrics_file(path: str | Path) -> dict:
+    """A metrics.json written by `eval`; anything else (a predictions JSONL, a cut file) is refused naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"metrics file not found: {p}")
+    text = p.read_text(encoding="utf-8", errors="replace")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        looks_jsonl = len(lines) > 1 and all(ln.lstrip().startswith("{") for ln in lines[:3])
+        hint = (" (it looks like a predictions JSONL: run `clinicalblip eval` on it and pass the metrics.json it "
+                "writes)" if looks_jsonl else "")
+        raise UserError(f"{p}: not a metrics.json from `clinicalblip eval`: invalid JSON at line {exc.lineno}"
+                        f"{hint}") from None
+    if not isinstance(data, dict) or not ({"n", "protocol"} <= set(data) or "clinical" in data):
+        raise UserError(f"{p}: not a metrics.json from `clinicalblip eval` (no 'n', 'protocol' or 'clinical' key)")
+    return data

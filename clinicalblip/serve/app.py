@@ -83,8 +83,9 @@ _REPORT_SCHEMA = {
 }
 _PREVIEW_SCHEMA = {
     "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-        "type": "object", "required": ["image"],
-        "properties": {"image": {"type": "string", "format": "binary"}}}}}},
+        "type": "object", "required": ["images"],
+        "properties": {"images": {"type": "string", "format": "binary",
+                                  "description": "one image, as in /v1/reports ('image' is accepted too)"}}}}}},
     "responses": {"200": {"description": f"PNG, long side at most {PREVIEW_MAX_SIDE} px",
                           "content": {"image/png": {}}}},
 }
@@ -240,8 +241,9 @@ def create_app(service: ReportService) -> FastAPI:
         rid = request.state.rid
         try:
             form = await _read_form(request, max_files=1)
-            if len(form.files) != 1 or form.files[0].field != "image" or form.fields:
-                raise FormError(422, "image", "send exactly one file in the 'image' field")
+            # 'images' as in /v1/reports; 'image', the first name of this field, is still accepted
+            if len(form.files) != 1 or form.files[0].field not in ("images", "image") or form.fields:
+                raise FormError(422, "images", "send exactly one file in the 'images' field")
             f = form.files[0]
             request.state.log_extra = f" in={len(f.data)}B"
             png = await anyio.to_thread.run_sync(_preview_png, service, f.data, f.filename, limiter=prep_limiter)
@@ -264,7 +266,7 @@ def create_app(service: ReportService) -> FastAPI:
 
 
 def _preview_png(service: ReportService, data: bytes, filename: str) -> bytes:
-    im = service.decode_image(data, filename, "image")
+    im = service.decode_image(data, filename, "images")
     im.thumbnail((PREVIEW_MAX_SIDE, PREVIEW_MAX_SIDE))
     buf = io.BytesIO()
     im.convert("L").save(buf, format="PNG")  # radiographs are grayscale; a third of the bytes

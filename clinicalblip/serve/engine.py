@@ -5,7 +5,6 @@ Nothing here knows about HTTP beyond `FormError` (status, field, message); app.p
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import time
@@ -13,16 +12,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from clinicalblip import __version__
-from clinicalblip.data.images import ImageLoadError, load_image_bytes
+from clinicalblip.data.images import ImageLoadError, dicom_view_position, load_image_bytes
 from clinicalblip.generate import ModelFront, ReportModel, _dir_hash
 from clinicalblip.metrics.labeler import OBSERVATIONS, label_report
 from clinicalblip.prompts import KNOWN_SLOTS, Template, TemplateError, available_templates, load_template
 from clinicalblip.serve.batching import merge_batches
 from clinicalblip.serve.forms import Form, FormError
 from clinicalblip.serve.worker import ModelWorker
+from clinicalblip.study import CONTEXT_FIELDS, StudyInputError, check_decoding, check_views, study_record
 
 MB = 2**20
-TEXT_FIELDS = ("indication", "history", "comparison")
+TEXT_FIELDS = CONTEXT_FIELDS  # every template slot but views: indication, history, comparison, age, sex, hints
 DECODING_FIELDS = ("num_beams", "max_new_tokens", "do_sample", "temperature", "top_p", "repetition_penalty")
 FORM_FIELDS = ("images", "views", "template") + TEXT_FIELDS + DECODING_FIELDS
 DEFAULT_CARD = (
@@ -95,20 +95,15 @@ def model_facts(rm: ReportModel | ModelFront) -> dict:
     return facts
 
 
-def _parse_number(form: Form, name: str, kind, lo, hi, default, lo_open: bool = False):
+def _parse_number(form: Form, name: str, kind):
+    """A number field as int/float (None when absent); ranges are checked in study.check_decoding."""
     raw = form.one(name)
     if raw is None or raw.strip() == "":
-        return default
+        return None
     try:
-        value = kind(raw.strip())
+        return kind(raw.strip())
     except ValueError:
         raise FormError(422, name, f"'{raw[:40]}' is not {'an integer' if kind is int else 'a number'}") from None
-    if kind is float and not math.isfinite(value):
-        raise FormError(422, name, "must be a finite number")
-    if value < lo or (lo_open and value == lo) or value > hi:
-        left = "(" if lo_open else "["
-        raise FormError(422, name, f"{value} is out of range {left}{lo}, {hi}]")
-    return value
 
 
 def _parse_bool(form: Form, name: str) -> bool:
@@ -213,29 +208,17 @@ class ReportService:
         return self._template_cache[name]
 
     def decoding(self, form: Form) -> dict:
-        """Validated generate() settings; absurd values are refused, not clamped."""
+        """Validated generate() settings (the CLI's checks, study.check_decoding); absurd values are refused."""
         s = self.settings
-        num_beams = _parse_number(form, "num_beams", int, 1, s.max_beams, 1)
-        max_new = _parse_number(form, "max_new_tokens", int, 1, s.max_new_tokens_limit,
-                                self.front.max_new_tokens)
-        do_sample = _parse_bool(form, "do_sample")
-        temperature = _parse_number(form, "temperature", float, 0.0, 5.0, None, lo_open=True)
-        top_p = _parse_number(form, "top_p", float, 0.0, 1.0, None, lo_open=True)
-        rep = _parse_number(form, "repetition_penalty", float, 0.0, 10.0, None, lo_open=True)
-        if do_sample and num_beams > 1:
-            raise FormError(422, "num_beams", "beam search and sampling do not combine: use num_beams 1 with "
-                                              "do_sample")
-        if not do_sample:
-            for name, value in (("temperature", temperature), ("top_p", top_p)):
-                if value is not None and value != 1.0:
-                    raise FormError(422, name, "only applies with do_sample=true")
-        out = {"num_beams": num_beams, "max_new_tokens": max_new, "do_sample": do_sample}
-        if do_sample:
-            out["temperature"] = 1.0 if temperature is None else temperature
-            out["top_p"] = 1.0 if top_p is None else top_p
-        if rep is not None:
-            out["repetition_penalty"] = rep
-        return out
+        kinds = {"num_beams": int, "max_new_tokens": int, "temperature": float, "top_p": float,
+                 "repetition_penalty": float}
+        values = {name: _parse_number(form, name, kind) for name, kind in kinds.items()}
+        try:
+            return check_decoding(do_sample=_parse_bool(form, "do_sample"), max_beams=s.max_beams,
+                                  max_new_tokens_limit=s.max_new_tokens_limit,
+                                  default_max_new_tokens=self.front.max_new_tokens, **values)
+        except StudyInputError as exc:
+            raise FormError(422, exc.field, exc.message) from None
 
     def check_fields(self, form: Form) -> None:
         for name in list(form.fields) + [f.field for f in form.files]:
@@ -256,36 +239,30 @@ class ReportService:
         try:
             return load_image_bytes(data, name=f"{field}{suffix}", max_pixels=self.settings.max_pixels)
         except ImageLoadError as exc:
-            raise FormError(422, field, str(exc).replace(f"{field}{suffix}", field, 1)) from None
+            # the field is named once, by the error's field: the message does not repeat it
+            name = f"{field}{suffix}"
+            msg = str(exc).replace(f" {name}:", ":", 1).replace(f": {name}", "", 1)
+            msg = msg.removeprefix(f"{name}: ")
+            raise FormError(422, field, msg.replace(name, field)) from None
 
     def prepare(self, form: Form) -> dict:
         """Validate a study form and build its single-study batch (CPU work: run it in a worker thread)."""
         t0 = time.perf_counter()
         self.check_fields(form)
         images = [f for f in form.files if f.field == "images"]
-        if not images:
-            raise FormError(422, "images", "give at least one image (PNG, JPEG or DICOM), one per view")
-        if len(images) > self.max_views:
-            raise FormError(422, "images", f"{len(images)} images given; this model takes at most "
-                                           f"{self.max_views} views per study")
-        views = form.fields.get("views", [])
-        if views and len(views) != len(images):
-            raise FormError(422, "views", f"{len(views)} view(s) for {len(images)} image(s): give one per image "
-                                          "(an empty value for unknown) or none")
-        views = [(v.strip().upper() or None) for v in views] or [None] * len(images)
-        for i, v in enumerate(views):
-            if v is not None and (len(v) > 32 or not all(c.isalnum() or c in " _-" for c in v)):
-                raise FormError(422, "views", f"view {i}: expected a view name such as PA, AP or LATERAL")
-        texts = {}
-        for name in TEXT_FIELDS:
-            value = form.one(name)
-            if value is not None and "\x00" in value:
-                raise FormError(422, name, "contains a NUL character")
-            texts[name] = value
+        try:
+            views = check_views(len(images), form.fields.get("views"), self.max_views)
+        except StudyInputError as exc:
+            raise FormError(422, exc.field, exc.message) from None
+        texts = {name: form.one(name) for name in TEXT_FIELDS}
         tpl = self.template(form.one("template"))
         decoding = self.decoding(form)
         pil = [self.decode_image(f.data, f.filename, f"images[{i}]") for i, f in enumerate(images)]
-        record = {"id": "study", "images": [{"image": im, "view": v} for im, v in zip(pil, views)], **texts}
+        views = [v or dicom_view_position(f.data) for v, f in zip(views, images)]  # as `generate --image` does
+        try:
+            record = study_record(pil, views, texts, key="image")
+        except StudyInputError as exc:
+            raise FormError(422, exc.field, exc.message) from None
         collate = self.front.collator(tpl)
         collate.max_views = self.max_views
         with self._collate_lock:

@@ -11,10 +11,10 @@ function showError(msg) {
   el.hidden = !msg;
 }
 
-async function errorText(resp) {
+async function errorText(resp, withField = true) {
   try {
     const body = await resp.json();
-    if (body.error) return `${body.error.field}: ${body.error.message} (HTTP ${resp.status})`;
+    if (body.error) return (withField ? `${body.error.field}: ` : "") + `${body.error.message} (HTTP ${resp.status})`;
   } catch (e) { /* not JSON */ }
   return `HTTP ${resp.status}`;
 }
@@ -42,16 +42,28 @@ async function loadModel() {
     `card: ${m.card.source}`;
 }
 
+function clearPreview(slot) {
+  const img = $(slot + "-preview");
+  if (img.src) URL.revokeObjectURL(img.src);
+  img.hidden = true; img.removeAttribute("src");
+  $(slot + "-hint").hidden = false; $(slot + "-clear").hidden = true;
+}
+
 async function setFile(slot, file) {
   files[slot] = file;
   const img = $(slot + "-preview"), hint = $(slot + "-hint"), clear = $(slot + "-clear");
   showError("");
-  if (!file) { img.hidden = true; img.removeAttribute("src"); hint.hidden = false; clear.hidden = true; return; }
+  if (!file) { clearPreview(slot); return; }
   const fd = new FormData();
-  fd.append("image", file, file.name);
+  fd.append("images", file, file.name);
   // Previews come from the server's own image pipeline (DICOM windowing included), not the browser's decoder.
   const resp = await fetch("/v1/preview", { method: "POST", body: fd });
-  if (!resp.ok) { files[slot] = null; showError(`${slot} image: ` + await errorText(resp)); return; }
+  if (!resp.ok) {
+    // A rejected file leaves nothing behind: no earlier preview, no file in the picker; the slot names it once.
+    files[slot] = null; clearPreview(slot); $(slot + "-input").value = "";
+    showError(`${slot} image: ` + await errorText(resp, false));
+    return;
+  }
   img.src = URL.createObjectURL(await resp.blob());
   img.hidden = false; hint.hidden = true; clear.hidden = false;
 }
@@ -72,7 +84,8 @@ function studyForm(withIndication) {
   const fd = new FormData();
   if (files.frontal) { fd.append("images", files.frontal, files.frontal.name); fd.append("views", $("frontal-view").value); }
   if (files.lateral) { fd.append("images", files.lateral, files.lateral.name); fd.append("views", "LATERAL"); }
-  for (const name of ["indication", "history", "comparison"]) {
+  // Every context slot a template can declare (the server refuses nothing a manifest could carry).
+  for (const name of ["indication", "history", "comparison", "age", "sex", "hints"]) {
     const v = $(name).value.trim();
     if (v && (withIndication || name !== "indication")) fd.append(name, v);
   }
