@@ -81,12 +81,13 @@ def interval_days(record: dict) -> int | None:
 
 
 def prior_report_text(record: dict) -> str | None:
-    """The prompt's `{prior}` slot: "(120 days earlier) <prior findings> <prior impression>", or None when the
-    record has no prior report."""
+    """The prompt's `{prior}` slot: "(120 days earlier) <prior findings>" (its impression when it has no
+    findings), or None when the record has no prior report."""
     prior = record.get("prior")
     if not isinstance(prior, dict):
         return None
-    text = " ".join(" ".join(str(prior.get(k) or "").split()) for k in ("findings", "impression")).strip()
+    # the findings (they hold every finding with its size); the impression only when there are none
+    text = " ".join(str(prior.get("findings") or "").split()) or " ".join(str(prior.get("impression") or "").split())
     if not text:
         return None
     days = interval_days(record)
@@ -178,3 +179,36 @@ def prior_problems(records: list[dict]) -> list[list[tuple[str, str]]]:
             seen.add(nxt)
             cur = by_id.get(nxt)
     return out
+
+
+def check_prior_template(mode: str, template) -> None:
+    """Refuse data.prior values the template cannot show (the report needs a `{prior}` slot)."""
+    from clinicalblip.errors import UserError
+
+    if mode not in PRIOR_MODES:
+        raise UserError(f"data.prior must be one of {', '.join(PRIOR_MODES)}, got {mode!r}")
+    if mode in ("report", "both") and "prior" not in (template.slots or []):
+        raise UserError(f"data.prior={mode} shows the prior report in the prompt's {{prior}} slot, but template "
+                        f"'{template.name}' has none: use a template with a {{prior}} slot (findings_with_context) "
+                        "or data.prior=images")
+
+
+def prior_inputs(record: dict, mode: str, max_prior_views: int, dropout: float = 0.0, seed: int = 0,
+                 epoch: int = 0) -> tuple[str | None, list[dict]]:
+    """(prior report text or None, prior images) a prompt shows for this record under data.prior = mode."""
+    if mode == "none" or not isinstance(record.get("prior"), dict):
+        return None, []
+    text, images = prior_report_text(record), prior_images(record, max_prior_views)
+    show_report, show_images = prior_parts(mode, dropout, seed, epoch, str(record.get("id")))
+    if dropout > 0 and not (text and images):
+        show_report, show_images = mode in ("report", "both"), mode in ("images", "both")  # one part: keep it
+    return (text if show_report else None), (images if show_images else [])
+
+
+def add_prior_context(ctx: dict, report: str | None, images: list[dict]) -> dict:
+    """Fill the template's `{prior}` slot and name the prior's images after the current views ("prior PA")."""
+    if report:
+        ctx["prior"] = report
+    if images:
+        ctx["views"] = list(ctx.get("views") or []) + [f"prior {im.get('view') or 'image'}" for im in images]
+    return ctx
