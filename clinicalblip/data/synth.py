@@ -738,10 +738,11 @@ def compose_report(labels: dict, details: dict, rng: np.random.Generator,
     if no_lung and rng.random() < 0.7:
         sec["clear"] = _pick(rng, ("The lungs are clear.", "The lungs are clear bilaterally."))
     # occasionally combined negations replace the single ones
-    if not labels["pleural_effusion"] and not labels["pneumothorax"] and rng.random() < 0.3:
+    if not labels["pleural_effusion"] and not labels["pneumothorax"] and rng.random() < 0.3 \
+            and "pleural_effusion" not in change and "pneumothorax" not in change:
         sec.pop("pleural_effusion", None)
         sec.pop("pneumothorax", None)
-        if not labels["consolidation"] and rng.random() < 0.4:
+        if not labels["consolidation"] and "consolidation" not in change and rng.random() < 0.4:
             sec.pop("consolidation", None)
             sec["combined"] = "No focal consolidation, pleural effusion, or pneumothorax."
         else:

@@ -25,6 +25,7 @@ import numpy as np
 from clinicalblip.jsonl import iter_json_objects
 from clinicalblip.errors import UserError
 from clinicalblip.metrics.casestats import bootstrap_cis, build_case_stats
+from clinicalblip.metrics.change import change_block, change_cases
 from clinicalblip.metrics.clinical import binarize, clinical_scores
 from clinicalblip.metrics.labeler import COMMON_FIVE, OBSERVATIONS, CheXbertLabeler, ChexpertRuleLabeler, Labeler
 from clinicalblip.metrics.nlg import METRIC_KEYS, nlg_with_case_stats
@@ -197,6 +198,12 @@ def evaluate_records(
     metrics["clinical_macro_f1"] = clinical["macro"]["f1"]
     metrics["clinical"] = clinical
     metrics["empty_predictions"] = empty
+    change = change_block(records)  # rows that say whether the study has a prior (generate writes has_prior)
+    if change is not None:
+        metrics["change"] = change
+        for k in ("temporal_f1", "change_f1", "invented_comparison_rate"):
+            if k in change:
+                metrics[k] = change[k]
 
     ids = [str(r.get("id", f"line{r['_line']}")) for r in records]
     y, p = binary_labels(labels, "positive" if which == "synthetic" else uncertain_as)
@@ -208,7 +215,8 @@ def evaluate_records(
             f"percentile bootstrap over studies ({bootstrap} resamples, seed {seed}) of the corpus-level metrics "
             "recomputed from per-study sufficient statistics; CIDEr keeps the full reference set's document "
             "frequencies (clinicalblip.metrics.casestats)")
-    cases = {"ids": ids, "nlg": nlg_cases, "labels": labels, "binary": (y, p), "stats": stats, "labeler": which}
+    cases = {"ids": ids, "nlg": nlg_cases, "labels": labels, "binary": (y, p), "stats": stats, "labeler": which,
+             "change": change_cases(records)}
     return metrics, cases
 
 
