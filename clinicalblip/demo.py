@@ -156,8 +156,7 @@ def format_priors(s: dict) -> str:
                  f"clinical macro-F1 {w['with_prior']['clinical_macro_f1']:.3f} vs "
                  f"{w['without_prior']['clinical_macro_f1']:.3f}; invented comparisons without a prior "
                  f"{pr['test_without_prior']['invented_comparison_rate']} (target <= 0.02)")
-    return "
-".join(lines)
+    return "\n".join(lines)
 
 
 def format_table(s: dict) -> str:
