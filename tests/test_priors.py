@@ -290,3 +290,54 @@ def test_link_priors_counts_and_ignores_unknown_ids():
     assert link_priors(recs) == 1 and "prior" not in recs[2]
     ps = check_records(recs, check_images="none")
     assert [p.code for p in ps.problems[2]] == ["prior_missing"]
+
+
+# ------------------------------------------------------------------------------------------------ adapters
+def test_mimic_links_each_study_to_the_subjects_latest_earlier_one(tmp_path):
+    import csv
+
+    from clinicalblip.data.mimic_cxr import prepare_mimic_cxr
+    from clinicalblip.data.prepare import format_summary
+
+    # subject 1: s11 on day 1; s12 and s13 on day 2 (s13 at 08:05, s12 at 14:30); s14 without a date
+    # subject 2: s21 alone; subject 3: s31 (train) and s32 (test: its prior would be in another split)
+    studies = [("d11", "11", "1", "train", "20150101", "101500"), ("d12", "12", "1", "train", "20150102", "143000"),
+               ("d13", "13", "1", "train", "20150102", "80500.25"), ("d14", "14", "1", "train", "", ""),
+               ("d21", "21", "2", "validate", "20160101", "90000"), ("d31", "31", "3", "train", "20170101", "1"),
+               ("d32", "32", "3", "test", "20170301", "1")]
+    with open(tmp_path / "split.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["dicom_id", "study_id", "subject_id", "split"])
+        w.writerows([(d, s, p, sp) for d, s, p, sp, _, _ in studies])
+    with open(tmp_path / "meta.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate", "StudyTime"])
+        w.writerows([(d, p, s, "PA", date, time) for d, s, p, _, date, time in studies])
+    out = tmp_path / "m.jsonl"
+    summary = prepare_mimic_cxr(out, split_csv=tmp_path / "split.csv", metadata=tmp_path / "meta.csv")
+    by = {r["id"]: r for r in read_manifest(out)}
+    assert by["s13"]["prior_id"] == "s11" and by["s12"]["prior_id"] == "s13"  # same day: ordered by time
+    assert "prior_id" not in by["s11"] and "prior_id" not in by["s14"] and "prior_id" not in by["s21"]
+    assert "prior_id" not in by["s32"]
+    assert by["s12"]["study_date"] == "2015-01-02" and "study_date" not in by["s14"]
+    assert by["s12"]["prior"]["id"] == "s13"  # linked on reading
+    assert summary["studies_with_prior"] == 2 and summary["studies_without_date"].startswith("1 ")
+    assert summary["priors_in_another_split_not_linked"] == 1
+    text = format_summary(summary)
+    assert text.count("without date") == 1  # said once, with the count
+    assert not [p for p in prior_problems(read_manifest(out)) if p]
+
+
+def test_jsonl_export_keeps_prior_id(tmp_path):
+    from clinicalblip.data.tabular import prepare_table
+
+    rows = [{"id": "a", "patient_id": "p", "split": "train", "images": ["a.png"], "findings": "x",
+             "study_date": "2020-01-01"},
+            {"id": "b", "patient_id": "p", "split": "train", "images": ["b.png"], "findings": "y",
+             "prior_id": "a", "study_date": "2020-02-01"}]
+    src = tmp_path / "export.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "m.jsonl"
+    prepare_table(src, out)
+    by = {r["id"]: r for r in read_manifest(out)}
+    assert by["b"]["prior_id"] == "a" and by["b"]["prior"]["findings"] == "x"

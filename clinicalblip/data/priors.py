@@ -212,3 +212,40 @@ def add_prior_context(ctx: dict, report: str | None, images: list[dict]) -> dict
     if images:
         ctx["views"] = list(ctx.get("views") or []) + [f"prior {im.get('view') or 'image'}" for im in images]
     return ctx
+
+
+def link_by_date(records: list[dict], times: dict[str, tuple[str, str]]) -> dict:
+    """Give each record the same patient's latest earlier study as `prior_id` (adapters without explicit links:
+    MIMIC-CXR). times: record id -> (date "YYYY-MM-DD", time "HHMMSS..." or ""); studies of one day are ordered by
+    time, and two studies at the same date and time are not linked to each other. A study without a date is
+    neither linked nor a prior. A prior in another split is not linked (it would leak across the split).
+
+    Sets `study_date` on every dated record. Returns counts for the prepare summary: linked, without_date,
+    prior_in_other_split.
+    """
+    by_patient: dict[str, list[tuple[tuple[str, str], dict]]] = {}
+    undated = 0
+    for r in records:
+        t = times.get(str(r.get("id")))
+        if not t or not t[0]:
+            undated += 1
+            continue
+        r["study_date"] = t[0]
+        if r.get("patient_id") not in (None, ""):
+            by_patient.setdefault(str(r["patient_id"]), []).append(((t[0], t[1] or ""), r))
+    linked = other_split = 0
+    for studies in by_patient.values():
+        studies.sort(key=lambda x: x[0])
+        for i, (key, r) in enumerate(studies):
+            j = i - 1
+            while j >= 0 and studies[j][0] == key:  # same date and time: not earlier
+                j -= 1
+            if j < 0:
+                continue
+            prior = studies[j][1]
+            if prior.get("split") != r.get("split"):
+                other_split += 1
+                continue
+            r["prior_id"] = prior["id"]
+            linked += 1
+    return {"linked": linked, "without_date": undated, "prior_in_other_split": other_split}
