@@ -179,7 +179,7 @@ def create_app(service: ReportService) -> FastAPI:
         return await parse_form(request.headers.get("content-type"), request.stream(),
                                 max_file_bytes=s.max_file_bytes, max_text_bytes=s.max_text_bytes,
                                 max_files=max_files, max_fields=8 + len(TEXT_FIELDS) + len(DECODING_FIELDS)
-                                + 2 * service.max_views)
+                                + 2 * service.max_views + 8)
 
     @app.post("/v1/reports", summary="write a report for one study", openapi_extra=_REPORT_SCHEMA)
     async def reports(request: Request):
@@ -188,7 +188,8 @@ def create_app(service: ReportService) -> FastAPI:
         if batcher.full():  # refuse before reading megabytes of upload
             return _error(503, "queue", "the server is busy; retry later", rid, {"Retry-After": str(s.retry_after_s)})
         try:
-            form = await _read_form(request, max_files=service.max_views + 1)
+            form = await _read_form(request, max_files=service.max_views + 1
+                                    + getattr(service.front, "max_prior_views", 0))
             request.state.log_extra = f" in={form.nbytes}B images={len(form.files)}"
             if form.nbytes < INLINE_PREP_BYTES:
                 prepared = service.prepare(form)
@@ -221,7 +222,8 @@ def create_app(service: ReportService) -> FastAPI:
         out = {"id": rid, "report": report, "prompt": prepared["prompt"], "views": prepared["views"],
                "model_hash": service.facts["model_hash"], "template": prepared["template"],
                "decoding": prepared["decoding"], "timings_ms": timings, "batch_size": job.batch_size,
-               "findings": service.findings(report), "code_version": service.facts["code_version"]}
+               "findings": service.findings(report), "code_version": service.facts["code_version"],
+               "prior": prepared.get("prior")}
         if prepared["ignored"]:
             out["warnings"] = [f"template '{prepared['template']}' has no '{n}' slot: {n} was not used"
                                for n in prepared["ignored"]]
