@@ -144,12 +144,23 @@ def viewer_data(records: Sequence[dict], metrics: Mapping, cases: Mapping, *, ma
             "ref": rec.get("reference") or "", "pred": rec.get("prediction") or "",
             "badges": badges, "s": scores,
         })
+        if cases.get("change") is not None:  # the prior study: change labels, temporal F1, invented comparison
+            ch = cases["change"]
+            out_cases[-1]["chg"] = {"prior": bool(ch["has_prior"][i]), "t": round(float(ch["temporal"][i]), 4),
+                                    "inv": bool(ch["invented"][i]), "ref": ch["reference"][i],
+                                    "pred": ch["prediction"][i]}
     if missing:
         log.warning("%d images could not be rendered (shown as missing)", missing)
     c = metrics["clinical"]
     rows = []
     for k in METRIC_KEYS:
         rows.append({"name": k, "value": metrics.get(k), "ci": (metrics.get("nlg_ci95") or {}).get(k)})
+    chg = metrics.get("change") or {}
+    for k, title in (("temporal_f1", "temporal F1 (studies with a prior)"),
+                     ("change_f1", "change F1 (studies with a prior)"),
+                     ("invented_comparison_rate", "invented comparisons (studies without a prior)")):
+        if k in chg:
+            rows.append({"name": title, "value": chg[k], "ci": None})
     for key, title in (("macro", f"clinical macro F1 ({len(c['observations'])} labels)"),
                        ("micro_5", "clinical micro F1 (5 common)"), ("micro", "clinical micro F1 (all labels)"),
                        ("no_finding", "No Finding F1")):
@@ -350,10 +361,25 @@ function row(c) {
     : `<figure><img class="thumb" loading="lazy" decoding="async" src="${D.thumbs[v[0]]}" alt="${esc(v[1])}">${esc(v[1])}</figure>`).join('') || '<div class="noimg">no images</div>';
   const ctx = ['indication', 'history', 'comparison'].map((k, i) => c.ctx[i] ? `<div><b>${k}:</b> ${esc(c.ctx[i])}</div>` : '').join('');
   const badges = c.badges.map((b) => `<span class="badge b-${b[1]}${b[2] ? ' b-unc' : ''}" data-label="${esc(OBS[b[0]])}" data-status="${b[1]}" title="${esc(ST[b[1]])}${b[2] ? ' (uncertain)' : ''}">${esc(OBS[b[0]])}${b[1] === 'fp' ? ' FP' : b[1] === 'fn' ? ' FN' : ''}${b[2] ? ' ?' : ''}</span>`).join('') || '<span class="muted">no findings either side</span>';
-  const sc = [D.has_rouge ? `ROUGE-L ${f4(c.s.rouge)}` : '', D.has_cider ? `CIDEr ${f4(c.s.cider)}` : '', `disagreements ${c.s.dis}`].filter(Boolean).join(' &middot; ');
+  const sc = [D.has_rouge ? `ROUGE-L ${f4(c.s.rouge)}` : '', D.has_cider ? `CIDEr ${f4(c.s.cider)}` : '', `disagreements ${c.s.dis}`,
+    c.chg && c.chg.prior ? `temporal F1 ${f4(c.chg.t)}` : ''].filter(Boolean).join(' &middot; ');
+  const chg = c.chg ? changeBadges(c.chg) : '';
   return `<div class="case${state.only === c.id ? ' focus' : ''}" data-id="${esc(c.id)}"><div class="thumbs">${th}</div>
     <div class="txt"><div class="ctx"><b>${esc(c.id)}</b>${ctx}</div><h4>reference</h4><p>${esc(c.ref)}</p></div>
-    <div class="txt"><h4>generated</h4><p>${esc(c.pred)}</p></div><div>${badges}<div class="scores">${sc}</div></div></div>`;
+    <div class="txt"><h4>generated</h4><p>${esc(c.pred)}</p></div><div>${badges}${chg}<div class="scores">${sc}</div></div></div>`;
+}
+
+function changeBadges(g) {
+  // The prior study: per finding the change the reference states -> the one generated (new / worse / better /
+  // unchanged / resolved); without a prior, a report that compares anyway is an invented comparison.
+  if (!g.prior) return `<div class="chg"><span class="badge b-neg" data-change="none">no prior</span>${g.inv ? '<span class="badge b-fp" data-change="invented" title="the report compares with a prior the study does not have">invented comparison</span>' : ''}</div>`;
+  const keys = [...new Set([...Object.keys(g.ref), ...Object.keys(g.pred)])].sort();
+  const b = keys.map((k) => {
+    const r = g.ref[k] || '-', p = g.pred[k] || '-';
+    const st = r === p ? 'agree' : p === '-' ? 'fn' : 'fp';
+    return `<span class="badge b-${st}" data-change="${esc(k)}" title="reference: ${esc(r)}; generated: ${esc(p)}">${esc(k)}: ${esc(r)}${r === p ? '' : ' &rarr; ' + esc(p)}</span>`;
+  }).join('');
+  return `<div class="chg"><span class="badge b-neg" data-change="prior">prior</span>${b}</div>`;
 }
 
 function controls() {
