@@ -341,3 +341,56 @@ def test_jsonl_export_keeps_prior_id(tmp_path):
     prepare_table(src, out)
     by = {r["id"]: r for r in read_manifest(out)}
     assert by["b"]["prior_id"] == "a" and by["b"]["prior"]["findings"] == "x"
+
+
+# ------------------------------------------------------------------------------------------------ the model side
+def test_stage_and_release_record_the_prior_and_generation_refuses_a_mismatch(stage1_dir, synth_manifest, tmp_path):
+    import dataclasses
+
+    import yaml
+
+    from clinicalblip.generate import ReportModel, generate_split
+    from clinicalblip.merge import merge_stage_chain
+    from clinicalblip.release import read_release
+
+    cfg = yaml.safe_load((stage1_dir / "config.yaml").read_text())
+    assert cfg["data"]["prior"] == "both" and cfg["data"]["max_prior_views"] == 1
+    release = tmp_path / "release"
+    merge_stage_chain(str(stage1_dir), str(release))
+    assert read_release(release)["prior"] == "both" and read_release(release)["max_prior_views"] == 1
+    rm = ReportModel.load(str(release))
+    assert rm.prior == "both"
+    (rec,) = [r for r in read_manifest(synth_manifest, split="train") if isinstance(r.get("prior"), dict)][:1]
+    imgs = [im["path"] for im in rec["images"]]
+    prior = {"images": [rec["prior"]["images"][0]["path"]], "report": "Small left pleural effusion."}
+    out = rm.report(imgs, max_new_tokens=2, prior=prior)
+    assert out["prior"] == "both" and "prior PA" in out["prompt"] and "Prior report: Small left" in out["prompt"]
+    assert rm.report(imgs, max_new_tokens=2)["prior"] is None
+    # a model trained without priors refuses a prior image, naming the setting
+    plain = dataclasses.replace(rm, prior="none")
+    with pytest.raises(UserError, match=r"data.prior=none.*prior image \(--prior-image\)"):
+        plain.report(imgs, max_new_tokens=2, prior=prior)
+    with pytest.raises(UserError, match=r"data.prior=report.*--prior-image"):
+        dataclasses.replace(rm, prior="report").report(imgs, max_new_tokens=2, prior={"images": prior["images"]})
+    # manifest mode: the prior ablations write what the prompt showed
+    out_file = tmp_path / "p.jsonl"
+    generate_split(str(release), str(synth_manifest), "train", str(out_file), max_new_tokens=2, limit=6,
+                   num_workers=0, prior="report")
+    rows = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert {r["prior_shown"] for r in rows if r["has_prior"]} == {"report"}
+    assert {r["prior_shown"] for r in rows if not r["has_prior"]} <= {"none"}
+    assert json.loads((tmp_path / "p.jsonl.meta.json").read_text())["prior"] == "report"
+
+
+def test_generate_cli_single_study_prior_flags(stage1_dir, synth_manifest, tmp_path, capsys):
+    from clinicalblip.cli import main
+
+    (rec,) = [r for r in read_manifest(synth_manifest) if isinstance(r.get("prior"), dict)][:1]
+    args = ["generate", str(stage1_dir), "--image", rec["images"][0]["path"], "--max-new-tokens", "2", "--json",
+            "--prior-image", rec["prior"]["images"][0]["path"], "--prior-report", "Stable cardiomegaly.",
+            "--prior-date", "2020-01-01", "--study-date", "2020-01-31"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "Prior report: (30 days earlier) Stable cardiomegaly." in out["prompt"] and out["prior"] == "both"
+    assert main(["generate", str(stage1_dir), "--image", rec["images"][0]["path"], "--prior-date", "2020-01-01"]) == 2
+    assert "--prior-date needs the prior itself" in capsys.readouterr().err
