@@ -57,8 +57,11 @@ _CUES = (
 _CUE_RE = [(label, re.compile(r"\b(?:" + p + r")\b")) for label, p in _CUES]
 _NEG = re.compile(r"\b(?:no|not|without|negative for|free of)\b")
 _NO_CHANGE = re.compile(r"\bno (?:significant |interval )?change\b")
-_CLAUSE = re.compile(r"(?<=[.!?])\s+|\n+|;\s*|,\s+(?=(?:and |but |with |now )?(?:no|there|the|a|an|new|stable|"
-                     r"unchanged|increased|decreased|interval|resolved|mild|small|moderate|large)\b)")
+# Clauses: sentences, ';', and a comma that starts a new statement ("..., no pleural effusion", ", however").
+_CLAUSE = re.compile(r"(?<=[.!?])\s+|\n+|;\s*|,\s+(?=(?:and |but )?(?:no|there|the|however|although)\b)")
+# A cue inside advice or a hedge states no change: "recommend follow-up to document resolution".
+_HEDGE = re.compile(r"\b(?:document|ensure|confirm|assess|evaluate|recommend\w*|could be|may be|versus|or)\s+(?:\w+\s+)?$")
+_WINDOW = 8  # words between a finding and the change cue that describes it
 
 TEMPORAL_KEYWORDS = frozenset((
     # progression
@@ -78,44 +81,64 @@ _WORD = re.compile(r"[a-z]+")
 # A report refers to a prior study or to change: the words above plus explicit references to an earlier exam.
 _COMPARISON = re.compile(
     r"\b(?:prior|previous|previously|compared|comparison|interval|again (?:seen|noted)|redemonstrat\w*|"
+    r"no (?:significant |interval )?change|"
     r"since|no longer|" + "|".join(sorted(TEMPORAL_KEYWORDS - {"change", "greater", "constant"})) + r")\b")
-_NO_COMPARISON = re.compile(r"\bno (?:prior|previous)(?: \w+){0,3} (?:for comparison|available)|"
-                            r"\bno comparison\b|\bcomparison:? none\b")
+_NO_COMPARISON = re.compile(r"\bno (?:prior|previous)(?: \w+){0,3} (?:available )?(?:for comparison|available)|"
+                            r"\bno comparison\b|\bcomparison:? none\b|\babsence of (?:a )?comparison\b")
 
 
 def change_labels(text: str | None) -> dict[str, str]:
-    """{finding: new | worse | better | unchanged | resolved} for every finding whose change the text states."""
+    """{finding: new | worse | better | unchanged | resolved} for every finding whose change the text states.
+
+    Per clause, each finding mention takes the nearest change cue within _WINDOW words (cues inside advice or
+    hedges, and negated cues such as "no new", do not count); a negated finding ("No pleural effusion") has no
+    change, except that "no change in X" is X unchanged. The first statement about a finding wins.
+    """
     out: dict[str, str] = {}
     if not text:
         return out
     for clause in _CLAUSE.split(text.lower()):
         if not clause or not clause.strip():
             continue
-        label = None
-        if _NO_CHANGE.search(clause):
-            label = "unchanged"
-        else:
-            for name, cue in _CUE_RE:
-                m = cue.search(clause)
-                if m and not _negated_cue(clause, m.start()):
-                    label = name
-                    break
-        if label is None:
+        cues = []  # (start, end, label)
+        for m in _NO_CHANGE.finditer(clause):
+            cues.append((m.start(), m.end(), "unchanged"))
+        for name, cue in _CUE_RE:
+            for m in cue.finditer(clause):
+                if _negated_cue(clause, m.start()) or _HEDGE.search(clause[: m.start()]):
+                    continue
+                if any(a <= m.start() < b for a, b, _ in cues):
+                    continue  # inside "no change" or a longer cue
+                cues.append((m.start(), m.end(), name))
+        if not cues:
             continue
         for f, pat in _FINDINGS.items():
             if f in out:
                 continue
-            m = pat.search(clause)
-            if m is None:
-                continue
-            # "No new consolidation", "no pleural effusion": a negated finding has no change (resolved aside:
-            # "no longer seen" is the change)
-            if label not in ("resolved", "unchanged") and _NEG.search(clause[: m.start()]):
-                continue
-            if label == "unchanged" and _NEG.search(clause[: m.start()]) and not _NO_CHANGE.search(clause):
-                continue  # "No pleural effusion, stable" -> nothing about an effusion's change
-            out[f] = label
+            for m in pat.finditer(clause):
+                before = clause[: m.start()]
+                label = _nearest(clause, m.start(), m.end(), cues)
+                if label is None:
+                    continue
+                # "No new consolidation", "no pleural effusion": a negated finding has no change, unless the cue
+                # itself is the negation ("no longer seen", "no change in")
+                if _NEG.search(before) and label not in ("resolved",) and not _NO_CHANGE.search(clause):
+                    continue
+                out[f] = label
+                break
     return out
+
+
+def _nearest(clause: str, start: int, end: int, cues: list[tuple[int, int, str]]) -> str | None:
+    best, best_d = None, None
+    for a, b, label in cues:
+        if start <= a < end:
+            continue  # the finding's own words ("cardiac enlargement" is not a cue here)
+        span = clause[b:start] if b <= start else clause[end:a]
+        d = len(span.split())
+        if d <= _WINDOW and (best_d is None or d < best_d):
+            best, best_d = label, d
+    return best
 
 
 def _negated_cue(clause: str, pos: int) -> bool:
