@@ -222,6 +222,45 @@ def ablations(eval_dir: str) -> str:
     return table
 
 
+def prior_of(model_dir: str) -> str:
+    """What a stage or release folder takes of the prior study (its data.prior): none | report | images | both."""
+    import yaml
+
+    from clinicalblip.release import is_release_dir, read_release
+
+    d = Path(model_dir)
+    if (d / "config.yaml").is_file() and (d / "stage.json").is_file():
+        return str((yaml.safe_load((d / "config.yaml").read_text()) or {}).get("data", {}).get("prior") or "none")
+    if is_release_dir(d):
+        return str(read_release(d).get("prior") or "none")
+    return "none"
+
+
+def prior_ablations(eval_dir: str) -> str:
+    """eval.sh's prior table: each prior input (preds_prior_<mode>.jsonl) against the no-prior input, from
+    EVAL_DIR/compare_priors.json; also written as prior_ablations.md."""
+    d = Path(eval_dir)
+    res = json.loads((d / "compare_priors.json").read_text())
+    keys = ("temporal_f1", "change_f1", "invented_comparison_rate", "clinical_macro_f1")
+    rows = ["| prior input | " + " | ".join(keys) + " |", "|" + " --- |" * (len(keys) + 1)]
+    first = res["comparisons"][0]["metrics"] if res["comparisons"] else {}
+    rows.append("| none | " + " | ".join(f"{first[k]['a']:.4f}" if k in first and first[k].get("a") is not None
+                                         else "" for k in keys) + " |")
+    for c in res["comparisons"]:
+        cells = []
+        for k in keys:
+            t = c["metrics"].get(k)
+            cells.append("" if not t or t.get("b") is None else f"{t['b']:.4f} ({_paired_cell(t)})")
+        rows.append(f"| {c['b']} | " + " | ".join(cells) + " |")
+    table = "\n".join(rows) + ("\n\nEach row against the same model with the prior withheld (`clinicalblip compare`, "
+                               "compare_priors.json): difference, paired bootstrap 95% CI, permutation p (Holm over "
+                               "the prior inputs). temporal_f1 and change_f1 over the studies with a prior, "
+                               "invented_comparison_rate over those without.")
+    (d / "prior_ablations.md").write_text("# Prior-study ablations\n\n" + table + "\n")
+    print(table)
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m clinicalblip.demo")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -233,12 +272,20 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("run_dir")
     ab = sub.add_parser("ablations")
     ab.add_argument("eval_dir")
+    pa = sub.add_parser("prior-ablations")
+    pa.add_argument("eval_dir")
+    po = sub.add_parser("prior-of")
+    po.add_argument("model_dir")
     a = p.parse_args(argv)
     if a.cmd == "constant":
         n = constant_predictions(a.manifest, a.out, a.split)
         print(f"wrote {n} constant predictions to {a.out}")
     elif a.cmd == "ablations":
         ablations(a.eval_dir)
+    elif a.cmd == "prior-ablations":
+        prior_ablations(a.eval_dir)
+    elif a.cmd == "prior-of":
+        print(prior_of(a.model_dir))
     else:
         summary(a.run_dir)
     return 0
