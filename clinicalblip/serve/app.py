@@ -67,6 +67,13 @@ _REPORT_SCHEMA = {
                 "temperature": {"type": "number", "exclusiveMinimum": 0, "description": "with do_sample"},
                 "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "description": "with do_sample"},
                 "repetition_penalty": {"type": "number", "exclusiveMinimum": 0},
+                # the prior study (a model trained with data.prior; /v1/model "prior" says what it takes)
+                "prior_images": {"type": "array", "items": {"type": "string", "format": "binary"},
+                                 "description": "the prior study's images (frontal first)"},
+                "prior_views": {"type": "array", "items": {"type": "string"}},
+                "prior_report": {"type": "string", "description": "the prior study's report"},
+                "prior_date": {"type": "string", "format": "date"},
+                "study_date": {"type": "string", "format": "date", "description": "with prior_date: the interval"},
             }}}},
     },
     "responses": {"200": {"description": "the report", "content": {"application/json": {"example": {
