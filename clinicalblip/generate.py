@@ -149,6 +149,9 @@ class ReportModel:
             from clinicalblip.priorinput import attach_prior
 
             attach_prior(record, prior, self.prior)
+            if len(record["prior"]["images"]) > self.max_prior_views:
+                raise UserError(f"{len(record['prior']['images'])} prior images given; this model was trained with "
+                                f"data.max_prior_views={self.max_prior_views}")
         collate = self.collator(tpl, indication="real" if context == "blank_image" else context,
                                 blank_images=context == "blank_image")
         collate.max_views = max(self.max_views, len(images))
