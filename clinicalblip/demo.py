@@ -15,7 +15,7 @@ from pathlib import Path
 
 from clinicalblip.data.manifest import read_manifest
 
-VARIANTS = ("trained", "constant", "no_indication", "generic_indication")
+VARIANTS = ("trained", "constant", "no_indication", "generic_indication", "prior_none", "prior_report", "prior_images")
 COLUMNS = ("BLEU_1", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "clinical_macro_f1")
 
 
