@@ -166,7 +166,8 @@ class StudyCollator:
         return n <= self.max_prompt_tokens and nq <= self._qformer_limit()
 
     def fit_prompt(self, record: dict, images: list[dict], ctx: dict):
-        """Render ctx; if too long, shorten history, then comparison, then indication (words cut from the end).
+        """Render ctx; if too long, shorten the prior report, then history, comparison, indication (words cut from
+        the end).
 
         Returns (rendered, shortened). A prompt that is too long with every context slot emptied is refused:
         the instruction itself does not fit data.max_prompt_tokens.
@@ -193,8 +194,8 @@ class StudyCollator:
             ctx[slot] = " ".join(words[:lo]) or None
             return render(self.template, ctx), True
         raise UserError(f"record {record.get('id')}: the prompt of template '{self.template.name}' is longer than "
-                        f"data.max_prompt_tokens={self.max_prompt_tokens} tokens even with history, comparison and "
-                        "indication left out: raise data.max_prompt_tokens or use a shorter template")
+                        f"data.max_prompt_tokens={self.max_prompt_tokens} tokens even with the prior report, history, "
+                        "comparison and indication left out: raise data.max_prompt_tokens or use a shorter template")
 
     def count_shortened(self, records: list[dict]) -> int:
         """How many of these studies get a shortened context (no images are read): for run headers."""
