@@ -22,7 +22,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 from torch.utils.data import DataLoader, Sampler
-from tqdm.auto import tqdm
+from clinicalblip.progress import progress as progress_bar
+from clinicalblip.progress import write as log_line
 from transformers import get_scheduler
 
 from clinicalblip import __version__
@@ -603,8 +604,8 @@ def _fit(run: Run, built: Built, loaders: Loaders, sched: Schedule, progress: Pr
 
     fit = Fit(global_step=progress.global_step)
     t_interval, samples_interval, loss_interval, n_interval = time.perf_counter(), 0, 0.0, 0
-    bar = tqdm(total=sched.total_steps, initial=fit.global_step, desc=cfg.name,
-               disable=not acc.is_local_main_process, dynamic_ncols=True)
+    bar = progress_bar(total=sched.total_steps, initial=fit.global_step, desc=cfg.name, unit="step",
+                       disable=not acc.is_local_main_process)
     model.train()
     done = fit.global_step >= sched.total_steps
     for epoch in range(progress.epoch, sched.num_epochs):
@@ -660,7 +661,7 @@ def _fit(run: Run, built: Built, loaders: Loaders, sched: Schedule, progress: Pr
                        "samples_per_s": samples_interval / max(dt, 1e-9), "peak_mem_gib": _peak_memory_gib()}
                 bar.set_postfix(loss=f"{row['loss']:.3f}")
                 if run.main:
-                    tqdm.write(f"step {fit.global_step}/{sched.total_steps} | epoch {epoch} | loss {row['loss']:.4f} | "
+                    log_line(f"step {fit.global_step}/{sched.total_steps} | epoch {epoch} | loss {row['loss']:.4f} | "
                                f"lr {row['lr']:.2e} | grad {row['grad_norm'] or 0:.2f} | "
                                f"{row['samples_per_s']:.1f} samples/s | peak {row['peak_mem_gib']:.2f} GiB")
                 log_metrics(row)
@@ -710,7 +711,7 @@ def _validate(run: Run, model, loaders: Loaders, fit: Fit, epoch: int, log_metri
     fit.best_val = min(fit.best_val, fit.last_val)
     log_metrics({"step": fit.global_step, "epoch": epoch, "val_loss": fit.last_val})
     if run.main:
-        tqdm.write(f"step {fit.global_step} | val_loss {fit.last_val:.4f}")
+        log_line(f"step {fit.global_step} | val_loss {fit.last_val:.4f}")
     if run.cfg.train.val_generate:
         row = validation_reports(run, model, loaders)
         if row:

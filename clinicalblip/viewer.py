@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 from urllib.parse import quote
 
-from tqdm import tqdm
+from clinicalblip.progress import progress
 
 from clinicalblip.errors import UserError
 from clinicalblip.metrics.clinical import binarize
@@ -118,7 +118,7 @@ def viewer_data(records: Sequence[dict], metrics: Mapping, cases: Mapping, *, ma
     thumbs: list[str] = []
     missing = 0
     out_cases = []
-    for i, rec in enumerate(tqdm(records, desc="viewer", unit="study", disable=len(records) < 200)):
+    for i, rec in enumerate(progress(records, desc="viewer", unit="study", disable=len(records) < 200)):
         rid = cases["ids"][i]
         m = index.get(rid, {})
         views = []

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from tqdm import tqdm
+from clinicalblip.progress import progress as progress_bar
 
 from clinicalblip.errors import UserError
 from clinicalblip.metrics.casestats import CaseStats, bootstrap_weights, metric_names, metrics_from_sums
@@ -129,7 +129,7 @@ def paired_resampling(base: CaseStats, others: Sequence[CaseStats], resamples: i
     rng_boot = np.random.default_rng([seed, 0])
     rng_perm = np.random.default_rng([seed, 1])
     steps = range(0, resamples, _CHUNK)
-    for start in tqdm(steps, desc="resampling", unit="chunk", disable=not progress):
+    for start in progress_bar(steps, desc="resampling", unit="chunk", disable=not progress):
         size = min(_CHUNK, resamples - start)
         w = bootstrap_weights(rng_boot, size, n)
         ma = metrics_from_sums(w @ xa, where, base)
