@@ -394,3 +394,14 @@ def test_generate_cli_single_study_prior_flags(stage1_dir, synth_manifest, tmp_p
     assert "Prior report: (30 days earlier) Stable cardiomegaly." in out["prompt"] and out["prior"] == "both"
     assert main(["generate", str(stage1_dir), "--image", rec["images"][0]["path"], "--prior-date", "2020-01-01"]) == 2
     assert "--prior-date needs the prior itself" in capsys.readouterr().err
+
+
+def test_generation_with_a_template_without_the_prior_slot_keeps_only_the_prior_images(processor, tmp_path):
+    from clinicalblip.data.collate import StudyCollator
+    from clinicalblip.prompts import load_template
+
+    col = StudyCollator(processor=processor, template=load_template("findings_no_context"),
+                        num_query_tokens=processor.num_query_tokens, mode="generate", prior="both")
+    assert col.prior == "images"
+    with_prior, _ = _prior_records(tmp_path)
+    assert col([with_prior])["pixel_values"].shape[0] == 3

@@ -108,9 +108,12 @@ class StudyCollator:
     max_prior_views: int = 1
 
     def __post_init__(self):
-        from clinicalblip.data.priors import check_prior_template
+        from clinicalblip.data.priors import check_prior_template, prior_mode_for_template
 
-        check_prior_template(self.prior, self.template)
+        if self.mode == "train":  # training refuses a prior report the template cannot show
+            check_prior_template(self.prior, self.template)
+        else:  # generation with another template (--template): the prior report is left out, its images stay
+            self.prior = prior_mode_for_template(self.prior, self.template)
 
     def prior_inputs(self, record: dict) -> tuple[str | None, list[dict]]:
         """(prior report text or None, prior images) that this study's prompt shows (data.prior)."""

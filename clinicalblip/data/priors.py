@@ -193,6 +193,13 @@ def check_prior_template(mode: str, template) -> None:
                         "or data.prior=images")
 
 
+def prior_mode_for_template(mode: str, template) -> str:
+    """The data.prior a template can show: without a `{prior}` slot the report part is dropped."""
+    if "prior" in (template.slots or []):
+        return mode
+    return {"both": "images", "report": "none"}.get(mode, mode)
+
+
 def prior_inputs(record: dict, mode: str, max_prior_views: int, dropout: float = 0.0, seed: int = 0,
                  epoch: int = 0) -> tuple[str | None, list[dict]]:
     """(prior report text or None, prior images) a prompt shows for this record under data.prior = mode."""
