@@ -285,6 +285,8 @@ class ReportService:
         with self._collate_lock:
             batch = collate([record])
         ignored = [n for n in TEXT_FIELDS if texts[n] and n not in tpl.slots]
+        if prior in ("report", "both") and "prior" not in tpl.slots:
+            ignored.append("prior")  # the template cannot show the prior report (its images are still used)
         from clinicalblip.data.collate import ordered_images
 
         used = [im.get("view") for im in ordered_images(record, self.max_views)]
