@@ -335,6 +335,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--no-report", action="store_true", help="write metrics.json only")
     p.add_argument("--chexbert-weights", help="local chexbert.pth (with --labeler chexbert)")
     p.add_argument("--chexbert-tokenizer", help="local bert-base-uncased folder (with --labeler chexbert)")
+    _add_neural_args(p)
     _add_viewer_args(p, "--html", "also write the self-contained HTML case viewer here")
 
     def run(args) -> int:
@@ -344,7 +345,8 @@ def _add_eval(sub) -> None:
             args.predictions, args.out, protocol=args.protocol, labeler=args.labeler, bootstrap=args.bootstrap,
             seed=args.seed, report_md=not args.no_report, skip_java_metrics=args.skip_java_metrics,
             uncertain_as=args.uncertain_as, chexbert_weights=args.chexbert_weights,
-            chexbert_tokenizer=args.chexbert_tokenizer, return_cases=True,
+            chexbert_tokenizer=args.chexbert_tokenizer, return_cases=True, metrics_dir=args.metrics_dir,
+            neural=args.metrics,
         )
         print(format_summary(metrics))
         print(f"wrote {args.out}" + (f" and {metrics['report']}" if metrics.get("report") else ""))
@@ -357,6 +359,62 @@ def _add_eval(sub) -> None:
         return 0
 
     p.set_defaults(func=run)
+
+
+def _add_neural_args(p) -> None:
+    p.add_argument("--metrics-dir", help="the weights folder of the neural metrics (`clinicalblip metrics fetch`); "
+                                         "read only, nothing is downloaded")
+    p.add_argument("--metrics", help="neural metrics, comma-separated: chexbert, sembscore, bertscore, "
+                                     "bertscore-radeval, radgraph, radgraph-xl, radcliq, rexrank (= bertscore, "
+                                     "sembscore, radgraph, radcliq)")
+
+
+def _add_metrics(sub) -> None:
+    p = sub.add_parser("metrics", help="the neural metrics' weights folder: fetch, check, parity",
+                       description="Fetch the weights of CheXbert, RadGraph and the BERTScore encoders into one "
+                                   "folder (needs the network, only here), check their sha256, and compare our "
+                                   "implementation against the reference packages.")
+    msub = p.add_subparsers(dest="metrics_cmd", required=True)
+    f = msub.add_parser("fetch", help="download the weights at their recorded revisions (needs the network)")
+    f.add_argument("--to", required=True, help="the weights folder to write")
+
+    def run_fetch(args) -> int:
+        from clinicalblip.metrics.weights import FILES, fetch
+
+        root = fetch(args.to)
+        print(f"wrote {len(FILES)} files, SHA256SUMS and fetch.json to {root}")
+        return 0
+
+    f.set_defaults(func=run_fetch)
+    c = msub.add_parser("check", help="verify every file's sha256; names missing and different files")
+    c.add_argument("dir", help="the weights folder")
+
+    def run_check(args) -> int:
+        from clinicalblip.metrics.weights import check
+
+        res = check(args.dir)
+        print("\n".join(res["lines"]))
+        print(f"{len(res['verified'])} verified, {len(res['missing'])} missing, {len(res['different'])} different, "
+              f"{len(res['unknown'])} without a recorded hash")
+        return 0 if res["ok"] else 1
+
+    c.set_defaults(func=run_check)
+    q = msub.add_parser("parity", help="our metrics vs the reference packages (run in another Python) on reports")
+    q.add_argument("--reference-python", required=True,
+                   help="a Python interpreter with f1chexbert / radgraph / bert_score installed (older transformers)")
+    q.add_argument("--reports", required=True, help="predictions JSONL ({id, prediction, reference})")
+    q.add_argument("--metrics-dir", required=True, help="the weights folder (parity.json is written there)")
+    q.add_argument("--metrics", default="chexbert,radgraph,bertscore", help="which metrics to compare")
+    q.add_argument("--tolerance", type=float, default=None, help="largest allowed difference (default: per metric)")
+
+    def run_parity(args) -> int:
+        from clinicalblip.metrics.parity import format_parity, run_parity
+
+        res = run_parity(args.reference_python, args.reports, args.metrics_dir, args.metrics, args.tolerance)
+        print(format_parity(res))
+        return 0 if res["passed"] else 1
+
+    q.set_defaults(func=run_parity)
 
 
 def _add_viewer_args(p, flag: str, help_text: str) -> None:
@@ -376,7 +434,12 @@ def _add_view(sub) -> None:
     )
     p.add_argument("predictions", help="predictions JSONL")
     _add_viewer_args(p, "--out", "the HTML file to write")
-    p.add_argument("--metrics", help="metrics.json from `clinicalblip eval` for the summary (else scored here)")
+    p.add_argument("--metrics", help="metrics.json from `clinicalblip eval` for the summary (else scored here); "
+                                     "with --metrics-dir: the neural metrics, as in eval (chexbert, radgraph, ...)")
+    p.add_argument("--metrics-json", help="metrics.json from `clinicalblip eval` for the summary (the same as "
+                                          "--metrics FILE; use it together with --metrics-dir)")
+    p.add_argument("--metrics-dir", help="the weights folder of the neural metrics: the cases show the per-study "
+                                         "RadGraph F1 and CheXbert disagreements as `eval --html` does")
     p.add_argument("--protocol", choices=["r2gen", "r2gen-mimic", "coco-ptb"], default="r2gen",
                    help="NLG protocol: r2gen (IU X-Ray cleaning, default), r2gen-mimic, coco-ptb")
     p.add_argument("--labeler", choices=["auto", "chexpert", "synthetic", "chexbert"], default="auto",
@@ -390,14 +453,39 @@ def _add_view(sub) -> None:
     def run(args) -> int:
         from clinicalblip.viewer import view_predictions
 
-        out = view_predictions(args.predictions, args.out, args.metrics, manifest=args.manifest,
+        metrics_json, neural = _view_metrics_args(args)
+        out = view_predictions(args.predictions, args.out, metrics_json, manifest=args.manifest,
                                protocol=args.protocol, labeler=args.labeler, uncertain_as=args.uncertain_as,
                                skip_java_metrics=args.skip_java_metrics, bootstrap=args.bootstrap, seed=args.seed,
-                               thumbnails=not args.no_thumbnails, thumb_size=args.thumb_size)
+                               thumbnails=not args.no_thumbnails, thumb_size=args.thumb_size,
+                               metrics_dir=args.metrics_dir, neural=neural)
         print(f"wrote {out}")
         return 0
 
     p.set_defaults(func=run)
+
+
+def _view_metrics_args(args) -> tuple[str | None, str | None]:
+    """(metrics.json path, neural metric names) of `view`: ``--metrics`` names neural metrics with --metrics-dir
+    (as in eval and compare) and is the metrics.json path without it (its earlier meaning)."""
+    from pathlib import Path
+
+    from clinicalblip.metrics.weights import METRIC_CHOICES, require
+
+    if args.metrics_dir is not None:
+        if not args.metrics:
+            raise UserError("--metrics-dir needs --metrics NAMES (e.g. chexbert,radgraph); give the metrics.json "
+                            "summary as --metrics-json FILE")
+        if Path(args.metrics).is_file():
+            raise UserError(f"with --metrics-dir, --metrics names neural metrics (e.g. chexbert,radgraph); give "
+                            f"the metrics.json as --metrics-json {args.metrics}")
+        return args.metrics_json, args.metrics
+    if args.metrics and args.metrics_json:
+        raise UserError("--metrics FILE and --metrics-json FILE both name the metrics.json; give it once")
+    names = [n.strip() for n in (args.metrics or "").split(",") if n.strip()]
+    if names and not Path(args.metrics).is_file() and all(n in METRIC_CHOICES for n in names):
+        require(None, names)  # neural metric names without the folder: the one-line error eval gives
+    return args.metrics_json or args.metrics, None
 
 
 def _add_compare(sub) -> None:
@@ -425,6 +513,7 @@ def _add_compare(sub) -> None:
     p.add_argument("--skip-java-metrics", action="store_true", help="skip METEOR (it needs Java)")
     p.add_argument("--min-overlap", type=float, default=0.9,
                    help="refuse when the files share fewer than this fraction of the largest file's studies")
+    _add_neural_args(p)
 
     def run(args) -> int:
         from clinicalblip.metrics.compare import compare_files, format_table, guess_viewer
@@ -435,6 +524,7 @@ def _add_compare(sub) -> None:
             args.predictions, args.out, names=args.names, resamples=args.resamples, seed=args.seed,
             protocol=args.protocol, labeler=args.labeler, uncertain_as=args.uncertain_as,
             skip_java_metrics=args.skip_java_metrics, min_overlap=args.min_overlap, progress=True,
+            metrics_dir=args.metrics_dir, neural=args.metrics,
         )
         print(format_table(result))
         print(f"wrote {args.out}")
@@ -569,7 +659,7 @@ typical order:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clinicalblip", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{data,train,generate,eval,view,compare,label,merge,serve}")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{data,train,generate,eval,view,compare,label,merge,serve,metrics}")
     _add_data(sub)
     _add_train(sub)
     _add_generate(sub)
@@ -579,6 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_label(sub)
     _add_merge(sub)
     _add_serve(sub)
+    _add_metrics(sub)
     return parser
 
 

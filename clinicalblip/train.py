@@ -52,7 +52,7 @@ from clinicalblip.stages import load_stage_model, read_stage, write_stage
 
 # Keys that may change between a run and its resume (they do not change what is trained).
 RESUMABLE_KEYS = ("train.log_every", "train.save_every", "train.keep_last", "train.report_to", "train.resume",
-                  "train.val_generate", "data.num_workers", "data.check_images", "data.cache_images",
+                  "train.val_generate", "train.val_metric", "train.val_metrics_dir", "data.num_workers", "data.check_images", "data.cache_images",
                   "data.image_cache", "output_dir")
 
 
@@ -258,6 +258,15 @@ def _checks(cfg: StageConfig) -> Run:
         raise UserError("model.dtype=fp16 is not supported on CPU: use fp32 (or bf16)")
     if cfg.model.quantization != "none":
         quantization_config(cfg.model.quantization, cfg.model.dtype)  # bitsandbytes present?
+    if cfg.train.val_metric:
+        from clinicalblip.metrics.neural_eval import metric_for_key
+        from clinicalblip.metrics.weights import require
+
+        if not cfg.train.val_generate:
+            raise UserError("train.val_metric needs train.val_generate > 0 (the reports it is computed on)")
+        needs = metric_for_key(cfg.train.val_metric)
+        if needs:  # a missing weights file fails now, not at the first validation
+            require(cfg.train.val_metrics_dir or None, [needs])
     accelerator = make_accelerator(cfg)
     zero = zero_stage(accelerator)
     if cfg.model.quantization != "none" and zero == 3:
@@ -764,8 +773,14 @@ def validation_reports(run: Run, model, loaders: Loaders) -> dict | None:
     ids = [i for i in refs if i in pairs]
     scores = clinical_scores([label_report(refs[i]) for i in ids], [label_report(pairs[i]) for i in ids],
                              bootstrap=0)
-    return {"val_generated": len(ids), "val_clinical_macro_f1": scores["macro"]["f1"],
-            "val_clinical_micro_f1": scores["micro"]["f1"], "val_sample": {ids[0]: pairs[ids[0]]} if ids else {}}
+    row = {"val_generated": len(ids), "val_clinical_macro_f1": scores["macro"]["f1"],
+           "val_clinical_micro_f1": scores["micro"]["f1"], "val_sample": {ids[0]: pairs[ids[0]]} if ids else {}}
+    if cfg.train.val_metric and ids:
+        from clinicalblip.metrics.neural_eval import named_metric
+
+        row[f"val_{cfg.train.val_metric}"] = named_metric(cfg.train.val_metric, [refs[i] for i in ids],
+                                                         [pairs[i] for i in ids], cfg.train.val_metrics_dir or None)
+    return row
 
 
 def _finish(run: Run, records: Records, built: Built, fit: Fit) -> Path:

@@ -81,6 +81,20 @@ def _badges(ref: Mapping, pred: Mapping, observations: Sequence[str], uncertain_
     return out
 
 
+def _neural_case(neural: Mapping, i: int) -> dict:
+    """Per-case RadGraph F1 (RG_ER, the "partial" reward) and CheXbert's label disagreements for case ``i``."""
+    out: dict = {}
+    if "radgraph_partial" in neural:
+        out["rg"] = round(neural["radgraph_partial"][i], 4)
+    if "chexbert_labels" in neural:
+        from clinicalblip.metrics.conventions import disagreements
+
+        lab = neural["chexbert_labels"]
+        out["cxb"] = [[d["observation"], d["reference"], d["prediction"]]
+                      for d in disagreements(lab["reference"][i], lab["prediction"][i])]
+    return out
+
+
 def _ablation_rows(folder: Path) -> list[dict]:
     """eval.sh's ablations (metrics_<mode>.json) and, when compare.json is there, their paired tests vs real."""
     from clinicalblip.demo import ABLATIONS
@@ -138,6 +152,7 @@ def viewer_data(records: Sequence[dict], metrics: Mapping, cases: Mapping, *, ma
             scores["rouge"] = round(nlg["rouge_l"][i], 4)
         if "cider" in nlg:
             scores["cider"] = round(nlg["cider"][i], 4)
+        scores.update(_neural_case(cases.get("neural") or {}, i))
         out_cases.append({
             "id": rid, "views": views,
             "ctx": [(m.get(k) if m else rec.get(k)) or "" for k in CONTEXT_FIELDS],
@@ -166,6 +181,11 @@ def viewer_data(records: Sequence[dict], metrics: Mapping, cases: Mapping, *, ma
                        ("no_finding", "No Finding F1")):
         if key in c:
             rows.append({"name": title, "value": c[key]["f1"], "ci": c[key].get("f1_ci95")})
+    if "neural" in metrics:
+        from clinicalblip.metrics.neural_eval import NEURAL_SUMMARY_KEYS
+
+        rows += [{"name": k, "value": metrics[k], "ci": None} for k in NEURAL_SUMMARY_KEYS
+                 if isinstance(metrics.get(k), float)]
     per_label = [{"name": o, "p": b["precision"], "r": b["recall"], "f1": b["f1"], "ci": b.get("f1_ci95"),
                   "support": b["support"], "predicted": b["predicted"]} for o, b in c["per_label"].items()]
     return {
@@ -175,6 +195,8 @@ def viewer_data(records: Sequence[dict], metrics: Mapping, cases: Mapping, *, ma
         "bootstrap": c.get("bootstrap"), "manifest": manifest_used, "provenance": _flat(metrics.get("provenance")),
         "rows": rows, "per_label": per_label, "ablations": list(ablations), "observations": obs,
         "has_rouge": "rouge_l" in nlg, "has_cider": "cider" in nlg,
+        "parity_warning": ("parity not checked: " + ", ".join(metrics["parity_not_checked"])
+                           if metrics.get("parity_not_checked") else ""),
         "cases": out_cases, "thumbs": thumbs,
     }
 
@@ -207,10 +229,12 @@ def write_viewer(records: Sequence[dict], metrics: Mapping, cases: Mapping, out_
 def view_predictions(pred_path: str | Path, out_html: str | Path, metrics_path: str | Path | None = None, *,
                      manifest: str | Path | None = None, protocol: str = "r2gen", labeler: str = "auto",
                      uncertain_as: str = "positive", skip_java_metrics: bool = False, bootstrap: int = 1000,
-                     seed: int = 0, thumbnails: bool = True, thumb_size: int = 160) -> Path:
+                     seed: int = 0, thumbnails: bool = True, thumb_size: int = 160,
+                     metrics_dir: str | Path | None = None, neural: str | Sequence[str] | None = None) -> Path:
     """``clinicalblip view``: the page alone. With ``metrics_path`` the summary is that metrics.json (per-study
     scores and badges are recomputed, without METEOR, which is corpus-only here); without, the file is scored
-    as ``eval`` would score it."""
+    as ``eval`` would score it. ``neural`` with ``metrics_dir`` adds the per-case neural values (RadGraph F1,
+    CheXbert disagreements) through ``evaluate_records``, the code path of ``eval --html``."""
     from clinicalblip.metrics.evaluate_predictions import evaluate_records, read_predictions
 
     records, provenance = read_predictions(pred_path)
@@ -223,14 +247,16 @@ def view_predictions(pred_path: str | Path, out_html: str | Path, metrics_path: 
         which = labeler if labeler != "auto" else ("synthetic" if lab.startswith("synthetic") else "auto")
         _, cases = evaluate_records(records, saved.get("protocol", protocol), which, bootstrap=0, seed=seed,
                                     skip_java_metrics=True,
-                                    uncertain_as=saved.get("clinical", {}).get("uncertain_as") or uncertain_as)
+                                    uncertain_as=saved.get("clinical", {}).get("uncertain_as") or uncertain_as,
+                                    metrics_dir=metrics_dir, neural=neural)
         if saved.get("n") != len(records):
             raise UserError(f"{metrics_path} scores {saved.get('n')} studies but {pred_path} has {len(records)}: "
                             "not the metrics of these predictions")
         metrics = saved
     else:
         metrics, cases = evaluate_records(records, protocol, labeler, bootstrap, seed,
-                                          skip_java_metrics=skip_java_metrics, uncertain_as=uncertain_as)
+                                          skip_java_metrics=skip_java_metrics, uncertain_as=uncertain_as,
+                                          metrics_dir=metrics_dir, neural=neural)
         metrics["predictions"] = str(pred_path)
     if provenance is not None:
         metrics.setdefault("provenance", provenance)
@@ -283,7 +309,7 @@ function summary() {
   const prov = Object.entries(D.provenance || {}).map(([k, v]) => `${esc(k)}=${esc(v)}`).join('; ');
   $('#summary').innerHTML = `<h2>Summary (${D.n} studies)</h2><div class="grid"><div><table><tr><th>metric</th><th>value</th><th>95% CI</th></tr>${m}</table>
    <p class="muted">NLG protocol <b>${esc(D.protocol)}</b> (pycocoevalcap); labeler <b>${esc(D.labeler)}</b>; ${esc(D.convention)}.<br>
-   Intervals: ${esc(boot)}.${D.manifest ? '<br>Images and context: ' + esc(D.manifest) : '<br>No manifest: no images or context.'}${prov ? '<br>Provenance: ' + prov : ''}</p></div>
+   ${D.parity_warning ? '<b class="parity">' + esc(D.parity_warning) + '</b> (run <code>clinicalblip metrics parity</code>)<br>' : ''}Intervals: ${esc(boot)}.${D.manifest ? '<br>Images and context: ' + esc(D.manifest) : '<br>No manifest: no images or context.'}${prov ? '<br>Provenance: ' + prov : ''}</p></div>
    <div>${chart()}</div></div>${ablations()}`;
 }
 
@@ -361,7 +387,10 @@ function row(c) {
     : `<figure><img class="thumb" loading="lazy" decoding="async" src="${D.thumbs[v[0]]}" alt="${esc(v[1])}">${esc(v[1])}</figure>`).join('') || '<div class="noimg">no images</div>';
   const ctx = ['indication', 'history', 'comparison'].map((k, i) => c.ctx[i] ? `<div><b>${k}:</b> ${esc(c.ctx[i])}</div>` : '').join('');
   const badges = c.badges.map((b) => `<span class="badge b-${b[1]}${b[2] ? ' b-unc' : ''}" data-label="${esc(OBS[b[0]])}" data-status="${b[1]}" title="${esc(ST[b[1]])}${b[2] ? ' (uncertain)' : ''}">${esc(OBS[b[0]])}${b[1] === 'fp' ? ' FP' : b[1] === 'fn' ? ' FN' : ''}${b[2] ? ' ?' : ''}</span>`).join('') || '<span class="muted">no findings either side</span>';
+  const lab = (v) => v === null || v === undefined ? 'blank' : ({1: 'pos', 0: 'neg', '-1': 'unc'})[v];
+  const cxb = c.s.cxb === undefined ? '' : c.s.cxb.length ? 'CheXbert disagrees: ' + c.s.cxb.map((d) => `${esc(d[0])} (${lab(d[1])}&rarr;${lab(d[2])})`).join(', ') : 'CheXbert agrees on all labels';
   const sc = [D.has_rouge ? `ROUGE-L ${f4(c.s.rouge)}` : '', D.has_cider ? `CIDEr ${f4(c.s.cider)}` : '', `disagreements ${c.s.dis}`,
+    c.s.rg === undefined ? '' : `<span class="rg">RadGraph F1 ${f4(c.s.rg)}</span>`, cxb ? `<span class="cxb">${cxb}</span>` : '',
     c.chg && c.chg.prior ? `temporal F1 ${f4(c.chg.t)}` : ''].filter(Boolean).join(' &middot; ');
   const chg = c.chg ? changeBadges(c.chg) : '';
   return `<div class="case${state.only === c.id ? ' focus' : ''}" data-id="${esc(c.id)}"><div class="thumbs">${th}</div>

@@ -24,18 +24,21 @@ if [ ! -f "$STAMP" ]; then
     "$CB_PY" -m venv "$VENV"
   fi
   echo "[setup] installing from $CB_LOCK (first run only)"
+  # pip's "Location ... is ignored" lines come from a machine's pip.conf (find-links/extra-index folders that
+  # do not exist), not from the install: dropped; every other pip message stays.
+  cb_pip() { "$VENV/bin/python" -m pip "$@" 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2); }
   # torch first, alone: its CPU build comes from PyTorch's CPU index (or a local wheel), never a CUDA build.
   grep -A1 '^torch==' "$CB_LOCK" > "$VENV/torch.lock"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --require-hashes --no-deps -r "$VENV/torch.lock" \
-    2>/dev/null || "$VENV/bin/python" -m pip install -q --disable-pip-version-check --require-hashes --no-deps \
+    2>/dev/null || cb_pip install -q --disable-pip-version-check --require-hashes --no-deps \
     --extra-index-url https://download.pytorch.org/whl/cpu -r "$VENV/torch.lock"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --require-hashes --no-deps -r "$CB_LOCK"
+  cb_pip install -q --disable-pip-version-check --require-hashes --no-deps -r "$CB_LOCK"
   # the project itself, editable, built with the locked setuptools (no build isolation: nothing unlocked)
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+  cb_pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
   "$VENV/bin/python" scripts/lockfile.py verify "$CB_LOCK" || { echo "[setup] error: $VENV does not match $CB_LOCK" >&2; return 1 2>/dev/null || exit 1; }
   touch "$STAMP"
 fi
-export PATH="$PWD/$VENV/bin:$PATH"
+case "$VENV" in /*) export PATH="$VENV/bin:$PATH" ;; *) export PATH="$PWD/$VENV/bin:$PATH" ;; esac
 export CLINICALBLIP_LOCK="$PWD/$CB_LOCK"
 # Everything here runs offline: models are built in code or read from local folders.
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
