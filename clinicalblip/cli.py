@@ -271,6 +271,17 @@ def _add_generate(sub) -> None:
     p.add_argument("--age", help="single study: the patient's age (the template's {age} slot)")
     p.add_argument("--sex", help="single study: the patient's sex (the template's {sex} slot)")
     p.add_argument("--hints", help="single study: suspected findings, comma-separated (the template's {hints} slot)")
+    p.add_argument("--prior-image", action="append", default=[],
+                   help="single study: an image of the prior study (repeatable; frontal first), for a model trained "
+                        "with data.prior images or both")
+    p.add_argument("--prior-report", help="single study: the prior study's report (model trained with data.prior "
+                                          "report or both)")
+    p.add_argument("--prior-date", help="single study: the prior study's date (YYYY-MM-DD; with --study-date the "
+                                        "prompt shows the interval)")
+    p.add_argument("--study-date", help="single study: this study's date (YYYY-MM-DD)")
+    p.add_argument("--prior", choices=["model", "none", "report", "images", "both"], default="model",
+                   help="manifest mode: what of each study's linked prior the prompt shows: what the model was "
+                        "trained with (default), or none / report / images / both (the prior ablations)")
     p.add_argument("--template", help="prompt template name (default: the one the stage was trained with)")
     p.add_argument("--context", choices=["real", "none", "generic", "shuffled", "blank_image"], default="real",
                    help="ablations: real context (default), no indication, a generic one, another study's "
@@ -326,6 +337,23 @@ def _refuse_flags(args, why: str, **unset) -> None:
         raise UserError(f"{', '.join(given)} cannot be used {why}")
 
 
+def _prior_of_args(args) -> dict | None:
+    """generate --prior-image/--prior-report/--prior-date/--study-date -> ReportModel.report's prior."""
+    if not (args.prior_image or args.prior_report):
+        if args.prior_date:
+            raise UserError("--prior-date needs the prior itself: --prior-image and/or --prior-report")
+        return None
+    prior = {"images": args.prior_image, "report": args.prior_report, "study_date": args.prior_date}
+    if args.study_date:
+        from clinicalblip.data.priors import interval_days
+
+        days = interval_days({"study_date": args.study_date, "prior": {"study_date": args.prior_date}})
+        if days is None:
+            raise UserError("--study-date needs --prior-date (both YYYY-MM-DD) to give the interval")
+        prior["interval_days"] = days
+    return {k: v for k, v in prior.items() if v not in (None, [], "")}
+
+
 def _cmd_generate(args) -> int:
     from clinicalblip.study import StudyInputError
 
@@ -347,13 +375,13 @@ def _generate(args) -> int:
         if args.manifest:
             raise UserError("give either --image (one study) or --manifest (a split), not both")
         _refuse_flags(args, "with --image (one study); they apply to a manifest split",
-                      split=None, batch_size=None, limit=None, overwrite=False, on_bad_record=None)
+                      split=None, batch_size=None, limit=None, overwrite=False, on_bad_record=None, prior="model")
         result = G.generate_single(
             args.model_dir, images=args.image, indication=args.indication, history=args.history,
             comparison=args.comparison, template=args.template, max_new_tokens=args.max_new_tokens,
             num_beams=args.num_beams, context=args.context, dtype=args.dtype, out=args.out, compile=args.compile,
             views=args.view or None, age=args.age, sex=args.sex, hints=args.hints, quantization=args.quantization,
-            **_decoding_kwargs(args),
+            prior=_prior_of_args(args), **_decoding_kwargs(args),
         )
         if args.json:
             print(json.dumps(result, ensure_ascii=False))
@@ -364,13 +392,15 @@ def _generate(args) -> int:
         raise UserError("generate needs --image PATH (one study) or --manifest M --out PREDS.jsonl (a split)")
     _refuse_flags(args, "with --manifest; the manifest gives each study's context (use --context for ablations)",
                   indication=None, history=None, comparison=None, json=False, view=[], age=None, sex=None,
-                  hints=None)
+                  hints=None, prior_image=[], prior_report=None,
+                  prior_date=None, study_date=None)
     n = G.generate_split(
         args.model_dir, args.manifest, split=args.split or "test", out=args.out, template=args.template,
         context=args.context, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
         batch_size=args.batch_size or 16, limit=args.limit, dtype=args.dtype, overwrite=args.overwrite,
         quantization=args.quantization, image_cache=args.image_cache, num_workers=args.workers,
-        on_bad_record=args.on_bad_record or "error", compile=args.compile, **_decoding_kwargs(args),
+        on_bad_record=args.on_bad_record or "error", compile=args.compile,
+        prior=None if args.prior == "model" else args.prior, **_decoding_kwargs(args),
     )
     if os.environ.get("RANK", "0") == "0":  # once under accelerate launch
         print(f"wrote {n} predictions to {args.out}")

@@ -62,6 +62,12 @@ class DataConfig:
     # instruction; the run header and generation's meta file count the shortened studies.
     max_prompt_tokens: int = 256
     max_views: int = 2
+    # The prior study in the model input (clinicalblip/data/priors.py): none | report (the {prior} slot of the
+    # template) | images (extra image blocks after the current views, "prior PA" in the views) | both.
+    prior: str = "none"
+    # train only: probability of withholding one part of the prior (its report or its images, never both)
+    prior_dropout: float = 0.0
+    max_prior_views: int = 1  # prior images shown per study (frontal first)
     on_bad_record: str = "error"  # error | skip (skip logs the count and ids of every dropped record)
     # How images are checked before training: header (exists, size and header read cheaply, e.g. a DICOM
     # header without pixels; default), decode (every image decoded: slow on big data), exists, none.
@@ -340,6 +346,12 @@ def validate(cfg: StageConfig) -> None:
             raise ConfigError(f"optim.lr_mult.{comp} must be > 0, got {mult} (freeze a component with trainable.*)")
     if not 0.0 <= cfg.data.context_dropout <= 1.0:
         raise ConfigError("data.context_dropout must be in [0, 1]")
+    if cfg.data.prior not in ("none", "report", "images", "both"):
+        raise ConfigError(f"data.prior must be none, report, images or both, got '{cfg.data.prior}'")
+    if not 0.0 <= cfg.data.prior_dropout <= 1.0:
+        raise ConfigError("data.prior_dropout must be in [0, 1]")
+    if cfg.data.max_prior_views < 0:
+        raise ConfigError("data.max_prior_views must be >= 0")
     if cfg.optim.schedule not in ("cosine", "linear", "constant"):
         raise ConfigError(f"optim.schedule must be cosine, linear or constant, got '{cfg.optim.schedule}'")
     for comp in cfg.optim.lr_mult:

@@ -20,6 +20,7 @@ from clinicalblip.data.loader import make_loader
 from clinicalblip.data.manifest import file_hash, read_manifest
 from clinicalblip.errors import UserError
 from clinicalblip.model import is_decoder_only, load_pretrained
+from clinicalblip.priorinput import note_unused_priors, prior_mode_for, prior_row_fields
 from clinicalblip.prompts import GENERIC_INDICATION, Template, load_template, target_text
 from clinicalblip.release import is_release_dir, read_release, release_template
 from clinicalblip.stages import is_stage_dir, load_stage_model, load_template_of
@@ -41,6 +42,8 @@ class ReportModel:
     max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
     decode: str = "fast"  # fast: clinicalblip.decode (static cache); hf: plain transformers generate
     compile: bool = False  # torch.compile the decoding step (decode="fast" only)
+    prior: str = "none"  # what the model takes of the prior study (data.prior): none | report | images | both
+    max_prior_views: int = 1
 
     @classmethod
     def load(cls, model_dir: str, dtype: str = "fp32", device: str | None = None,
@@ -62,6 +65,7 @@ class ReportModel:
             max_new = int(cfg.get("data", {}).get("max_report_tokens", DEFAULT_MAX_NEW_TOKENS))
             max_views = int(cfg.get("data", {}).get("max_views", 2))
             max_prompt = int(cfg.get("data", {}).get("max_prompt_tokens", DEFAULT_MAX_PROMPT_TOKENS))
+            prior_cfg = cfg.get("data", {})
         elif is_release_dir(path):
             model, processor = load_pretrained(str(path), dtype=dtype, quantization=quantization)
             meta = read_release(path)
@@ -69,11 +73,13 @@ class ReportModel:
             max_new = int(getattr(model.generation_config, "max_new_tokens", None) or DEFAULT_MAX_NEW_TOKENS)
             max_views = int(meta.get("max_views", 2))
             max_prompt = int(meta.get("max_prompt_tokens", DEFAULT_MAX_PROMPT_TOKENS))
+            prior_cfg = meta
         else:
             raise UserError(f"{model_dir}: neither a stage folder (stage.json) nor a release folder (config.json)")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         rm = cls(model=model, processor=processor, template=template, model_dir=str(path),
-                 max_new_tokens=max_new, max_views=max_views, max_prompt_tokens=max_prompt)
+                 max_new_tokens=max_new, max_views=max_views, max_prompt_tokens=max_prompt,
+                 prior=str(prior_cfg.get("prior") or "none"), max_prior_views=int(prior_cfg.get("max_prior_views", 1)))
         rm.collator().check_image_tokens(model.config)  # before any weights move or any study is generated
         if quantization == "none":  # bitsandbytes models are placed by their device_map
             model.to(device)
@@ -89,8 +95,8 @@ class ReportModel:
         return is_decoder_only(self.model)
 
     def collator(self, template: Template | None = None, indication: str = "real",
-                 blank_images: bool = False) -> StudyCollator:
-        return _generation_collator(self, template, indication, blank_images)
+                 blank_images: bool = False, prior: str | None = None) -> StudyCollator:
+        return _generation_collator(self, template, indication, blank_images, prior)
 
     def front(self) -> "ModelFront":
         """Everything but the weights, picklable: what a server process needs to validate and preprocess studies
@@ -101,6 +107,7 @@ class ReportModel:
         return ModelFront(processor=self.processor, template=self.template, model_dir=self.model_dir,
                           max_new_tokens=self.max_new_tokens, max_views=self.max_views,
                           max_prompt_tokens=self.max_prompt_tokens, decoder_only=self.decoder_only,
+                          prior=self.prior, max_prior_views=self.max_prior_views,
                           runtime={"dtype": _dtype_name(m.dtype), "device": str(self.device), "quantization": quant})
 
     @torch.no_grad()
@@ -127,7 +134,8 @@ class ReportModel:
     def report(self, images: list[str], indication: str | None = None, history: str | None = None,
                comparison: str | None = None, views: list[str] | None = None, template: str | None = None,
                max_new_tokens: int | None = None, num_beams: int = 1, context: str = "real",
-               age=None, sex: str | None = None, hints=None, **generate_kwargs) -> dict:
+               age=None, sex: str | None = None, hints=None, prior: dict | None = None,
+               **generate_kwargs) -> dict:
         """One study: image paths (one per view) + clinical context -> {prompt, qformer_prompt, report, ...}.
 
         views: one per image (None / "" for unknown: a DICOM's ViewPosition, if any). indication, history,
@@ -135,6 +143,8 @@ class ReportModel:
         from a manifest record (study.py), so the prompt equals the training prompt of the same study.
         context: real | none (indication left out) | generic (replaced) | blank_image, as in generate_split;
         'shuffled' needs other studies and is refused. Decoding settings are checked as the server checks them.
+        prior: the previous study, {"images": [paths], "views": [...], "report": text, "study_date" or
+        "interval_days"}; refused (naming data.prior) when the model does not take what it holds.
         """
         from clinicalblip.data.images import dicom_view_position
         from clinicalblip.study import check_decoding, check_views, study_record
@@ -151,6 +161,13 @@ class ReportModel:
                                   **generate_kwargs)
         record = study_record(images, views, {"indication": indication, "history": history,
                                               "comparison": comparison, "age": age, "sex": sex, "hints": hints})
+        if prior:
+            from clinicalblip.priorinput import attach_prior
+
+            attach_prior(record, prior, self.prior)
+            if len(record["prior"]["images"]) > self.max_prior_views:
+                raise UserError(f"{len(record['prior']['images'])} prior images given; this model was trained with "
+                                f"data.max_prior_views={self.max_prior_views}")
         collate = self.collator(tpl, indication="real" if context == "blank_image" else context,
                                 blank_images=context == "blank_image")
         batch = collate([record])
@@ -161,7 +178,8 @@ class ReportModel:
         return {"prompt": rendered.prompt, "qformer_prompt": rendered.qformer_prompt, "report": text,
                 "max_new_tokens": n_new, "template": tpl.name, "num_views": len(images), "context": context,
                 "views": [im.get("view") for im in ordered_images(record, collate.max_views)],
-                "dtype": _dtype_name(self.model.dtype), "prompt_shortened": bool(collate.shortened)}
+                "dtype": _dtype_name(self.model.dtype), "prompt_shortened": bool(collate.shortened),
+                "prior": collate.prior if record.get("prior") else None}
 
 
 @dataclass
@@ -176,17 +194,20 @@ class ModelFront:
     max_prompt_tokens: int
     decoder_only: bool
     runtime: dict  # dtype, device and quantization the weights were loaded with
+    prior: str = "none"
+    max_prior_views: int = 1
 
     def collator(self, template: Template | None = None, indication: str = "real",
-                 blank_images: bool = False) -> StudyCollator:
-        return _generation_collator(self, template, indication, blank_images)
+                 blank_images: bool = False, prior: str | None = None) -> StudyCollator:
+        return _generation_collator(self, template, indication, blank_images, prior)
 
 
-def _generation_collator(m, template, indication: str, blank_images: bool) -> StudyCollator:
+def _generation_collator(m, template, indication: str, blank_images: bool, prior: str | None = None) -> StudyCollator:
     return StudyCollator(
         processor=m.processor, template=template or m.template, num_query_tokens=m.processor.num_query_tokens,
         decoder_only=m.decoder_only, mode="generate", max_views=m.max_views, indication=indication,
         generic_indication=GENERIC_INDICATION, blank_images=blank_images, max_prompt_tokens=m.max_prompt_tokens,
+        prior=prior_mode_for(getattr(m, "prior", "none"), prior), max_prior_views=getattr(m, "max_prior_views", 1),
     )
 
 
@@ -210,7 +231,8 @@ def generate_single(model_dir: str, images: list[str], indication: str | None = 
                     comparison: str | None = None, template: str | None = None, max_new_tokens: int | None = None,
                     num_beams: int = 1, context: str = "real", dtype: str | None = None, out: str | None = None,
                     views: list[str] | None = None, quantization: str = "none", compile: bool | None = None,
-                    age=None, sex: str | None = None, hints=None, **generate_kwargs) -> dict:
+                    age=None, sex: str | None = None, hints=None, prior: dict | None = None,
+                    **generate_kwargs) -> dict:
     """One study, with the same dtype default as generate_split (so both modes write the same text).
 
     Views, context and decoding are checked (as the server checks them) before the model loads.
@@ -226,14 +248,14 @@ def generate_single(model_dir: str, images: list[str], indication: str | None = 
     check_decoding(num_beams, max_new_tokens, **generate_kwargs)
     check_context({"indication": indication, "history": history, "comparison": comparison, "age": age, "sex": sex,
                    "hints": hints})
-    for p in images:  # fail on a bad image before the model loads
+    for p in list(images) + list((prior or {}).get("images") or []):  # fail on a bad image before the model loads
         load_image(p)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rm = ReportModel.load(model_dir, dtype=dtype or default_dtype(device), device=device, quantization=quantization)
     rm.compile = _compile_default(compile, device)
     result = rm.report(images, indication=indication, history=history, comparison=comparison, template=template,
                        views=views, max_new_tokens=max_new_tokens, num_beams=num_beams, context=context,
-                       age=age, sex=sex, hints=hints, **generate_kwargs)
+                       age=age, sex=sex, hints=hints, prior=prior, **generate_kwargs)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
@@ -335,7 +357,7 @@ def _merge_parts(out_path: Path) -> None:
 # The settings a resumed predictions file must share with the run that started it; the rest of the meta file
 # (paths, process count, code version, counts) may change between runs.
 PROVENANCE_KEYS = ("model_hash", "template", "template_hash", "context", "decoding", "dtype", "quantization",
-                   "manifest_hash", "split", "max_prompt_tokens")
+                   "manifest_hash", "split", "max_prompt_tokens", "prior")
 
 
 def _template_hash(tpl: Template) -> str:
@@ -385,7 +407,7 @@ def generate_split(model_dir: str, manifest: str, split: str, out: str, template
                    batch_size: int = 16, limit: int | None = None, dtype: str | None = None,
                    overwrite: bool = False, quantization: str = "none", image_cache: str | None = None,
                    num_workers: int = -1, on_bad_record: str = "error", compile: bool | None = None,
-                   **generate_kwargs) -> int:
+                   prior: str | None = None, **generate_kwargs) -> int:
     """Generate a report for every study of a split; output written as it goes, a rerun skips finished ids.
 
     context: real | none (indication left out) | generic (replaced by an uninformative one) | shuffled (another
@@ -401,6 +423,8 @@ def generate_split(model_dir: str, manifest: str, split: str, out: str, template
     on_bad_record: the split's records get train's record check before the model loads (missing or unreadable
     images, duplicate ids, no target section): "error" refuses naming them, "skip" leaves them out, listing
     their ids.
+    prior: what of each study's linked prior the prompt shows: None = what the model takes (data.prior), or
+    none | report | images | both (the prior ablations; refused when the model does not take it).
     """
     from accelerate import PartialState
 
@@ -429,7 +453,10 @@ def generate_split(model_dir: str, manifest: str, split: str, out: str, template
     settings = {"model_hash": _dir_hash(model_dir), "template": tpl.name, "template_hash": _template_hash(tpl),
                 "context": context, "decoding": decoding, "dtype": dtype, "quantization": quantization,
                 "manifest_hash": file_hash(manifest),
-                "split": split, "max_prompt_tokens": rm.max_prompt_tokens}
+                "split": split, "max_prompt_tokens": rm.max_prompt_tokens,
+                # None for a model without priors, so predictions files written before priors existed still resume
+                "prior": None if rm.prior == "none" and prior in (None, "none") else
+                prior_mode_for(rm.prior, prior)}
     prov_key = _settings_key(settings)
     if main:
         out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -444,7 +471,9 @@ def generate_split(model_dir: str, manifest: str, split: str, out: str, template
     todo = sorted((r for r in records if str(r["id"]) not in done), key=lambda r: str(r["id"]))
     todo = todo[state.process_index:: state.num_processes]
     collate = rm.collator(tpl, indication="real" if context in ("shuffled", "blank_image") else context,
-                          blank_images=context == "blank_image")
+                          blank_images=context == "blank_image", prior=prior)
+    if main:
+        note_unused_priors(records, rm.prior)
     collate.image_cache = pixel_source(rm.processor.image_processor, find_image_cache(image_cache, manifest))
     if main:
         provenance = {
@@ -472,6 +501,7 @@ def generate_split(model_dir: str, manifest: str, split: str, out: str, template
                 for key in ("dataset", "labels", "split"):
                     if key in rec:
                         row[key] = rec[key]
+                row.update(prior_row_fields(rec, collate))
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
             fh.flush()
     state.wait_for_everyone()

@@ -305,6 +305,9 @@ def merge_stage_chain(stage_dir: str, out: str, dtype: str = "fp32", tolerance: 
             "format": RELEASE_FORMAT, "code_version": __version__, "template": template.name,
             "max_views": int(stage_cfg.get("data", {}).get("max_views", 2)),
             "max_prompt_tokens": int(stage_cfg.get("data", {}).get("max_prompt_tokens", 256)),
+            # what the model takes of the prior study (generation refuses other input, naming data.prior)
+            "prior": str(stage_cfg.get("data", {}).get("prior", "none")),
+            "max_prior_views": int(stage_cfg.get("data", {}).get("max_prior_views", 1)),
             "dtype": dtype, "base": chain[0]["base"],
             # stage folders relative to the release (as stage.json names its parent): no local absolute paths
             "stages": [{"name": s["name"], "dir": os.path.relpath(s["dir"], out_path.resolve()),

@@ -440,13 +440,14 @@ def _loaders(run: Run, records: Records, built: Built) -> Loaders:
         image_cache=pixel_source(built.processor.image_processor, records.image_cache, jpeg_draft=cfg.data.jpeg_draft,
                                  memory=cfg.data.cache_images),
         max_prompt_tokens=cfg.data.max_prompt_tokens,
+        prior=cfg.data.prior, prior_dropout=cfg.data.prior_dropout, max_prior_views=cfg.data.max_prior_views,
     )
     collate.check_image_tokens(core_model(built.model).config)  # refuse an <image> id / query count mismatch now
     val_collate = StudyCollator(
         processor=built.processor, template=records.template, num_query_tokens=built.processor.num_query_tokens,
         decoder_only=collate.decoder_only, mode="train", max_views=cfg.data.max_views,
         max_report_tokens=cfg.data.max_report_tokens, image_cache=collate.image_cache,
-        max_prompt_tokens=cfg.data.max_prompt_tokens,
+        max_prompt_tokens=cfg.data.max_prompt_tokens, prior=cfg.data.prior, max_prior_views=cfg.data.max_prior_views,
     )
     sampler = EpochSampler(len(records.train), cfg.train.seed)
     # the sampler carries the epoch into the loader workers (context dropout depends on it)
@@ -796,6 +797,7 @@ def validation_reports(run: Run, model, loaders: Loaders) -> dict | None:
         processor=loaders.collate.processor, template=loaders.collate.template,
         num_query_tokens=loaders.collate.num_query_tokens, decoder_only=loaders.collate.decoder_only,
         mode="generate", max_views=loaders.collate.max_views, max_prompt_tokens=loaders.collate.max_prompt_tokens,
+        prior=loaders.collate.prior, max_prior_views=loaders.collate.max_prior_views,
     )
     mine = records[acc.process_index:: acc.num_processes]
     # Under ZeRO-3 every rank must run the same number of forward passes (synced_gpus); pad with a repeat.

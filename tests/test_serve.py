@@ -356,7 +356,7 @@ def _bad_cases(rec):
          "above the limit of 40,000,000 pixels"),
         ("zero images", [("indication", (None, b"Cough.", "text/plain"))], {}, 422, "images", "at least one image"),
         ("three views", img * 3, {}, 422, "images", "at most 2 views"),
-        ("four files", img * 4, {}, 422, "images", "too many files"),
+        ("six files", img * 6, {}, 422, "images", "too many files"),  # views + 1 + the prior's images
         ("views mismatch", img, {"views": ["PA", "LATERAL"]}, 422, "views", "1 image"),
         ("unknown template", img, {"template": "no_such_template"}, 422, "template", "unknown template"),
         ("NUL in a context slot", img, {"age": "5\x004"}, 422, "age", "NUL character"),

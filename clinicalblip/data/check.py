@@ -18,6 +18,10 @@ Problems that make a record unusable (errors):
                       impression or findings_impression) has no text (checked when a target is given:
                       train, generate, `data check --template`)
     encoding          text with U+FFFD replacement characters, mojibake ("Ã©", "â€™") or control bytes
+    prior_missing, prior_other_patient, prior_later, prior_other_split, prior_cycle, prior_bad
+                      a broken link to the prior study (`prior_id` naming no record, another patient's or
+                      another split's study, a later one, a chain that comes back; an unusable embedded
+                      `prior`): see clinicalblip.data.priors
 
 Warnings (reported, exit status unaffected): no_patient_id (the leakage check cannot see the record),
 no_view (no image has a view label), unknown_split (a split outside train/val/test, e.g. "dev"), no_split
@@ -48,12 +52,13 @@ from pathlib import Path
 from typing import Callable
 
 from clinicalblip.data.images import ImageLoadError, load_image
+from clinicalblip.data.priors import PRIOR_ERRORS, prior_problems
 from clinicalblip.data.manifest import SPLITS, TEXT_FIELDS, normalize_record, resolve_image_path
 from clinicalblip.data.text import encoding_problem
 from clinicalblip.errors import UserError
 
 ERRORS = ("bad_json", "not_utf8", "missing_id", "duplicate_id", "patient_in_two_splits", "no_images",
-          "missing_image", "unreadable_image", "empty_report", "empty_target", "encoding")
+          "missing_image", "unreadable_image", "empty_report", "empty_target", "encoding") + PRIOR_ERRORS
 WARNINGS = ("no_patient_id", "no_view", "unknown_split", "no_split", "no_findings", "no_impression")
 IMAGE_CHECKS = ("header", "decode", "exists", "none")
 CHECK_VERSION = 2  # bump when a check changes: stored results of older checks are then not reused
@@ -295,6 +300,8 @@ def check_records(records: list[dict], check_images: str | bool = "header", root
         if r is not None and r.get("patient_id") not in (None, "") and r.get("split") in SPLITS:
             patient_splits[str(r["patient_id"])].add(r["split"])
 
+    links = prior_problems(records) if any(r is not None and ("prior_id" in r or "prior" in r)
+                                           for r in records) else None
     image_jobs: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(records):
         if r is None:  # a line that did not parse: its problem is already in _pre
@@ -332,6 +339,11 @@ def check_records(records: list[dict], check_images: str | bool = "header", root
             if bad:
                 ps.append(Problem("encoding", f"{k} {bad}"))
                 break
+        if links is not None:
+            ps += [Problem(code, detail) for code, detail in links[i]]
+            emb = r.get("prior") if r.get("prior_id") in (None, "") else None
+            if isinstance(emb, dict) and isinstance(emb.get("images"), list):  # an embedded prior's own images
+                images = list(images) + [im for im in emb["images"] if isinstance(im, dict)]
         if mode != "none":
             for im in images:
                 p = im.get("path") if isinstance(im, dict) else im
@@ -417,6 +429,11 @@ def _safe_normalize(rec: dict, root: Path, ps: list[Problem]) -> dict:
         fixed.append({"path": resolve_image_path(root, str(p)) if p else None, "view": view})
     out = normalize_record({**rec, "images": []})
     out["images"] = fixed
+    emb = out.get("prior")
+    if isinstance(emb, dict) and isinstance(emb.get("images"), list):  # an embedded prior's images, resolved too
+        out["prior"] = {**emb, "images": [
+            {**im, "path": resolve_image_path(root, str(im["path"]))} if isinstance(im, dict) and im.get("path")
+            else im for im in emb["images"]]}
     return out
 
 

@@ -4,7 +4,8 @@
         --map images=frontal_path,lateral_path --map patient_id=mrn_hash --out manifest.jsonl
 
 Targets: id, patient_id, split, images, views, indication, history, comparison, findings, impression,
-report, age and sex (the templates' {age} and {sex} slots). A target that is not mapped is read from the column of the same name when there is one (images also
+report, age and sex (the templates' {age} and {sex} slots), and the prior study's link: prior_id (another row's id),
+study_date, interval_days. A target that is not mapped is read from the column of the same name when there is one (images also
 from image / image_path / image_paths / path, views from view). `report` is a whole free-text report, split
 into sections the MIMIC-CXR way (sections.py); its sections fill the fields not mapped explicitly, and a
 report without headers becomes the findings.
@@ -29,7 +30,8 @@ from clinicalblip.data.views import normalize_view
 from clinicalblip.jsonl import iter_json_objects
 
 TARGETS = ("id", "patient_id", "split", "images", "views", "indication", "history", "comparison", "findings",
-           "impression", "report", "age", "sex")
+           "impression", "report", "age", "sex", "prior_id", "study_date", "interval_days")
+_PRIOR = ("prior_id", "study_date", "interval_days")  # the prior study (clinicalblip/data/priors.py)
 _TEXT = ("indication", "history", "comparison", "findings", "impression")
 _DEFAULT_COLUMNS = {
     "images": ("images", "image", "image_path", "image_paths", "path"),
@@ -179,6 +181,13 @@ def prepare_table(path: str | os.PathLike, out: str | os.PathLike, fmt: str | No
             v = None if v is None or (isinstance(v, float) and v != v) else str(v).strip()
             if v:
                 rec[k] = int(v) if k == "age" and v.isdigit() else v  # "63" and 63 render alike in prompts
+        for k in _PRIOR:
+            v = get(row, k)
+            if v not in (None, "") and str(v).strip():
+                v = str(v).strip()
+                if k == "prior_id" and v.endswith(".0") and v[:-2].isdigit():
+                    v = v[:-2]
+                rec[k] = int(float(v)) if k == "interval_days" and v.replace(".", "", 1).isdigit() else v
         if keep_columns:
             for k, v in row.items():
                 if k not in used and k not in rec:

@@ -159,6 +159,28 @@ def paired_resampling(base: CaseStats, others: Sequence[CaseStats], resamples: i
     return out
 
 
+CHANGE_METRICS = ("temporal_f1", "change_f1", "invented_comparison_rate")
+
+
+def _add_change_tests(comparisons: list[dict], cases: list[dict], shared: list[str], resamples: int, seed: int) -> None:
+    """Paired tests of the change-aware metrics (clinicalblip.metrics.change), when the files say which studies
+    have a prior: temporal and change F1 over those with one, the invented-comparison rate over those without."""
+    from clinicalblip.metrics.change import paired_change_tests
+
+    per = []
+    for c in cases:
+        ch = c.get("change")
+        if ch is None:
+            return
+        pos = {i: k for k, i in enumerate(ch["ids"])}
+        idx = [pos[i] for i in shared]
+        per.append({k: (v[idx] if hasattr(v, "shape") else v) for k, v in ch.items()
+                    if k in ("has_prior", "temporal", "invented", "counts")})
+    for j, comp in enumerate(comparisons, start=1):
+        for k, res in paired_change_tests(per[0], per[j], resamples, seed).items():
+            comp["metrics"][k] = res
+
+
 # ---------------------------------------------------------------------------------------------- the command
 def compare_files(
     paths: Sequence[str | Path],
@@ -223,12 +245,18 @@ def compare_files(
             block[k] = {"a": a, "b": b, "diff": (b - a) if a is not None and b is not None else res[k]["diff"],
                         "diff_from_statistics": res[k]["diff"], "ci95": res[k]["ci95"], "p": res[k]["p"]}
         comparisons.append({"a": names[0], "b": names[j], "metrics": block})
+    _add_change_tests(comparisons, labels, shared, resamples, seed)
     for k in metric_list:
         adjusted = holm([c["metrics"][k]["p"] for c in comparisons])
         for c, p_adj in zip(comparisons, adjusted):
             c["metrics"][k]["p_holm"] = p_adj
             c["metrics"][k]["significant"] = bool(p_adj < ALPHA)
 
+    for k in CHANGE_METRICS:
+        have = [c for c in comparisons if k in c["metrics"]]
+        for c, p_adj in zip(have, holm([c["metrics"][k]["p"] for c in have])):
+            c["metrics"][k]["p_holm"] = p_adj
+            c["metrics"][k]["significant"] = bool(p_adj < ALPHA)
     result = {
         "systems": systems,
         "shared": len(shared),

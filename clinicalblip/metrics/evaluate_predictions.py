@@ -25,6 +25,7 @@ import numpy as np
 from clinicalblip.jsonl import iter_json_objects
 from clinicalblip.errors import UserError
 from clinicalblip.metrics.casestats import bootstrap_cis, build_case_stats, convention_blocks
+from clinicalblip.metrics.change import change_block, change_cases
 from clinicalblip.metrics.clinical import binarize, clinical_scores
 from clinicalblip.metrics.conventions import CONVENTION_PREFIXES, convention_scores
 from clinicalblip.metrics.labeler import COMMON_FIVE, OBSERVATIONS, CheXbertLabeler, ChexpertRuleLabeler, Labeler
@@ -251,6 +252,12 @@ def evaluate_records(
         clinical["conventions"] = sorted(conv)
     metrics["clinical"] = clinical
     metrics["empty_predictions"] = empty
+    change = change_block(records)  # rows that say whether the study has a prior (generate writes has_prior)
+    if change is not None:
+        metrics["change"] = change
+        for k in ("temporal_f1", "change_f1", "invented_comparison_rate"):
+            if k in change:
+                metrics[k] = change[k]
 
     neural_cases: dict = {}
     if neural_names:
@@ -279,7 +286,7 @@ def evaluate_records(
             "recomputed from per-study sufficient statistics; CIDEr keeps the full reference set's document "
             "frequencies (clinicalblip.metrics.casestats)")
     cases = {"ids": ids, "nlg": nlg_cases, "labels": labels, "binary": (y, p), "stats": stats, "labeler": which,
-             "neural": neural_cases}
+             "neural": neural_cases, "change": change_cases(records)}
     return metrics, cases
 
 

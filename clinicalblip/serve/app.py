@@ -68,6 +68,13 @@ _REPORT_SCHEMA = {
                 "temperature": {"type": "number", "exclusiveMinimum": 0, "description": "with do_sample"},
                 "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "description": "with do_sample"},
                 "repetition_penalty": {"type": "number", "exclusiveMinimum": 0},
+                # the prior study (a model trained with data.prior; /v1/model "prior" says what it takes)
+                "prior_images": {"type": "array", "items": {"type": "string", "format": "binary"},
+                                 "description": "the prior study's images (frontal first)"},
+                "prior_views": {"type": "array", "items": {"type": "string"}},
+                "prior_report": {"type": "string", "description": "the prior study's report"},
+                "prior_date": {"type": "string", "format": "date"},
+                "study_date": {"type": "string", "format": "date", "description": "with prior_date: the interval"},
             }}}},
     },
     "responses": {"200": {"description": "the report", "content": {"application/json": {"example": {
@@ -183,7 +190,7 @@ def create_app(service: ReportService) -> FastAPI:
         return await parse_form(request.headers.get("content-type"), request.stream(),
                                 max_file_bytes=s.max_file_bytes, max_text_bytes=s.max_text_bytes,
                                 max_files=max_files, max_fields=8 + len(TEXT_FIELDS) + len(DECODING_FIELDS)
-                                + 2 * service.max_views)
+                                + 2 * service.max_views + 8)
 
     @app.post("/v1/reports", summary="write a report for one study", openapi_extra=_REPORT_SCHEMA)
     async def reports(request: Request):
@@ -192,7 +199,8 @@ def create_app(service: ReportService) -> FastAPI:
         if batcher.full():  # refuse before reading megabytes of upload
             return _error(503, "queue", "the server is busy; retry later", rid, {"Retry-After": str(s.retry_after_s)})
         try:
-            form = await _read_form(request, max_files=service.max_views + 1)
+            form = await _read_form(request, max_files=service.max_views + 1
+                                    + getattr(service.front, "max_prior_views", 0))
             request.state.log_extra = f" in={form.nbytes}B images={len(form.files)}"
             if form.nbytes < INLINE_PREP_BYTES:
                 prepared = service.prepare(form)
@@ -228,7 +236,8 @@ def create_app(service: ReportService) -> FastAPI:
         out = {"id": rid, "report": report, "prompt": prepared["prompt"], "views": prepared["views"],
                "model_hash": service.facts["model_hash"], "template": prepared["template"],
                "decoding": prepared["decoding"], "timings_ms": timings, "batch_size": job.batch_size,
-               "findings": service.findings(report), "code_version": service.facts["code_version"]}
+               "findings": service.findings(report), "code_version": service.facts["code_version"],
+               "prior": prepared.get("prior")}
         if prepared["ignored"]:
             out["warnings"] = [f"template '{prepared['template']}' has no '{n}' slot: {n} was not used"
                                for n in prepared["ignored"]]

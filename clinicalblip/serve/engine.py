@@ -18,13 +18,14 @@ from clinicalblip.metrics.labeler import OBSERVATIONS, label_report
 from clinicalblip.prompts import KNOWN_SLOTS, Template, TemplateError, available_templates, load_template
 from clinicalblip.serve.batching import merge_batches
 from clinicalblip.serve.forms import Form, FormError
+from clinicalblip.serve.prior import PRIOR_FIELDS, attach_form_prior
 from clinicalblip.serve.worker import ModelWorker
 from clinicalblip.study import CONTEXT_FIELDS, StudyInputError, check_decoding, check_views, study_record
 
 MB = 2**20
 TEXT_FIELDS = CONTEXT_FIELDS  # every template slot but views: indication, history, comparison, age, sex, hints
 DECODING_FIELDS = ("num_beams", "max_new_tokens", "do_sample", "temperature", "top_p", "repetition_penalty")
-FORM_FIELDS = ("images", "views", "template") + TEXT_FIELDS + DECODING_FIELDS
+FORM_FIELDS = ("images", "views", "template") + TEXT_FIELDS + DECODING_FIELDS + PRIOR_FIELDS
 DEFAULT_CARD = (
     "Research on radiology report generation. Not a medical device and not for clinical use: generated reports "
     "can be wrong, omit findings or invent them, and must not be used for diagnosis without review by a "
@@ -185,6 +186,8 @@ class ReportService:
             "templates": self.templates,
             "decoding_defaults": {"num_beams": 1, "max_new_tokens": self.front.max_new_tokens, "do_sample": False,
                                   "temperature": 1.0, "top_p": 1.0, "repetition_penalty": 1.0},
+            "prior": {"takes": getattr(self.front, "prior", "none"),
+                      "max_prior_views": getattr(self.front, "max_prior_views", 1)},
             "limits": {"max_views": self.max_views, "max_file_bytes": s.max_file_bytes,
                        "max_text_bytes": s.max_text_bytes, "max_pixels": s.max_pixels,
                        "max_new_tokens": s.max_new_tokens_limit, "max_beams": s.max_beams,
@@ -227,8 +230,8 @@ class ReportService:
                         else f"unknown field '{name[:40]}'")
                 raise FormError(422, name[:40], f"{hint} (known fields: {', '.join(FORM_FIELDS)})")
         for f in form.files:
-            if f.field != "images":
-                raise FormError(422, f.field, "files go in the 'images' field")
+            if f.field not in ("images", "prior_images"):
+                raise FormError(422, f.field, "files go in the 'images' field (the prior study's in 'prior_images')")
         if "images" in form.fields:
             raise FormError(422, "images", "'images' must be uploaded files, not text")
 
@@ -263,16 +266,20 @@ class ReportService:
             record = study_record(pil, views, texts, key="image")
         except StudyInputError as exc:
             raise FormError(422, exc.field, exc.message) from None
+        prior = attach_form_prior(self, record, form)
         collate = self.front.collator(tpl)
         collate.max_views = self.max_views
         with self._collate_lock:
             batch = collate([record])
         ignored = [n for n in TEXT_FIELDS if texts[n] and n not in tpl.slots]
+        if prior in ("report", "both") and "prior" not in tpl.slots:
+            ignored.append("prior")  # the template cannot show the prior report (its images are still used)
         from clinicalblip.data.collate import ordered_images
 
         used = [im.get("view") for im in ordered_images(record, self.max_views)]
         return {"batch": batch, "decoding": decoding, "template": tpl.name, "prompt": batch["prompts"][0],
                 "views": used, "ignored": ignored, "preprocessing_ms": (time.perf_counter() - t0) * 1000,
+                "prior": prior,
                 "image_bytes": [len(f.data) for f in images]}
 
     # ------------------------------------------------------------------ generation (batcher thread)
