@@ -686,6 +686,11 @@ def _add_merge(sub) -> None:
 def _cmd_merge(args) -> int:
     from clinicalblip.merge import merge_stage_chain
 
+    if args.metrics:  # a wrong file is refused before the chain is read (its chain check comes in merge)
+        from clinicalblip.metrics.evaluate_predictions import read_metrics_file
+
+        read_metrics_file(args.metrics)
+
     info = merge_stage_chain(args.stage_dir, args.out, dtype=args.dtype, tolerance=args.tolerance,
                              max_shard_size=args.max_shard_size, metrics=args.metrics, push_to_hub=args.push_to_hub,
                              force_metrics=args.force_metrics)

@@ -208,6 +208,8 @@ def test_generate_checks_records_before_loading(stage1_dir, synth_manifest, tmp_
     from clinicalblip.generate import generate_split
 
     def missing(tests):
+        for t in tests:  # no prior links here: the prior case is below
+            t.pop("prior_id", None), t.pop("prior", None)
         tests[1]["images"] = [{"path": "no/such.png", "view": "PA"}]
 
     m, tests = _test_split_manifest(synth_manifest, "missing_image.jsonl", missing)
@@ -225,6 +227,17 @@ def test_generate_checks_records_before_loading(stage1_dir, synth_manifest, tmp_
     assert sorted(r["id"] for r in _rows(out)) == sorted([tests[0]["id"], tests[2]["id"]])
     meta = json.loads(Path(str(out) + ".meta.json").read_text())
     assert meta["max_report_tokens"] == 96  # the stage's data.max_report_tokens (configs/tiny/stage1.yaml)
+
+    # a study whose prior's image is missing is unusable too (the prior's images are its inputs)
+    def prior_missing(tests):
+        for t in tests:
+            t.pop("prior_id", None), t.pop("prior", None)
+        tests[2]["prior"] = {"images": [{"path": "no/prior.png", "view": "PA"}], "findings": "Clear lungs."}
+
+    m, tests = _test_split_manifest(synth_manifest, "prior_missing_image.jsonl", prior_missing)
+    with pytest.raises(UserError) as err:
+        generate_split(str(stage1_dir), str(m), "test", str(tmp_path / "p2.jsonl"))
+    assert f"1 of 3 records of split 'test' are unusable: {tests[2]['id']} (missing_image)" in _one_line_error(err.value)
 
 
 def test_generate_refuses_duplicate_ids_and_counts_records_without_a_target(stage1_dir, synth_manifest, tmp_path,

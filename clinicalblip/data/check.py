@@ -61,7 +61,7 @@ ERRORS = ("bad_json", "not_utf8", "missing_id", "duplicate_id", "patient_in_two_
           "missing_image", "unreadable_image", "empty_report", "empty_target", "encoding") + PRIOR_ERRORS
 WARNINGS = ("no_patient_id", "no_view", "unknown_split", "no_split", "no_findings", "no_impression")
 IMAGE_CHECKS = ("header", "decode", "exists", "none")
-CHECK_VERSION = 2  # bump when a check changes: stored results of older checks are then not reused
+CHECK_VERSION = 3  # bump when a check changes: stored results of older checks are then not reused
 
 
 class BadRecordsError(UserError):
@@ -341,8 +341,8 @@ def check_records(records: list[dict], check_images: str | bool = "header", root
                 break
         if links is not None:
             ps += [Problem(code, detail) for code, detail in links[i]]
-            emb = r.get("prior") if r.get("prior_id") in (None, "") else None
-            if isinstance(emb, dict) and isinstance(emb.get("images"), list):  # an embedded prior's own images
+            emb = r.get("prior")  # embedded, or linked from prior_id by read_manifest: the prior's images are
+            if isinstance(emb, dict) and isinstance(emb.get("images"), list):  # inputs of this study too
                 images = list(images) + [im for im in emb["images"] if isinstance(im, dict)]
         if mode != "none":
             for im in images:
