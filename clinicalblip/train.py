@@ -330,8 +330,13 @@ def _model(run: Run, records: Records) -> Built:
 def _load_model(run: Run, records: Records) -> Built:
     cfg, out_dir, main, acc = run.cfg, run.out_dir, run.main, run.accelerator
     quant = cfg.model.quantization
+    # Everything arrives in the training dtype (no fp32 copy of a bf16 model at any time). The parts trained
+    # `full` are read in fp32 for the optimizer, from the checkpoint's stored values. Under DeepSpeed the engine
+    # casts the whole module to bf16 and keeps its own fp32 master weights: everything loads in bf16 there.
+    fp32_parts = () if run.zero or quant != "none" or cfg.model.dtype == "fp32" else \
+        tuple(c for c in COMPONENTS if getattr(cfg.trainable, c) == "full")
     if cfg.parent:
-        model, processor, chain = load_stage_model(cfg.parent)
+        model, processor, chain = load_stage_model(cfg.parent, dtype=cfg.model.dtype, fp32_components=fp32_parts)
         if quant != "none":
             # QLoRA child: the merged parent chain is quantized in memory (no full-precision copy on disk).
             model = quantize_from_model(model, quant, cfg.model.dtype)
@@ -344,22 +349,25 @@ def _load_model(run: Run, records: Records) -> Built:
         saved_base = out_dir / "base"
         if is_builtin(cfg.model.base):
             if not ((saved_base / "config.json").is_file() and cfg.train.resume != "none"):
-                # Built once, on the main process, and saved with the stage (the chain stays self-contained).
+                # Built once, on the main process, in the training dtype, and saved with the stage (the chain
+                # stays self-contained).
                 if main:
-                    model, processor = build_base(cfg.model.base, dtype="fp32", corpus=_corpus(records.train),
-                                                  seed=cfg.train.seed, layers=cfg.model.layers)
+                    model, processor = build_base(cfg.model.base, dtype=cfg.model.dtype,
+                                                  corpus=_corpus(records.train), seed=cfg.train.seed,
+                                                  layers=cfg.model.layers)
                     model.save_pretrained(saved_base)
                     processor.save_pretrained(saved_base)
                     del model
                 acc.wait_for_everyone()
             # Every rank loads the saved copy: the very same base everywhere, and under ZeRO-3 a model built
             # from config after the Accelerator exists would be partitioned half-initialised.
-            model, processor = load_pretrained(str(saved_base), quantization=quant,
-                                               dtype="fp32" if quant == "none" else cfg.model.dtype)
+            model, processor = load_pretrained(str(saved_base), quantization=quant, dtype=cfg.model.dtype,
+                                               fp32_components=fp32_parts)
             base = {"name": cfg.model.base, "path": "base", "fingerprint": fingerprint(saved_base)}
         else:
-            model, processor = load_pretrained(cfg.model.base, dtype="fp32" if quant == "none" else cfg.model.dtype,
-                                               trust_remote_code=cfg.model.trust_remote_code, quantization=quant)
+            model, processor = load_pretrained(cfg.model.base, dtype=cfg.model.dtype, quantization=quant,
+                                               trust_remote_code=cfg.model.trust_remote_code,
+                                               fp32_components=fp32_parts)
             base = describe_base(cfg.model.base)  # a hub id is pinned to its cached snapshot's commit
         parent_desc = "none (base)"
     model.train()
