@@ -42,7 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-FAMILY = {"shape-vicuna7b": "vicuna7b", "shape-flant5xl": "flant5xl"}
+FAMILY = {"shape-vicuna7b": "vicuna7b", "shape-flant5xl": "flant5xl", "tiny": "tiny"}  # tiny: a smoke test
 STEPS = ("base", "stage1", "stage2", "merge", "reload")
 # One optimizer step at batch 1 with 2 views; no validation, no checkpoint: the stage's own memory only.
 SHORT = ["train.max_steps=1", "train.batch_size=1", "train.grad_accum=1", "data.max_views=2", "data.val_max=0",
@@ -103,7 +103,7 @@ def child_train(work: Path, preset: str, layers: int, name: str, extra: list[str
     """One stage; the write of the stage folder measured apart (peak reset before it)."""
     import clinicalblip.train as train
 
-    phases: dict = {}
+    phases: dict = {"import_rss_gib": hwm_gib()}  # python + torch + transformers, before any model
     t0 = time.perf_counter()
     write = train.write_stage
 
@@ -150,12 +150,11 @@ def child_reload(work: Path) -> dict:
 
 def child_rank(work: Path, preset: str, layers: int, name: str, tag: str) -> None:
     """One stage under accelerate launch: every rank writes its own peak RSS."""
-    base_rss = hwm_gib()
     phases = child_train(work, preset, layers, name, [f"output_dir={work / f'{name}-{tag}'}"]
                          + ([f"parent={work / f'stage1-{tag}'}"] if name == "stage2" else []))
     rank = int(os.environ.get("RANK", "0"))
     out = {"rank": rank, "peak_rss_gib": max(hwm_gib(), phases.get("train", {}).get("peak_rss_gib", 0.0)),
-           "import_rss_gib": base_rss, **phases}
+           **phases}
     (work / f"rank-{name}-{tag}-{rank}.json").write_text(json.dumps(out))
 
 
@@ -214,7 +213,9 @@ def run_ranks(args, work: Path, preset: str, layers: int) -> dict:
     single, facts = run_steps(args, work, preset, layers, ["base", "stage1", "stage2"])
     model_gib = facts["base"]["weights_bytes"] / GIB
     rows = [{"backend": "single", "stage": r["step"], "rank": 0, "peak_rss_gib": r["peak_rss_gib"],
-             "fraction_of_model": round(r["peak_rss_gib"] / model_gib, 2)}
+             "import_rss_gib": round(facts[r["step"]]["import_rss_gib"], 2),
+             "fraction_of_model": round(r["peak_rss_gib"] / model_gib, 2),
+             "fraction_above_import": round((r["peak_rss_gib"] - facts[r["step"]]["import_rss_gib"]) / model_gib, 2)}
             for r in single if r["step"] in ("stage1", "stage2")]
     me = str(Path(__file__).resolve())
     for tag, cfg_file in (("ddp", "cpu.yaml"), ("zero3", "zero3.yaml")):
@@ -232,6 +233,8 @@ def run_ranks(args, work: Path, preset: str, layers: int) -> dict:
                              "peak_rss_gib": round(got["peak_rss_gib"], 2) if got else None,
                              "import_rss_gib": round(got["import_rss_gib"], 2) if got else None,
                              "fraction_of_model": round(got["peak_rss_gib"] / model_gib, 2) if got else None,
+                             "fraction_above_import": round((got["peak_rss_gib"] - got["import_rss_gib"]) / model_gib,
+                                                            2) if got else None,
                              "wall_s": round(wall, 1)})
             print(f"{tag:<6} {name}: rc={rc} {wall:.0f} s", flush=True)
             if rc != 0:
@@ -306,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n2 ranks at layers={rk['layers']} (model {rk['model_gib']} GiB): peak RSS per rank / model size")
         for r in rk["rows"]:
             print(f"{r['backend']:<7} {r['stage']:<7} rank {r['rank']}  {r['peak_rss_gib']} GiB  "
-                  f"{r['fraction_of_model']}x")
+                  f"{r['fraction_of_model']}x  ({r['fraction_above_import']}x above the {r['import_rss_gib']} GiB "
+                  "of imports)")
     print(f"wrote {out_dir / 'host_memory.json'}")
     return 0 if all(r["ok"] for r in results) else 1
 
