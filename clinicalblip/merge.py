@@ -215,7 +215,10 @@ def merge_stage_chain(stage_dir: str, out: str, dtype: str | None = None, tolera
             got = _logits(reloaded, probe)
             diff = _max_diff(got, ref)
             scale = max(1.0, ref.abs().max().item()) if torch.isfinite(ref).all() else 1.0
-            tol = tolerance if tolerance is not None else (1e-3 if dtype == "fp32" else 3e-2 * scale)
+            # Half precision: the live adapter and the merged weights round differently (a LoRA delta below one
+            # bf16 step of its weight is lost in the merge), and 8 mantissa bits of noise per layer add up: at
+            # full-depth shape-vicuna7b two such bf16 forwards differ by 3.1% of max |logit| (0.199 at 6.4).
+            tol = tolerance if tolerance is not None else (1e-3 if dtype == "fp32" else 6e-2 * scale)
             del reloaded
             trained_diff = None
             if quantization != "none":
