@@ -157,3 +157,22 @@ def test_merge_default_dtype_follows_an_fp32_base(stage2_dir, tmp_path):
 
     info = merge_stage_chain(str(stage2_dir), str(tmp_path / "release"))
     assert info["dtype"] == "fp32" and info["max_abs_logit_diff"] <= 1e-3
+
+
+def test_host_memory_benchmark_writes_one_row_per_step(tmp_path):
+    """The benchmark's own plumbing on the tiny preset: one child per step, peaks and times in host_memory.json."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "host_memory.py"), "--preset", "tiny",
+                           "--steps", "base,stage1", "--no-ranks", "--out", str(tmp_path / "out"),
+                           "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads((tmp_path / "out" / "host_memory.json").read_text())
+    assert [r["step"] for r in got["results"]] == ["base", "stage1", "write1"]
+    assert all(r["ok"] and 0.1 < r["peak_rss_gib"] < 8 and r["wall_s"] >= 0 for r in got["results"])
+    assert got["results"][0]["wall_s"] > 1  # a child process: imports and the build at least
+    n = got["parameters"]
+    assert got["weights_gib"] == round(n * 4 / 2**30, 3)  # the tiny stage trains in fp32
+    assert (tmp_path / "work" / "stage1" / "stage.json").is_file()
