@@ -46,7 +46,7 @@ from clinicalblip.model import (
 )
 from clinicalblip.prompts import Template, load_template, target_text
 from clinicalblip.policy import apply_trainable, component_of, core_model, format_report
-from clinicalblip.shapes import full_depth_line
+from clinicalblip.shapes import _no_zero3, full_depth_line
 from clinicalblip.stages import load_stage_model, read_stage, write_stage
 
 # Keys that may change between a run and its resume (they do not change what is trained).
@@ -315,6 +315,15 @@ def _model(run: Run, records: Records) -> Built:
     """The parent chain (merged) or the base, then this stage's trainable policy and precision."""
     if run.zero != 3:
         return _load_model(run, records)
+    if not run.cfg.parent and run.cfg.model.quantization == "none":
+        # A root stage loads partitioned: transformers reads the checkpoint under zero.Init, so each rank holds
+        # its 1/N of the base, never a whole copy.
+        built = _load_model(run, records)
+        params = list(built.model.parameters())
+        sharded = sum(1 for p in params if hasattr(p, "ds_id"))
+        run.log(f"ZeRO-3: base loaded partitioned (zero.Init), {sharded} of {len(params)} tensors sharded over "
+                f"{run.accelerator.num_processes} ranks")
+        return built
     # Under ZeRO-3, transformers partitions weights while loading (zero.Init, switched on by the config that
     # accelerate registers, whatever zero3_init_flag says); a parent's weights and LoRA could then not be
     # applied. Every rank loads whole weights instead, and deepspeed.initialize partitions them.
@@ -352,9 +361,10 @@ def _load_model(run: Run, records: Records) -> Built:
                 # Built once, on the main process, in the training dtype, and saved with the stage (the chain
                 # stays self-contained).
                 if main:
-                    model, processor = build_base(cfg.model.base, dtype=cfg.model.dtype,
-                                                  corpus=_corpus(records.train), seed=cfg.train.seed,
-                                                  layers=cfg.model.layers)
+                    with _no_zero3():  # built whole on the main process, saved, then loaded partitioned
+                        model, processor = build_base(cfg.model.base, dtype=cfg.model.dtype,
+                                                      corpus=_corpus(records.train), seed=cfg.train.seed,
+                                                      layers=cfg.model.layers)
                     model.save_pretrained(saved_base)
                     processor.save_pretrained(saved_base)
                     del model
@@ -383,6 +393,9 @@ def _load_model(run: Run, records: Records) -> Built:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # with a frozen embedding layer, checkpointed blocks need inputs that require grad (PEFT's note)
         model.enable_input_require_grads()
+    # New LoRA weights draw from the seed, not from whatever loading consumed (a ZeRO-3 partitioned load
+    # initialises modules before it copies the weights in): every backend starts from the same adapter.
+    set_seed(cfg.train.seed)
     model, report = apply_trainable(model, cfg)
     if cfg.model.dtype != "fp32" and not run.zero:
         # Frozen weights in the low-precision dtype (half the memory); trainable ones fp32 for the optimizer.

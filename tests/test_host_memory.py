@@ -176,3 +176,35 @@ def test_host_memory_benchmark_writes_one_row_per_step(tmp_path):
     n = got["parameters"]
     assert got["weights_gib"] == round(n * 4 / 2**30, 3)  # the tiny stage trains in fp32
     assert (tmp_path / "work" / "stage1" / "stage.json").is_file()
+
+
+@pytest.mark.distributed
+def test_zero3_root_stage_loads_partitioned_and_trains_like_one_process(synth_manifest, tmp_path):
+    """A root stage under ZeRO-3 loads its base under zero.Init (each rank 1/N of it) and trains the same stage
+    as one process: LoRA (seeded after loading), full components and the trainable report all equal."""
+    import yaml
+    from launch import LAUNCHERS, REPO, losses, max_diff, train, weights
+
+    data = yaml.safe_load((REPO / "configs" / "tiny" / "stage2.yaml").read_text())
+    data.pop("parent", None)
+    data.setdefault("model", {})["base"] = "tiny"
+    cfg = tmp_path / "root.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    common = [f"data.manifest={synth_manifest}", "data.val_max=0", "data.context_dropout=0.0", "train.log_every=1",
+              "optim.schedule=constant", "optim.warmup_ratio=0", "lora.init=gaussian", "lora.language_model.dropout=0",
+              "train.seed=1", "train.max_steps=2", "optim.max_grad_norm=0"]
+    one = train([cfg, f"output_dir={tmp_path / 'one'}", "train.batch_size=4", *common])
+    assert one.returncode == 0, one.stderr[-3000:]
+    z3 = train([cfg, f"output_dir={tmp_path / 'z3'}", "train.batch_size=2", *common], launcher=LAUNCHERS["zero3"])
+    assert z3.returncode == 0, z3.stderr[-3000:]
+    assert "DeepSpeed ZeRO-3" in z3.stdout
+    loaded = [line for line in z3.stdout.splitlines() if "base loaded partitioned" in line]
+    assert len(loaded) == 1, z3.stdout[-2000:]  # logged once, by the main process
+    sharded, total = map(int, loaded[0].split("zero.Init), ")[1].split(" tensors")[0].split(" of "))
+    assert sharded > 0.5 * total  # the base's tensors (the new LoRA ones are partitioned by deepspeed later)
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "z3")
+    assert len(a) == len(b) == 2 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (a, b)
+    got = weights(tmp_path / "z3")
+    assert all(t.numel() > 0 for t in got.values()) and max_diff(got, weights(tmp_path / "one")) <= 1e-5
+    info = [json.loads((tmp_path / d / "stage.json").read_text())["trainable"] for d in ("one", "z3")]
+    assert info[0] == info[1] and info[1]["total"]["frozen"] > 0  # counted from ds_numel, not 0-size shards
