@@ -2,9 +2,7 @@
 
 __version__ = "0.1.0"
 
-import logging as _logging
+from clinicalblip import _imports
 
-# bitsandbytes (imported by peft whenever it is installed) warns at import on every CPU with AVX512-BF16 that
-# it cannot fetch an optional kernel from the Hugging Face hub; it then uses its own CPU kernel. The warning
-# is noise on every command, so this one logger is quietened (nothing else is).
-_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
+# No network at import and no third-party notices the user cannot act on: see clinicalblip/_imports.py.
+_imports.install()

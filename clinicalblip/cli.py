@@ -306,6 +306,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--no-report", action="store_true", help="write metrics.json only")
     p.add_argument("--chexbert-weights", help="local chexbert.pth (with --labeler chexbert)")
     p.add_argument("--chexbert-tokenizer", help="local bert-base-uncased folder (with --labeler chexbert)")
+    _add_neural_args(p)
     _add_viewer_args(p, "--html", "also write the self-contained HTML case viewer here")
 
     def run(args) -> int:
@@ -315,7 +316,8 @@ def _add_eval(sub) -> None:
             args.predictions, args.out, protocol=args.protocol, labeler=args.labeler, bootstrap=args.bootstrap,
             seed=args.seed, report_md=not args.no_report, skip_java_metrics=args.skip_java_metrics,
             uncertain_as=args.uncertain_as, chexbert_weights=args.chexbert_weights,
-            chexbert_tokenizer=args.chexbert_tokenizer, return_cases=True,
+            chexbert_tokenizer=args.chexbert_tokenizer, return_cases=True, metrics_dir=args.metrics_dir,
+            neural=args.metrics,
         )
         print(format_summary(metrics))
         print(f"wrote {args.out}" + (f" and {metrics['report']}" if metrics.get("report") else ""))
@@ -328,6 +330,62 @@ def _add_eval(sub) -> None:
         return 0
 
     p.set_defaults(func=run)
+
+
+def _add_neural_args(p) -> None:
+    p.add_argument("--metrics-dir", help="the weights folder of the neural metrics (`clinicalblip metrics fetch`); "
+                                         "read only, nothing is downloaded")
+    p.add_argument("--metrics", help="neural metrics, comma-separated: chexbert, sembscore, bertscore, "
+                                     "bertscore-radeval, radgraph, radgraph-xl, radcliq, rexrank (= bertscore, "
+                                     "sembscore, radgraph, radcliq)")
+
+
+def _add_metrics(sub) -> None:
+    p = sub.add_parser("metrics", help="the neural metrics' weights folder: fetch, check, parity",
+                       description="Fetch the weights of CheXbert, RadGraph and the BERTScore encoders into one "
+                                   "folder (needs the network, only here), check their sha256, and compare our "
+                                   "implementation against the reference packages.")
+    msub = p.add_subparsers(dest="metrics_cmd", required=True)
+    f = msub.add_parser("fetch", help="download the weights at their recorded revisions (needs the network)")
+    f.add_argument("--to", required=True, help="the weights folder to write")
+
+    def run_fetch(args) -> int:
+        from clinicalblip.metrics.weights import FILES, fetch
+
+        root = fetch(args.to)
+        print(f"wrote {len(FILES)} files, SHA256SUMS and fetch.json to {root}")
+        return 0
+
+    f.set_defaults(func=run_fetch)
+    c = msub.add_parser("check", help="verify every file's sha256; names missing and different files")
+    c.add_argument("dir", help="the weights folder")
+
+    def run_check(args) -> int:
+        from clinicalblip.metrics.weights import check
+
+        res = check(args.dir)
+        print("\n".join(res["lines"]))
+        print(f"{len(res['verified'])} verified, {len(res['missing'])} missing, {len(res['different'])} different, "
+              f"{len(res['unknown'])} without a recorded hash")
+        return 0 if res["ok"] else 1
+
+    c.set_defaults(func=run_check)
+    q = msub.add_parser("parity", help="our metrics vs the reference packages (run in another Python) on reports")
+    q.add_argument("--reference-python", required=True,
+                   help="a Python interpreter with f1chexbert / radgraph / bert_score installed (older transformers)")
+    q.add_argument("--reports", required=True, help="predictions JSONL ({id, prediction, reference})")
+    q.add_argument("--metrics-dir", required=True, help="the weights folder (parity.json is written there)")
+    q.add_argument("--metrics", default="chexbert,radgraph,bertscore", help="which metrics to compare")
+    q.add_argument("--tolerance", type=float, default=None, help="largest allowed difference (default: per metric)")
+
+    def run_parity(args) -> int:
+        from clinicalblip.metrics.parity import format_parity, run_parity
+
+        res = run_parity(args.reference_python, args.reports, args.metrics_dir, args.metrics, args.tolerance)
+        print(format_parity(res))
+        return 0 if res["passed"] else 1
+
+    q.set_defaults(func=run_parity)
 
 
 def _add_viewer_args(p, flag: str, help_text: str) -> None:
@@ -396,6 +454,7 @@ def _add_compare(sub) -> None:
     p.add_argument("--skip-java-metrics", action="store_true", help="skip METEOR (it needs Java)")
     p.add_argument("--min-overlap", type=float, default=0.9,
                    help="refuse when the files share fewer than this fraction of the largest file's studies")
+    _add_neural_args(p)
 
     def run(args) -> int:
         from clinicalblip.metrics.compare import compare_files, format_table, guess_viewer
@@ -406,6 +465,7 @@ def _add_compare(sub) -> None:
             args.predictions, args.out, names=args.names, resamples=args.resamples, seed=args.seed,
             protocol=args.protocol, labeler=args.labeler, uncertain_as=args.uncertain_as,
             skip_java_metrics=args.skip_java_metrics, min_overlap=args.min_overlap, progress=True,
+            metrics_dir=args.metrics_dir, neural=args.metrics,
         )
         print(format_table(result))
         print(f"wrote {args.out}")
@@ -540,7 +600,7 @@ typical order:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clinicalblip", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{data,train,generate,eval,view,compare,label,merge,serve}")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{data,train,generate,eval,view,compare,label,merge,serve,metrics}")
     _add_data(sub)
     _add_train(sub)
     _add_generate(sub)
@@ -550,6 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_label(sub)
     _add_merge(sub)
     _add_serve(sub)
+    _add_metrics(sub)
     return parser
 
 

@@ -135,6 +135,10 @@ class TrainConfig:
     keep_last: int = 2
     resume: str = "auto"  # auto | none | PATH to a checkpoint folder
     val_generate: int = 0  # val studies to generate for metrics at each validation (0 = loss only)
+    # One more metrics.json key logged on those reports, e.g. rules_micro5_upos, chexbert_micro14_upos,
+    # radgraph_partial, bertscore_f1 (neural ones read val_metrics_dir, the `clinicalblip metrics fetch` folder).
+    val_metric: str = ""
+    val_metrics_dir: str = ""
     report_to: str = "none"  # none | tensorboard | wandb
     # Write the stage from the weights with the lowest val loss seen (val, never test), not the last ones.
     select_best: bool = False

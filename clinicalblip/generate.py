@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from tqdm.auto import tqdm
+from clinicalblip.progress import progress
 
 from clinicalblip import __version__
 from clinicalblip.data.cache import find_image_cache, pixel_source
@@ -410,7 +410,7 @@ def generate_split(model_dir: str, manifest: str, split: str, out: str, template
     _drop_partial_tail(part)
     with open(part, "a", encoding="utf-8") as fh:
         batches = make_loader(todo, batch_size, collate, num_workers=num_workers, return_records=True)
-        for chunk, batch in tqdm(batches, desc=f"generate {split}", unit="batch", disable=not main):
+        for chunk, batch in progress(batches, desc=f"generate {split}", unit="batch", disable=not main):
             texts = rm.generate_batch(batch, max_new_tokens=max_new_tokens, num_beams=num_beams, **generate_kwargs)
             for rec, text, prompt in zip(chunk, texts, batch["prompts"]):
                 row = {"id": rec["id"], "prediction": text, "reference": target_text(tpl, rec), "prompt": prompt,

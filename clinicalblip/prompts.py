@@ -53,9 +53,11 @@ class Rendered:
 
 
 def prompts_dir() -> Path:
-    """The shipped prompts/ folder (CLINICALBLIP_PROMPTS overrides)."""
+    """The shipped templates, clinicalblip/templates/ (package data; the repo's prompts/ links to it).
+
+    CLINICALBLIP_PROMPTS overrides."""
     env = os.environ.get("CLINICALBLIP_PROMPTS")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "prompts"
+    return Path(env) if env else Path(__file__).resolve().parent / "templates"
 
 
 def _slots_of(text: str) -> list[str]:

@@ -22,7 +22,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 from torch.utils.data import DataLoader, Sampler
-from tqdm.auto import tqdm
+from clinicalblip.progress import progress as progress_bar
+from clinicalblip.progress import write as log_line
 from transformers import get_scheduler
 
 from clinicalblip import __version__
@@ -51,7 +52,7 @@ from clinicalblip.stages import load_stage_model, read_stage, write_stage
 
 # Keys that may change between a run and its resume (they do not change what is trained).
 RESUMABLE_KEYS = ("train.log_every", "train.save_every", "train.keep_last", "train.report_to", "train.resume",
-                  "train.val_generate", "data.num_workers", "data.check_images", "data.cache_images",
+                  "train.val_generate", "train.val_metric", "train.val_metrics_dir", "data.num_workers", "data.check_images", "data.cache_images",
                   "data.image_cache", "output_dir")
 
 
@@ -257,6 +258,15 @@ def _checks(cfg: StageConfig) -> Run:
         raise UserError("model.dtype=fp16 is not supported on CPU: use fp32 (or bf16)")
     if cfg.model.quantization != "none":
         quantization_config(cfg.model.quantization, cfg.model.dtype)  # bitsandbytes present?
+    if cfg.train.val_metric:
+        from clinicalblip.metrics.neural_eval import metric_for_key
+        from clinicalblip.metrics.weights import require
+
+        if not cfg.train.val_generate:
+            raise UserError("train.val_metric needs train.val_generate > 0 (the reports it is computed on)")
+        needs = metric_for_key(cfg.train.val_metric)
+        if needs:  # a missing weights file fails now, not at the first validation
+            require(cfg.train.val_metrics_dir or None, [needs])
     accelerator = make_accelerator(cfg)
     zero = zero_stage(accelerator)
     if cfg.model.quantization != "none" and zero == 3:
@@ -623,8 +633,8 @@ def _fit(run: Run, built: Built, loaders: Loaders, sched: Schedule, progress: Pr
 
     fit = Fit(global_step=progress.global_step)
     t_interval, samples_interval, loss_interval, n_interval = time.perf_counter(), 0, 0.0, 0
-    bar = tqdm(total=sched.total_steps, initial=fit.global_step, desc=cfg.name,
-               disable=not acc.is_local_main_process, dynamic_ncols=True)
+    bar = progress_bar(total=sched.total_steps, initial=fit.global_step, desc=cfg.name, unit="step",
+                       disable=not acc.is_local_main_process)
     model.train()
     done = fit.global_step >= sched.total_steps
     for epoch in range(progress.epoch, sched.num_epochs):
@@ -680,7 +690,7 @@ def _fit(run: Run, built: Built, loaders: Loaders, sched: Schedule, progress: Pr
                        "samples_per_s": samples_interval / max(dt, 1e-9), "peak_mem_gib": _peak_memory_gib()}
                 bar.set_postfix(loss=f"{row['loss']:.3f}")
                 if run.main:
-                    tqdm.write(f"step {fit.global_step}/{sched.total_steps} | epoch {epoch} | loss {row['loss']:.4f} | "
+                    log_line(f"step {fit.global_step}/{sched.total_steps} | epoch {epoch} | loss {row['loss']:.4f} | "
                                f"lr {row['lr']:.2e} | grad {row['grad_norm'] or 0:.2f} | "
                                f"{row['samples_per_s']:.1f} samples/s | peak {row['peak_mem_gib']:.2f} GiB")
                 log_metrics(row)
@@ -730,7 +740,7 @@ def _validate(run: Run, model, loaders: Loaders, fit: Fit, epoch: int, log_metri
     fit.best_val = min(fit.best_val, fit.last_val)
     log_metrics({"step": fit.global_step, "epoch": epoch, "val_loss": fit.last_val})
     if run.main:
-        tqdm.write(f"step {fit.global_step} | val_loss {fit.last_val:.4f}")
+        log_line(f"step {fit.global_step} | val_loss {fit.last_val:.4f}")
     if run.cfg.train.val_generate:
         row = validation_reports(run, model, loaders)
         if row:
@@ -782,8 +792,14 @@ def validation_reports(run: Run, model, loaders: Loaders) -> dict | None:
     ids = [i for i in refs if i in pairs]
     scores = clinical_scores([label_report(refs[i]) for i in ids], [label_report(pairs[i]) for i in ids],
                              bootstrap=0)
-    return {"val_generated": len(ids), "val_clinical_macro_f1": scores["macro"]["f1"],
-            "val_clinical_micro_f1": scores["micro"]["f1"], "val_sample": {ids[0]: pairs[ids[0]]} if ids else {}}
+    row = {"val_generated": len(ids), "val_clinical_macro_f1": scores["macro"]["f1"],
+           "val_clinical_micro_f1": scores["micro"]["f1"], "val_sample": {ids[0]: pairs[ids[0]]} if ids else {}}
+    if cfg.train.val_metric and ids:
+        from clinicalblip.metrics.neural_eval import named_metric
+
+        row[f"val_{cfg.train.val_metric}"] = named_metric(cfg.train.val_metric, [refs[i] for i in ids],
+                                                         [pairs[i] for i in ids], cfg.train.val_metrics_dir or None)
+    return row
 
 
 def _finish(run: Run, records: Records, built: Built, fit: Fit) -> Path:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 from urllib.parse import quote
 
-from tqdm import tqdm
+from clinicalblip.progress import progress
 
 from clinicalblip.errors import UserError
 from clinicalblip.metrics.clinical import binarize
@@ -81,6 +81,20 @@ def _badges(ref: Mapping, pred: Mapping, observations: Sequence[str], uncertain_
     return out
 
 
+def _neural_case(neural: Mapping, i: int) -> dict:
+    """Per-case RadGraph F1 (RG_ER, the "partial" reward) and CheXbert's label disagreements for case ``i``."""
+    out: dict = {}
+    if "radgraph_partial" in neural:
+        out["rg"] = round(neural["radgraph_partial"][i], 4)
+    if "chexbert_labels" in neural:
+        from clinicalblip.metrics.conventions import disagreements
+
+        lab = neural["chexbert_labels"]
+        out["cxb"] = [[d["observation"], d["reference"], d["prediction"]]
+                      for d in disagreements(lab["reference"][i], lab["prediction"][i])]
+    return out
+
+
 def _ablation_rows(folder: Path) -> list[dict]:
     """eval.sh's ablations (metrics_<mode>.json) and, when compare.json is there, their paired tests vs real."""
     from clinicalblip.demo import ABLATIONS
@@ -118,7 +132,7 @@ def viewer_data(records: Sequence[dict], metrics: Mapping, cases: Mapping, *, ma
     thumbs: list[str] = []
     missing = 0
     out_cases = []
-    for i, rec in enumerate(tqdm(records, desc="viewer", unit="study", disable=len(records) < 200)):
+    for i, rec in enumerate(progress(records, desc="viewer", unit="study", disable=len(records) < 200)):
         rid = cases["ids"][i]
         m = index.get(rid, {})
         views = []
@@ -138,6 +152,7 @@ def viewer_data(records: Sequence[dict], metrics: Mapping, cases: Mapping, *, ma
             scores["rouge"] = round(nlg["rouge_l"][i], 4)
         if "cider" in nlg:
             scores["cider"] = round(nlg["cider"][i], 4)
+        scores.update(_neural_case(cases.get("neural") or {}, i))
         out_cases.append({
             "id": rid, "views": views,
             "ctx": [(m.get(k) if m else rec.get(k)) or "" for k in CONTEXT_FIELDS],
@@ -155,6 +170,11 @@ def viewer_data(records: Sequence[dict], metrics: Mapping, cases: Mapping, *, ma
                        ("no_finding", "No Finding F1")):
         if key in c:
             rows.append({"name": title, "value": c[key]["f1"], "ci": c[key].get("f1_ci95")})
+    if "neural" in metrics:
+        from clinicalblip.metrics.neural_eval import NEURAL_SUMMARY_KEYS
+
+        rows += [{"name": k, "value": metrics[k], "ci": None} for k in NEURAL_SUMMARY_KEYS
+                 if isinstance(metrics.get(k), float)]
     per_label = [{"name": o, "p": b["precision"], "r": b["recall"], "f1": b["f1"], "ci": b.get("f1_ci95"),
                   "support": b["support"], "predicted": b["predicted"]} for o, b in c["per_label"].items()]
     return {
@@ -164,6 +184,8 @@ def viewer_data(records: Sequence[dict], metrics: Mapping, cases: Mapping, *, ma
         "bootstrap": c.get("bootstrap"), "manifest": manifest_used, "provenance": _flat(metrics.get("provenance")),
         "rows": rows, "per_label": per_label, "ablations": list(ablations), "observations": obs,
         "has_rouge": "rouge_l" in nlg, "has_cider": "cider" in nlg,
+        "parity_warning": ("parity not checked: " + ", ".join(metrics["parity_not_checked"])
+                           if metrics.get("parity_not_checked") else ""),
         "cases": out_cases, "thumbs": thumbs,
     }
 
@@ -272,7 +294,7 @@ function summary() {
   const prov = Object.entries(D.provenance || {}).map(([k, v]) => `${esc(k)}=${esc(v)}`).join('; ');
   $('#summary').innerHTML = `<h2>Summary (${D.n} studies)</h2><div class="grid"><div><table><tr><th>metric</th><th>value</th><th>95% CI</th></tr>${m}</table>
    <p class="muted">NLG protocol <b>${esc(D.protocol)}</b> (pycocoevalcap); labeler <b>${esc(D.labeler)}</b>; ${esc(D.convention)}.<br>
-   Intervals: ${esc(boot)}.${D.manifest ? '<br>Images and context: ' + esc(D.manifest) : '<br>No manifest: no images or context.'}${prov ? '<br>Provenance: ' + prov : ''}</p></div>
+   ${D.parity_warning ? '<b class="parity">' + esc(D.parity_warning) + '</b> (run <code>clinicalblip metrics parity</code>)<br>' : ''}Intervals: ${esc(boot)}.${D.manifest ? '<br>Images and context: ' + esc(D.manifest) : '<br>No manifest: no images or context.'}${prov ? '<br>Provenance: ' + prov : ''}</p></div>
    <div>${chart()}</div></div>${ablations()}`;
 }
 
@@ -350,7 +372,10 @@ function row(c) {
     : `<figure><img class="thumb" loading="lazy" decoding="async" src="${D.thumbs[v[0]]}" alt="${esc(v[1])}">${esc(v[1])}</figure>`).join('') || '<div class="noimg">no images</div>';
   const ctx = ['indication', 'history', 'comparison'].map((k, i) => c.ctx[i] ? `<div><b>${k}:</b> ${esc(c.ctx[i])}</div>` : '').join('');
   const badges = c.badges.map((b) => `<span class="badge b-${b[1]}${b[2] ? ' b-unc' : ''}" data-label="${esc(OBS[b[0]])}" data-status="${b[1]}" title="${esc(ST[b[1]])}${b[2] ? ' (uncertain)' : ''}">${esc(OBS[b[0]])}${b[1] === 'fp' ? ' FP' : b[1] === 'fn' ? ' FN' : ''}${b[2] ? ' ?' : ''}</span>`).join('') || '<span class="muted">no findings either side</span>';
-  const sc = [D.has_rouge ? `ROUGE-L ${f4(c.s.rouge)}` : '', D.has_cider ? `CIDEr ${f4(c.s.cider)}` : '', `disagreements ${c.s.dis}`].filter(Boolean).join(' &middot; ');
+  const lab = (v) => v === null || v === undefined ? 'blank' : ({1: 'pos', 0: 'neg', '-1': 'unc'})[v];
+  const cxb = c.s.cxb === undefined ? '' : c.s.cxb.length ? 'CheXbert disagrees: ' + c.s.cxb.map((d) => `${esc(d[0])} (${lab(d[1])}&rarr;${lab(d[2])})`).join(', ') : 'CheXbert agrees on all labels';
+  const sc = [D.has_rouge ? `ROUGE-L ${f4(c.s.rouge)}` : '', D.has_cider ? `CIDEr ${f4(c.s.cider)}` : '', `disagreements ${c.s.dis}`,
+    c.s.rg === undefined ? '' : `<span class="rg">RadGraph F1 ${f4(c.s.rg)}</span>`, cxb ? `<span class="cxb">${cxb}</span>` : ''].filter(Boolean).join(' &middot; ');
   return `<div class="case${state.only === c.id ? ' focus' : ''}" data-id="${esc(c.id)}"><div class="thumbs">${th}</div>
     <div class="txt"><div class="ctx"><b>${esc(c.id)}</b>${ctx}</div><h4>reference</h4><p>${esc(c.ref)}</p></div>
     <div class="txt"><h4>generated</h4><p>${esc(c.pred)}</p></div><div>${badges}<div class="scores">${sc}</div></div></div>`;

@@ -4,21 +4,54 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+NET_TRAP = Path(__file__).resolve().parent / "nettrap"
+# third-party lines a user cannot act on (issue 20): bitsandbytes' hub-kernel lines, the kernels package's
+# trust notice, DeepSpeed's accelerator notice
+NOISE = re.compile(r"bitsandbytes|kernels-community|gemm_4bit|publisher trust|Setting accelerator|DeepSpeed",
+                   re.IGNORECASE)
+
+
+def trapped_env(trap_log: Path) -> dict:
+    """The user's environment without any *_OFFLINE switch, with every non-loopback connection trapped."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "PYTHONWARNINGS")}
+    env["PYTHONPATH"] = os.pathsep.join([str(NET_TRAP), str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env["CLINICALBLIP_NET_TRAP"] = str(trap_log)
+    env["TRANSFORMERS_VERBOSITY"] = "error"
+    return env
+
+
+def assert_offline_and_quiet(proc_stderr: str, trap_log: Path, what: str) -> None:
+    attempts = trap_log.read_text() if trap_log.exists() else ""
+    assert not attempts, f"{what} tried to reach the network:\n{attempts}"
+    noisy = [line for line in proc_stderr.splitlines() if NOISE.search(line)]
+    assert not noisy, f"{what} printed third-party notices:\n" + "\n".join(noisy)
 
 
 def cli(*args, cwd=None, check=True):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-m", "clinicalblip", *map(str, args)], cwd=cwd or REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    """`python -m clinicalblip ARGS` as a user runs it: no HF_HUB_OFFLINE, the network trapped, stderr quiet."""
+    trap_log = Path(os.environ.get("PYTEST_TMP_TRAP", "/tmp")) / f"cb-net-trap-{os.getpid()}-{time.time_ns()}.log"
+    # bytes, decoded by hand: text=True would turn every \r into \n and hide what a log file receives
+    raw = subprocess.run([sys.executable, "-m", "clinicalblip", *map(str, args)], cwd=cwd or REPO,
+                         env=trapped_env(trap_log), capture_output=True, timeout=600)
+    proc = subprocess.CompletedProcess(raw.args, raw.returncode, raw.stdout.decode(), raw.stderr.decode())
     if check and proc.returncode != 0:
         raise AssertionError(f"clinicalblip {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    try:
+        assert_offline_and_quiet(proc.stderr, trap_log, f"clinicalblip {args[0]}")
+        # piped, as in `./train.sh > log`: progress is plain lines, never carriage-return bar updates
+        assert "\r" not in proc.stdout + proc.stderr, f"clinicalblip {args[0]} wrote carriage returns to a pipe"
+    finally:
+        trap_log.unlink(missing_ok=True)
     return proc
 
 
@@ -67,6 +100,48 @@ def test_end_to_end_cli(tmp_path):
     assert "verification" in out.stdout
     assert (release / "config.json").is_file() and (release / "README.md").is_file()
     assert any(release.glob("*.safetensors"))
+
+    # the other verbs on local files, trapped the same way
+    cli("data", "check", manifest)
+    cli("label", preds, "--out", tmp_path / "labels.csv")
+    cli("view", preds, "--out", tmp_path / "view.html", "--bootstrap", "0", "--skip-java-metrics")
+    cli("compare", preds, preds, "--names", "a", "b", "--out", tmp_path / "cmp.json", "--resamples", "200",
+        "--skip-java-metrics")
+    assert_serve_starts_offline(release, tmp_path)
+
+
+def assert_serve_starts_offline(model: Path, tmp_path: Path) -> None:
+    """`serve` up to a healthy /health (model worker loaded), with the network trapped, then stopped."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    trap_log = tmp_path / "serve-trap.log"
+    proc = subprocess.Popen([sys.executable, "-m", "clinicalblip", "serve", str(model), "--port", str(port)],
+                            cwd=REPO, env=trapped_env(trap_log), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline, health = time.time() + 180, None
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    health = json.loads(r.read())
+                if health.get("model_loaded"):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        assert health and health.get("model_loaded"), f"serve did not come up: {health}"
+    finally:
+        proc.terminate()
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+    assert_offline_and_quiet(err, trap_log, "clinicalblip serve")
 
 
 @pytest.mark.parametrize("args,needle", [

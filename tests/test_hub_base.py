@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,9 +92,10 @@ def test_venv_script_does_not_silence_warnings(tmp_path):
     # a stand-in venv whose install stamp is current: sourcing the script installs nothing
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
-    (venv / "bin" / "python").write_text("#!/bin/sh\nexit 0\n")
+    (venv / "bin" / "python").write_text(f"#!/bin/sh\nexec {sys.executable} \"$@\"\n")
     (venv / "bin" / "python").chmod(0o755)
-    stamp = hashlib.sha256((repo / "pyproject.toml").read_bytes()).hexdigest()[:12]
+    lock = repo / "locks" / f"{lockfile_tag()}.txt"
+    stamp = hashlib.sha256((repo / "pyproject.toml").read_bytes() + lock.read_bytes()).hexdigest()[:12]
     (venv / f".clinicalblip-{stamp}").touch()
     proc = subprocess.run(["bash", "-c", "unset PYTHONWARNINGS; source scripts/venv.sh; "
                                          "echo \"PYTHONWARNINGS=${PYTHONWARNINGS-unset} HF_HUB_OFFLINE=$HF_HUB_OFFLINE\""],
@@ -101,3 +103,11 @@ def test_venv_script_does_not_silence_warnings(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "PYTHONWARNINGS=unset HF_HUB_OFFLINE=1"
+
+
+def lockfile_tag() -> str:
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, str(repo / "scripts" / "lockfile.py"), "tag"], capture_output=True,
+                          text=True, check=True).stdout.strip()

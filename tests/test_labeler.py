@@ -47,7 +47,10 @@ PE, PTX, CM, ATL, NF = "Pleural Effusion", "Pneumothorax", "Cardiomegaly", "Atel
         ("Pleural effusion cannot be excluded.", {PE: -1}),
         ("Findings may represent atelectasis.", {ATL: -1}),
         ("Possible right lower lobe pneumonia.", {"Pneumonia": -1}),
-        ("Left basilar atelectasis or scarring.", {ATL: -1}),
+        # a differential without a modal names an opacity that is there: each reading counts (OpenI experts agree)
+        ("Left basilar atelectasis or scarring.", {ATL: 1}),
+        ("Streaky opacity, atelectasis versus infiltrate.", {ATL: 1}),
+        ("Opacity may represent atelectasis or pneumonia.", {ATL: -1, "Pneumonia": -1}),
         ("Opacity in the right lower lobe, suspicious for pneumonia.", {"Pneumonia": -1, "Lung Opacity": 1}),
         ("Borderline cardiomegaly.", {CM: -1}),
         # positives
@@ -157,3 +160,44 @@ def test_f1_against_expert_labels_on_iu_xray_dev():
         scores[obs] = 2 * tp / (2 * tp + fp + fn)
     print({k: round(v, 3) for k, v in scores.items()})
     assert all(v >= 0.85 for v in scores.values()), scores
+
+
+def test_a_bone_lesion_is_not_a_lung_lesion():
+    assert label_report("Expansile lesion of the right posterior 9th rib.")["Lung Lesion"] is None
+    assert label_report("Sclerotic lesion in the T8 vertebral body.")["Lung Lesion"] is None
+    # projecting over a rib is still a lung finding
+    assert label_report("Nodular opacity projecting over the left 5th rib.")["Lung Lesion"] == 1
+
+
+def test_strong_hedges_are_positive_weak_ones_uncertain():
+    assert label_report("Left basilar opacity, likely atelectasis.")["Atelectasis"] == 1
+    assert label_report("Findings suggestive of mild pulmonary edema.")["Edema"] == 1
+    assert label_report("Probable small right pleural effusion.")["Pleural Effusion"] == 1
+    assert label_report("Left basilar opacity may represent atelectasis.")["Atelectasis"] == -1
+    assert label_report("Cannot exclude early pneumonia.")["Pneumonia"] == -1
+    assert label_report("Possible small right pleural effusion.")["Pleural Effusion"] == -1
+
+
+_DEV = IU_DEV if IU_DEV.is_dir() else Path("/work/shared/data/iu_xray_dev")
+GOALS = {"Atelectasis": ("Atelectasis", 0.90), "Cardiomegaly": ("Cardiomegaly", 0.90),
+         "Pleural Effusion": ("Effusion", 0.90), "Pneumothorax": ("Pneumothorax", 0.90), "No Finding": ("normal", 0.90),
+         "Edema": ("Edema", 0.85), "Consolidation": ("Consolidation", 0.85), "Pneumonia": ("Pneumonia", 0.75),
+         "Lung Lesion": ("Mass|Nodule", 0.75)}
+
+
+@pytest.mark.skipif(not (_DEV / "negbio_openi_gold14_dev.csv").is_file(), reason="../shared/data/iu_xray_dev absent")
+def test_goals_against_expert_labels_with_uncertain_as_negative():
+    """benchmarks/labeler_gold.py's numbers (uncertain = negative) stay at the issue's goals on the even half."""
+    with (_DEV / "indiana_reports_dev.csv").open(newline="", encoding="utf-8") as fh:
+        reports = {r["uid"]: f"{r['findings']} {r['impression']}" for r in csv.DictReader(fh)}
+    with (_DEV / "negbio_openi_gold14_dev.csv").open(newline="", encoding="utf-8") as fh:
+        gold = {g["filename"].removeprefix("CXR"): g for g in csv.DictReader(fh)}
+    uids = sorted(set(reports) & set(gold), key=int)
+    labels = dict(zip(uids, ChexpertRuleLabeler().label([reports[u] for u in uids])))
+    scores = {}
+    for obs, (cols, goal) in GOALS.items():
+        y = [any(gold[u][c] == "1" for c in cols.split("|")) for u in uids]
+        p = [labels[u][obs] == 1 for u in uids]
+        tp = sum(a and b for a, b in zip(y, p))
+        scores[obs] = 2 * tp / (sum(y) + sum(p))
+    assert all(scores[o] >= g for o, (_, g) in GOALS.items()), scores

@@ -147,11 +147,13 @@ def test_val_generate_logs_reports_and_clinical_f1(synth_manifest, tmp_path):
 
     out = tmp_path / "s"
     train_stage(tiny_stage_cfg("stage1.yaml", synth_manifest, out, **{"train.val_generate": 3, "train.eval_every": 2,
-                                                                       "data.max_report_tokens": 16}))
+                                                                       "data.max_report_tokens": 16,
+                                                                       "train.val_metric": "rules_micro5_upos"}))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     gen = [r for r in rows if "val_clinical_macro_f1" in r]
     assert [r["step"] for r in gen] == [2] and gen[0]["val_generated"] == 3
     assert 0.0 <= gen[0]["val_clinical_macro_f1"] <= 1.0 and len(gen[0]["val_sample"]) == 1
+    assert 0.0 <= gen[0]["val_rules_micro5_upos"] <= 1.0  # the chosen clinical metric, for checkpoint selection
 
 
 def test_weight_decay_skips_norms_biases_and_query_tokens():

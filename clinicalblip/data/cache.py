@@ -175,7 +175,7 @@ def build_cache(manifest: str | os.PathLike, out: str | os.PathLike, size: int |
     size: the processor's input size, N (square) or (height, width). workers: decoding processes
     (default: the CPUs this process may use).
     """
-    from tqdm.auto import tqdm
+    from clinicalblip.progress import progress as progress_bar
 
     if resample not in _RESAMPLE:
         raise CacheError(f"resample must be one of {', '.join(_RESAMPLE)}, not {resample!r}")
@@ -223,7 +223,7 @@ def build_cache(manifest: str | os.PathLike, out: str | os.PathLike, size: int |
     with open(out / INDEX, "a", encoding="utf-8") as index_fh:
         for e in refreshed:
             index_fh.write(json.dumps(e) + "\n")
-        bar = tqdm(total=len(todo), desc="cache", unit="img", disable=not progress or not todo, dynamic_ncols=True)
+        bar = progress_bar(total=len(todo), desc="cache", unit="img", disable=not progress or not todo)
 
         def record(result):
             nonlocal built

@@ -136,6 +136,7 @@ def metric_names(stats: CaseStats) -> list[str]:
     if "tp" in stats.blocks:
         names += ["clinical_macro_f1"] + [f"clinical_{m}_f1" for m in stats.micro_sets]
         names += [f"f1/{o}" for o in stats.observations]
+    names += [b[len("mean/"):] for b in sorted(stats.blocks) if b.startswith("mean/")]
     return names
 
 
@@ -162,6 +163,9 @@ def metrics_from_sums(sums: np.ndarray, where: Mapping[str, slice], stats: CaseS
                                                         fn[..., cols].sum(-1))
         for j, o in enumerate(stats.observations):
             out[f"f1/{o}"] = f1[..., j]
+    for block in where:
+        if block.startswith("mean/"):  # metrics that are means of per-case scores (BERTScore, RadGraph, ...)
+            out[block[len("mean/"):]] = sums[..., where[block]][..., 0] / total
     return out
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from tqdm import tqdm
+from clinicalblip.progress import progress as progress_bar
 
 from clinicalblip.errors import UserError
 from clinicalblip.metrics.casestats import CaseStats, bootstrap_weights, metric_names, metrics_from_sums
@@ -92,6 +92,11 @@ def official_values(metrics: dict) -> dict[str, float | None]:
             out[f"clinical_{name}_f1"] = c[name]["f1"]
     for o, b in c["per_label"].items():
         out[f"f1/{o}"] = b["f1"]
+    from clinicalblip.metrics.evaluate_predictions import MEAN_CASE_KEYS
+
+    for k in MEAN_CASE_KEYS:
+        if k in metrics:
+            out[k] = metrics[k]
     return out
 
 
@@ -129,7 +134,7 @@ def paired_resampling(base: CaseStats, others: Sequence[CaseStats], resamples: i
     rng_boot = np.random.default_rng([seed, 0])
     rng_perm = np.random.default_rng([seed, 1])
     steps = range(0, resamples, _CHUNK)
-    for start in tqdm(steps, desc="resampling", unit="chunk", disable=not progress):
+    for start in progress_bar(steps, desc="resampling", unit="chunk", disable=not progress):
         size = min(_CHUNK, resamples - start)
         w = bootstrap_weights(rng_boot, size, n)
         ma = metrics_from_sums(w @ xa, where, base)
@@ -170,6 +175,8 @@ def compare_files(
     min_overlap: float = 0.9,
     top: int = 50,
     progress: bool = False,
+    metrics_dir: str | Path | None = None,
+    neural: str | Sequence[str] | None = None,
 ) -> dict:
     """Compare predictions files (the first is the baseline) and write ``out`` (compare.json).
 
@@ -195,7 +202,8 @@ def compare_files(
     for name, path, recs in zip(names, paths, files):
         mine = [r for r in recs if str(r["id"]) in keep]  # the file's own order: eval's numbers exactly
         metrics, cases = evaluate_records(mine, protocol, labeler, bootstrap=0, seed=seed,
-                                          skip_java_metrics=skip_java_metrics, uncertain_as=uncertain_as)
+                                          skip_java_metrics=skip_java_metrics, uncertain_as=uncertain_as,
+                                          metrics_dir=metrics_dir, neural=neural)
         systems.append({"name": name, "path": str(path), "studies_in_file": len(recs),
                         "metrics": official_values(metrics), "labeler": metrics["clinical"]["labeler"]})
         stats.append(cases["stats"].reorder(shared))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -26,12 +26,17 @@ from clinicalblip.jsonl import iter_json_objects
 from clinicalblip.errors import UserError
 from clinicalblip.metrics.casestats import bootstrap_cis, build_case_stats
 from clinicalblip.metrics.clinical import binarize, clinical_scores
+from clinicalblip.metrics.conventions import CONVENTION_PREFIXES, convention_scores
 from clinicalblip.metrics.labeler import COMMON_FIVE, OBSERVATIONS, CheXbertLabeler, ChexpertRuleLabeler, Labeler
 from clinicalblip.metrics.nlg import METRIC_KEYS, nlg_with_case_stats
 
 log = logging.getLogger(__name__)
 
 LABELER_CHOICES = ("auto", "chexpert", "synthetic", "chexbert")
+# Neural metrics whose corpus value is the mean of per-case values (compare resamples them as such).
+MEAN_CASE_KEYS = ("chexbert_example_f1", "sembscore", "bertscore_f1", "bertscore_radeval_f1", "radgraph_simple",
+                  "radgraph_partial", "radgraph_complete", "radgraph_entity_relation", "radgraph_xl_simple",
+                  "radgraph_xl_partial", "radgraph_xl_complete", "radgraph_xl_entity_relation", "radcliq_v1")
 
 
 def read_predictions(path: str | Path) -> tuple[list[dict], dict | None]:
@@ -160,15 +165,24 @@ def evaluate_records(
     uncertain_as: str = "positive",
     chexbert_weights: str | Path | None = None,
     chexbert_tokenizer: str | Path | None = None,
+    metrics_dir: str | Path | None = None,
+    neural: str | Sequence[str] | None = None,
 ) -> tuple[dict, dict]:
     """(metrics, cases) for prediction records (as ``read_predictions`` returns them).
 
     ``metrics`` is metrics.json's content (without the file's name and provenance). ``cases`` holds what the case
     viewer and ``compare`` need per record: ``ids``, ``nlg`` (per-case sufficient statistics, see
     ``nlg_with_case_stats``), ``labels`` (``case_labels``), ``binary`` (reference, prediction) and ``stats`` (a
-    ``casestats.CaseStats``).
+    ``casestats.CaseStats``). ``neural`` (e.g. ``"chexbert,rexrank"``) adds the metrics of ``neural_eval`` read from
+    ``metrics_dir`` only; their per-case values go to ``cases["neural"]`` and to ``stats`` as mean blocks.
     """
     which = _resolve_labeler(records, labeler)
+    neural_names = None
+    if neural:
+        from clinicalblip.metrics.weights import parse_metrics, require
+
+        neural_names = parse_metrics(neural)
+        require(metrics_dir, neural_names)  # a missing file fails before anything is scored
     if skip_java_metrics and protocol == "coco-ptb":
         raise UserError("protocol coco-ptb needs Java for the PTB tokenizer, so it cannot skip Java metrics; "
                         "use --protocol r2gen with --skip-java-metrics")
@@ -195,12 +209,27 @@ def evaluate_records(
     if nlg.get("skipped"):
         metrics["skipped"] = nlg["skipped"]
     metrics["clinical_macro_f1"] = clinical["macro"]["f1"]
+    if which in CONVENTION_PREFIXES:
+        # Every named convention (micro/macro x 14/5 x uncertain +/-, example-based) at the top level.
+        conv = convention_scores(labels["reference"], labels["prediction"], CONVENTION_PREFIXES[which])
+        metrics.update(conv)
+        clinical["conventions"] = sorted(conv)
     metrics["clinical"] = clinical
     metrics["empty_predictions"] = empty
+
+    neural_cases: dict = {}
+    if neural_names:
+        from clinicalblip.metrics.neural_eval import score_neural
+
+        summary, neural_cases = score_neural(refs, preds, metrics_dir, neural_names)
+        metrics.update(summary)
 
     ids = [str(r.get("id", f"line{r['_line']}")) for r in records]
     y, p = binary_labels(labels, "positive" if which == "synthetic" else uncertain_as)
     stats = build_case_stats(ids, nlg_cases, y, p, labels["observations"], labels["micro_sets"])
+    for key in MEAN_CASE_KEYS:
+        if key in neural_cases:  # corpus value = mean of per-case values: one (n, 1) block each
+            stats.blocks[f"mean/{key}"] = np.asarray(neural_cases[key], dtype=np.float64).reshape(-1, 1)
     if bootstrap and bootstrap > 0:
         cis = bootstrap_cis(stats, int(bootstrap), int(seed))
         metrics["nlg_ci95"] = {k: [round(v, 6) for v in cis[k]] for k in METRIC_KEYS if k in cis}
@@ -208,7 +237,8 @@ def evaluate_records(
             f"percentile bootstrap over studies ({bootstrap} resamples, seed {seed}) of the corpus-level metrics "
             "recomputed from per-study sufficient statistics; CIDEr keeps the full reference set's document "
             "frequencies (clinicalblip.metrics.casestats)")
-    cases = {"ids": ids, "nlg": nlg_cases, "labels": labels, "binary": (y, p), "stats": stats, "labeler": which}
+    cases = {"ids": ids, "nlg": nlg_cases, "labels": labels, "binary": (y, p), "stats": stats, "labeler": which,
+             "neural": neural_cases}
     return metrics, cases
 
 
@@ -226,6 +256,8 @@ def evaluate_predictions(
     chexbert_weights: str | Path | None = None,
     chexbert_tokenizer: str | Path | None = None,
     return_cases: bool = False,
+    metrics_dir: str | Path | None = None,
+    neural: str | Sequence[str] | None = None,
 ) -> dict | tuple[dict, list[dict], dict]:
     """Score ``pred_path`` and write ``out_path`` (metrics.json); returns the metrics dict.
 
@@ -236,7 +268,8 @@ def evaluate_predictions(
     records, provenance = read_predictions(pred_path)
     metrics, cases = evaluate_records(
         records, protocol, labeler, bootstrap, seed, skip_java_metrics=skip_java_metrics, uncertain_as=uncertain_as,
-        chexbert_weights=chexbert_weights, chexbert_tokenizer=chexbert_tokenizer,
+        chexbert_weights=chexbert_weights, chexbert_tokenizer=chexbert_tokenizer, metrics_dir=metrics_dir,
+        neural=neural,
     )
     metrics["predictions"] = str(pred_path)
     if provenance is not None:
@@ -276,4 +309,9 @@ def format_summary(metrics: dict) -> str:
         lines.append(f"clinical micro F1 (5 common): {c['micro_5']['f1']:.4f}")
     if "no_finding" in c:
         lines.append(f"No Finding F1: {c['no_finding']['f1']:.4f}")
+    if "neural" in metrics:
+        from clinicalblip.metrics.neural_eval import NEURAL_SUMMARY_KEYS
+
+        shown = [f"{k}={metrics[k]:.4f}" for k in NEURAL_SUMMARY_KEYS if isinstance(metrics.get(k), float)]
+        lines.append("neural metrics (" + metrics["neural"]["parity"] + "): " + "  ".join(shown))
     return "\n".join(lines)

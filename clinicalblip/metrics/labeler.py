@@ -8,6 +8,13 @@ uncertainty cues found around each mention, and CheXpert's aggregation (positive
 and cue lists below are our own, written as regular expressions (CheXpert's public lists were consulted, not
 copied), and all are compiled once at import so thousands of reports label in about a second.
 
+Hedges differ in strength: "likely", "probable", "suggestive of", "presumably", "favored" state a finding the
+radiologist believes present and count as positive (expert-labelled OpenI reports read them so; CheXpert's own
+labeler calls them uncertain); "may", "possible", "questionable", "cannot exclude" stay uncertain. A differential
+without such a modal ("atelectasis or scarring", "atelectasis versus infiltrate") names an opacity that is there and
+its readings: each alternative counts as a positive mention, as the expert annotators of OpenI read it (CheXpert
+calls it uncertain).
+
 Labelers share a tiny interface (``Labeler``): a ``name`` and ``label(texts) -> list[dict]``. ``CheXbertLabeler``
 runs CheXbert when the user has its weights on disk; it is never used unless asked for and never falls back.
 """
@@ -182,19 +189,16 @@ _NEG_POST = re.compile(
     r"(?:resolved|cleared|absent|removed|gone|unlikely|excluded|ruled out|negative)\b|none\b)"
 )
 _UNC_PRE = re.compile(
-    r"\b(?:may|might|could|would|possibl[ey]|probabl[ey]|likely|questionabl[ey]|question(?:ed)?|"
-    r"suspicious|suspicion|suspect\w*|suggest\w*|concern\w*|consider\w*|differential|ddx|versus|vs|borderline|equivocal|"
-    r"indeterminate|presum\w*|favor\w*|worrisome|cannot|can ?not|uncertain|unclear|if|rule out|r/o|exclude|"
+    r"\b(?:may|might|could|would|possibl[ey]|questionabl[ey]|question(?:ed)?|"
+    r"suspicious|suspicion|suspect\w*|concern\w*|consider\w*|differential|ddx|borderline|equivocal|"
+    r"indeterminate|worrisome|cannot|can ?not|uncertain|unclear|if|rule out|r/o|exclude|"
     r"not excluded|either|perhaps|potential(?:ly)?)\b"
 )
 _UNC_POST = re.compile(
-    r"^(?:\s+\S+){0,4}?\s*(?:\b(?:is|are)\s+)?(?:possible|possibly|probable|likely|suspected|questioned|"
-    r"suggested|not excluded|versus|vs|may|might|could|cannot be excluded|can not be excluded|"
+    r"^(?:\s+\S+){0,4}?\s*(?:\b(?:is|are)\s+)?(?:possible|possibly|suspected|questioned|"
+    r"not excluded|may|might|could|cannot be excluded|can not be excluded|"
     r"would be|of uncertain|uncertain|unclear|is suspected)\b|\?"
 )
-# "X or Y" offers alternatives (uncertain) unless it merely lists what did not change ("no change in X or Y").
-_OR = re.compile(r"\b(?:or|and/or)\b")
-_OR_POST = re.compile(r"^\s*(?:\S+\s+){0,3}?(?:or|and/or)\b")
 # The finding is the object of a look, not a statement about the patient ("evaluation for pneumothorax is limited").
 _NOT_ASSERTED = re.compile(
     r"\b(?:evaluat\w*|assess\w*|examin\w*|screen\w*|search\w*|looking|look) (?:for|of) (?:\w+ ){0,3}$"
@@ -206,6 +210,11 @@ _SCOPE_BREAK = re.compile(
     # a negated list ends with its verb: "no effusion is seen, left lung nodule"
     r"\b(?:seen|noted|identified|present|demonstrated|visualized|evident|appreciated)\s*,"
 )
+
+# A lesion of a bone is not a lung lesion: judged in a window around the Lung Lesion mention, within its sentence.
+_BONE = r"(?:ribs?|osseous|bony|bone|vertebra\w*|spine|spinal|clavic\w*|scapul\w*|humer\w*|sternum|sternal)"
+_BONE_AFTER = re.compile(r"\s*(?:\w+\s+)?(?:of|in|involving|within)\s+(?:the\s+)?(?:[\w-]+\s+){0,3}?" + _BONE + r"\b")
+_BONE_BEFORE = re.compile(r"\b" + _BONE + r"\s+(?:[\w-]+\s+)?$")
 
 _SENT_SPLIT = re.compile(r"(?<=[.!?])\s+|\n+|(?<=\.)(?=[a-z])|\s+(?=\d+\.\s)")
 
@@ -233,7 +242,6 @@ def _classify(sentence: str, start: int, end: int) -> int | None:
     for m in _SCOPE_BREAK.finditer(before):
         scope = m.end()
     pre = before[scope:] + " " + sentence[start:end]
-    listing = bool(_PSEUDO_NEG.search(pre))
     pre = _PSEUDO_NEG.sub(" ", pre)
     after = sentence[end:]
     cut = _SCOPE_BREAK.search(after)
@@ -244,8 +252,6 @@ def _classify(sentence: str, start: int, end: int) -> int | None:
     if _NEG_PRE.search(pre) or _NEG_POST.search(post):
         return NEGATIVE
     if _UNC_PRE.search(pre) or _UNC_POST.search(post):
-        return UNCERTAIN
-    if not listing and (_OR.search(pre) or _OR_POST.search(post)):
         return UNCERTAIN
     return POSITIVE
 
@@ -280,6 +286,10 @@ def label_report(text: str | None) -> dict[str, int | None]:
                 value = _classify(sentence, m.start() - offset, m.end() - offset)
                 if value is None:
                     continue
+                if obs == "Lung Lesion":
+                    lo, hi = m.start() - offset, m.end() - offset
+                    if _BONE_AFTER.match(sentence, hi) or _BONE_BEFORE.search(sentence, max(0, lo - 30), lo):
+                        continue
                 if fixed == UNCERTAIN and value == POSITIVE:
                     value = UNCERTAIN
             found.setdefault(obs, []).append(value)
@@ -311,15 +321,6 @@ class CheXbertLabeler:
     """
 
     name = "chexbert"
-    # CheXbert's class order per head: blank, positive, negative, uncertain (No Finding head: blank, positive).
-    _CLASS_TO_VALUE = (None, POSITIVE, NEGATIVE, UNCERTAIN)
-    # Its head order (the CheXpert column order with No Finding last).
-    _HEAD_ORDER = (
-        "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema", "Consolidation",
-        "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other", "Fracture",
-        "Support Devices", "No Finding",
-    )
-
     def __init__(self, weights: str | Path | None = None, tokenizer: str | Path | None = None,
                  device: str = "cpu", batch_size: int = 16) -> None:
         if not weights:
@@ -341,54 +342,15 @@ class CheXbertLabeler:
         self._model = None
 
     def _load(self):
-        import torch
-        from transformers import AutoTokenizer, BertConfig, BertModel
+        # One CheXbert implementation (metrics/neural.py): weights_only loading, keys checked by name.
+        from clinicalblip.metrics.neural import CheXbert
 
-        class _CheXbert(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.bert = BertModel(BertConfig())  # bert-base-uncased shape
-                self.dropout = torch.nn.Dropout(0.1)
-                hidden = self.bert.config.hidden_size
-                self.linear_heads = torch.nn.ModuleList(
-                    [torch.nn.Linear(hidden, 4) for _ in range(13)] + [torch.nn.Linear(hidden, 2)]
-                )
-
-            def forward(self, input_ids, attention_mask):
-                cls = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
-                cls = self.dropout(cls)
-                return [head(cls) for head in self.linear_heads]
-
-        model = _CheXbert()
-        state = torch.load(self.weights, map_location="cpu", weights_only=False)
-        state = state.get("model_state_dict", state)
-        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if [k for k in missing if not k.endswith("position_ids")] or unexpected:
-            raise UserError(f"{self.weights} does not look like a CheXbert checkpoint "
-                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        model.eval().to(self.device)
-        self._tok = AutoTokenizer.from_pretrained(str(self.tokenizer_dir), local_files_only=True)
-        self._model = model
+        self._model = CheXbert(self.weights, self.tokenizer_dir, device=self.device, batch_size=self.batch_size)
 
     def label(self, texts: Sequence[str]) -> list[dict[str, int | None]]:
-        import torch
-
         if self._model is None:
             self._load()
-        out: list[dict[str, int | None]] = []
-        for i in range(0, len(texts), self.batch_size):
-            batch = [" ".join((t or "").split()) for t in texts[i: i + self.batch_size]]
-            enc = self._tok(batch, padding=True, truncation=True, max_length=512, return_tensors="pt").to(self.device)
-            with torch.no_grad():
-                logits = self._model(enc["input_ids"], enc["attention_mask"])
-            classes = [lg.argmax(-1).tolist() for lg in logits]
-            for j in range(len(batch)):
-                row = {o: None for o in OBSERVATIONS}
-                for h, obs in enumerate(self._HEAD_ORDER):
-                    row[obs] = self._CLASS_TO_VALUE[classes[h][j]]
-                out.append(row)
-        return out
+        return self._model.label(texts)
 
 
 def get_labeler(name: str = "chexpert", **options) -> Labeler:

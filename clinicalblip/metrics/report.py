@@ -91,9 +91,32 @@ def render_markdown(metrics: Mapping, png_name: str | None = None) -> str:
         bs = c["bootstrap"]
         lines += ["", f"Intervals: {bs['resamples']} bootstrap resamples of reports, seed {bs['seed']}, "
                       f"{bs['interval']}."]
+    lines += _neural_lines(metrics)
     if png_name:
         lines += ["", f"![per-label F1]({png_name})"]
     return "\n".join(lines) + "\n"
+
+
+def _neural_lines(metrics: Mapping) -> list[str]:
+    """The section of ``eval --metrics-dir``: every neural key with its value, and the parity flag."""
+    if "neural" not in metrics:
+        return []
+    from clinicalblip.metrics.conventions import convention_keys
+    from clinicalblip.metrics.neural_eval import NEURAL_SUMMARY_KEYS
+
+    nb = metrics["neural"]
+    lines = ["", "## Neural clinical metrics", "",
+             f"- weights folder: `{nb['metrics_dir']}`; metrics: {', '.join(nb['metrics'])}"]
+    if metrics.get("parity_not_checked"):
+        lines.append(f"- **parity not checked**: {', '.join(metrics['parity_not_checked'])} were not yet compared "
+                     "with the reference packages on this weights folder (`clinicalblip metrics parity`)")
+    else:
+        lines.append(f"- {nb['parity']}")
+    lines += ["", "| key | value |", "|---|---|"]
+    keys = [k for k in (*convention_keys("chexbert"), *NEURAL_SUMMARY_KEYS) if k in metrics]
+    for k in dict.fromkeys(keys):
+        lines.append(f"| `{k}` | {_fmt(metrics[k])} |")
+    return lines
 
 
 def write_report(metrics: Mapping, md_path: str | Path) -> Path:

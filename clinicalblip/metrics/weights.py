@@ -1,0 +1,261 @@
+"""The weights folder of the neural metrics: what it holds, how to fetch it, how to check it, how eval finds files.
+
+Layout of DIR (``clinicalblip metrics fetch --to DIR`` writes it; ``eval --metrics-dir DIR`` reads only from it):
+
+    chexbert/chexbert.pth              CheXbert (Smit et al. 2020), hub StanfordAIMI/RRG_scorers
+    bert-base-uncased/                 CheXbert's encoder config + tokenizer (google-bert/bert-base-uncased)
+    radgraph/radgraph.tar.gz           RadGraph (Jain et al. 2021) DyGIE++ archive, StanfordAIMI/RRG_scorers
+    radgraph/radgraph-xl.tar.gz        RadGraph-XL (Delbrouck et al. 2024), StanfordAIMI/RRG_scorers
+    distilroberta-base/                BERTScore encoder of ReXrank / RadCliQ (distilbert/distilroberta-base)
+    distilbert-base-uncased/           BERTScore encoder of RadEval (distilbert/distilbert-base-uncased)
+    SHA256SUMS                         written by fetch: the hash of every file as downloaded
+    parity.json                        written by ``metrics parity`` when our numbers matched the reference packages
+
+Hashes: the project records the sha256 of a file in ``FILES`` when it is known. This checkout was written without
+network access, so no hub hash could be read: every ``sha256`` below is ``None`` (UNKNOWN, not invented) and
+``metrics check`` says so, then checks the files against ``SHA256SUMS`` (the hashes fetch saw) instead. Revisions
+are likewise UNPINNED (``None``) until someone records the hub commit; fetch writes the commit it resolved into
+``SHA256SUMS``' companion ``fetch.json`` so a folder is reproducible from its own record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from clinicalblip.errors import UserError
+
+FETCH_HINT = "clinicalblip metrics fetch --to {dir}"
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    path: str  # inside DIR
+    repo: str  # hub repository
+    filename: str  # inside the hub repository
+    revision: str | None = None  # hub commit; None = UNPINNED (unknown offline)
+    sha256: str | None = None  # None = UNKNOWN (not recorded; never invented)
+
+
+_RRG = "StanfordAIMI/RRG_scorers"
+FILES: tuple[WeightFile, ...] = (
+    WeightFile("chexbert/chexbert.pth", _RRG, "chexbert.pth"),
+    WeightFile("bert-base-uncased/config.json", "google-bert/bert-base-uncased", "config.json"),
+    WeightFile("bert-base-uncased/vocab.txt", "google-bert/bert-base-uncased", "vocab.txt"),
+    WeightFile("bert-base-uncased/tokenizer_config.json", "google-bert/bert-base-uncased", "tokenizer_config.json"),
+    WeightFile("radgraph/radgraph.tar.gz", _RRG, "radgraph.tar.gz"),
+    WeightFile("radgraph/radgraph-xl.tar.gz", _RRG, "radgraph-xl.tar.gz"),
+    # The BERT each archive embeds with: its config.json names it (model.embedder.token_embedders.bert.model_name);
+    # fetch reads the name from the downloaded archive ("archive:" repos), so nothing is guessed here.
+    WeightFile("radgraph/radgraph-encoder/config.json", "archive:radgraph/radgraph.tar.gz", "config.json"),
+    WeightFile("radgraph/radgraph-encoder/vocab.txt", "archive:radgraph/radgraph.tar.gz", "vocab.txt"),
+    WeightFile("radgraph/radgraph-xl-encoder/config.json", "archive:radgraph/radgraph-xl.tar.gz", "config.json"),
+    WeightFile("radgraph/radgraph-xl-encoder/vocab.txt", "archive:radgraph/radgraph-xl.tar.gz", "vocab.txt"),
+    WeightFile("distilroberta-base/config.json", "distilbert/distilroberta-base", "config.json"),
+    WeightFile("distilroberta-base/model.safetensors", "distilbert/distilroberta-base", "model.safetensors"),
+    WeightFile("distilroberta-base/vocab.json", "distilbert/distilroberta-base", "vocab.json"),
+    WeightFile("distilroberta-base/merges.txt", "distilbert/distilroberta-base", "merges.txt"),
+    # bert_score's rescale baseline for distilroberta-base (not recorded here: read offline it was not available).
+    WeightFile("distilroberta-base/bert_score_baseline.tsv", "github:Tiiiger/bert_score",
+               "bert_score/rescale_baseline/en/distilroberta-base.tsv"),
+    WeightFile("distilbert-base-uncased/config.json", "distilbert/distilbert-base-uncased", "config.json"),
+    WeightFile("distilbert-base-uncased/model.safetensors", "distilbert/distilbert-base-uncased", "model.safetensors"),
+    WeightFile("distilbert-base-uncased/vocab.txt", "distilbert/distilbert-base-uncased", "vocab.txt"),
+    WeightFile("distilbert-base-uncased/tokenizer_config.json", "distilbert/distilbert-base-uncased",
+               "tokenizer_config.json"),
+)
+
+# What each metric of ``eval --metrics`` reads from DIR.
+_CHEXBERT = ("chexbert/chexbert.pth", "bert-base-uncased/config.json", "bert-base-uncased/vocab.txt")
+_ROBERTA = ("distilroberta-base/config.json", "distilroberta-base/model.safetensors", "distilroberta-base/vocab.json",
+            "distilroberta-base/merges.txt", "distilroberta-base/bert_score_baseline.tsv")
+_DISTILBERT = ("distilbert-base-uncased/config.json", "distilbert-base-uncased/model.safetensors",
+               "distilbert-base-uncased/vocab.txt")
+METRIC_FILES: dict[str, tuple[str, ...]] = {
+    "chexbert": _CHEXBERT,
+    "sembscore": _CHEXBERT,
+    "bertscore": _ROBERTA,
+    "bertscore-radeval": _DISTILBERT,
+    "radgraph": ("radgraph/radgraph.tar.gz", "radgraph/radgraph-encoder/config.json",
+                 "radgraph/radgraph-encoder/vocab.txt"),
+    "radgraph-xl": ("radgraph/radgraph-xl.tar.gz", "radgraph/radgraph-xl-encoder/config.json",
+                    "radgraph/radgraph-xl-encoder/vocab.txt"),
+    "radcliq": _CHEXBERT + _ROBERTA + ("radgraph/radgraph.tar.gz", "radgraph/radgraph-encoder/config.json",
+                                       "radgraph/radgraph-encoder/vocab.txt"),
+}
+# ReXrank's column set: BLEU-2 (always computed), BERTScore, SembScore, RadGraph (ent+rel)/2 and 1/RadCliQ-v1.
+METRIC_GROUPS = {"rexrank": ("bertscore", "sembscore", "radgraph", "radcliq")}
+METRIC_CHOICES = tuple(METRIC_FILES) + tuple(METRIC_GROUPS)
+
+
+def parse_metrics(spec: str | Sequence[str]) -> list[str]:
+    """``"chexbert,rexrank"`` -> the metric names in order, groups expanded; unknown names are a UserError."""
+    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    out: list[str] = []
+    for name in names:
+        if name not in METRIC_CHOICES:
+            raise UserError(f"unknown metric {name!r}; choose from {', '.join(METRIC_CHOICES)}")
+        for m in METRIC_GROUPS.get(name, (name,)):
+            if m not in out:
+                out.append(m)
+    return out
+
+
+def require(metrics_dir: str | Path | None, metrics: Iterable[str]) -> Path:
+    """The folder, after checking every file the metrics need is there; a missing one is one clear UserError."""
+    names = list(metrics)
+    if metrics_dir is None:
+        raise UserError(f"--metrics {','.join(names)} needs --metrics-dir DIR (fetch it once with "
+                        f"`{FETCH_HINT.format(dir='DIR')}`)")
+    root = Path(metrics_dir)
+    for m in names:
+        for rel in METRIC_FILES[m]:
+            if not (root / rel).is_file():
+                raise UserError(f"metric {m} needs {root / rel}, which is missing; download the weights with "
+                                f"`{FETCH_HINT.format(dir=root)}` (on a machine that can reach the hub)")
+    return root
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_sums(root: Path) -> dict[str, str]:
+    """``SHA256SUMS`` (``<hex>  <path>`` lines) as {path: hex}; {} when absent."""
+    sums: dict[str, str] = {}
+    f = root / "SHA256SUMS"
+    if f.is_file():
+        for line in f.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                digest, _, rel = line.strip().partition("  ")
+                sums[rel.strip()] = digest.strip()
+    return sums
+
+
+def write_sums(root: Path, paths: Iterable[str]) -> Path:
+    lines = [f"{sha256_file(root / rel)}  {rel}" for rel in paths if (root / rel).is_file()]
+    (root / "SHA256SUMS").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root / "SHA256SUMS"
+
+
+def check(metrics_dir: str | Path, files: Sequence[WeightFile] = FILES) -> dict:
+    """Verify DIR: each file present, its sha256 equal to the project's record, else to SHA256SUMS.
+
+    Returns {"ok", "missing", "different", "unknown" (no hash recorded anywhere), "verified", "lines"}.
+    """
+    root = Path(metrics_dir)
+    if not root.is_dir():
+        raise UserError(f"weights folder not found: {root} (create it with `{FETCH_HINT.format(dir=root)}`)")
+    sums = read_sums(root)
+    res: dict = {"missing": [], "different": [], "unknown": [], "verified": [], "lines": []}
+    for wf in files:
+        f = root / wf.path
+        if not f.is_file():
+            res["missing"].append(wf.path)
+            res["lines"].append(f"MISSING    {wf.path}")
+            continue
+        got = sha256_file(f)
+        expected, source = (wf.sha256, "project") if wf.sha256 else (sums.get(wf.path), "SHA256SUMS")
+        if expected is None:
+            res["unknown"].append(wf.path)
+            res["lines"].append(f"UNKNOWN    {wf.path} (no hash recorded in the project or SHA256SUMS; sha256 {got})")
+        elif got != expected:
+            res["different"].append(wf.path)
+            res["lines"].append(f"DIFFERENT  {wf.path} (sha256 {got}, {source} records {expected})")
+        else:
+            res["verified"].append(wf.path)
+            note = "" if wf.sha256 else " (project hash UNKNOWN: checked against SHA256SUMS written at fetch)"
+            res["lines"].append(f"OK         {wf.path}{note}")
+    res["ok"] = not (res["missing"] or res["different"])
+    return res
+
+
+def fetch(to: str | Path, files: Sequence[WeightFile] = FILES, download=None) -> Path:
+    """Download every file into ``to`` (needs the network; only when asked), then write SHA256SUMS and fetch.json.
+
+    ``download(repo, filename, revision) -> local path`` defaults to ``huggingface_hub.hf_hub_download``.
+    """
+    import shutil
+
+    root = Path(to)
+    root.mkdir(parents=True, exist_ok=True)
+    if download is None:
+        try:
+            from huggingface_hub import hf_hub_download
+        except ImportError as exc:  # pragma: no cover - transformers depends on it
+            raise UserError(f"metrics fetch needs huggingface_hub: {exc}") from exc
+
+        def download(repo, filename, revision):
+            if repo.startswith("github:"):
+                import tempfile
+                import urllib.request
+
+                url = f"https://raw.githubusercontent.com/{repo[7:]}/{revision or 'master'}/{filename}"
+                dest = Path(tempfile.mkdtemp()) / Path(filename).name
+                urllib.request.urlretrieve(url, dest)  # noqa: S310 - a fixed https URL
+                return dest
+            return hf_hub_download(repo_id=repo, filename=filename, revision=revision)
+    record = []
+    for wf in files:
+        repo = wf.repo
+        if repo.startswith("archive:"):
+            repo = archive_encoder_name(root / repo[len("archive:"):])
+        try:
+            src = download(repo, wf.filename, wf.revision)
+        except Exception as exc:  # network, auth, missing file: one line naming the file
+            raise UserError(f"could not download {repo}/{wf.filename}"
+                            f"{'@' + wf.revision if wf.revision else ''}: {exc}") from exc
+        dest = root / wf.path
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+        digest = sha256_file(dest)
+        if wf.sha256 and digest != wf.sha256:
+            raise UserError(f"{wf.repo}/{wf.filename}: sha256 {digest} differs from the project's {wf.sha256}")
+        record.append({"path": wf.path, "repo": repo, "filename": wf.filename,
+                       "revision": wf.revision or "UNPINNED (hub default branch at fetch time)", "sha256": digest})
+    write_sums(root, [wf.path for wf in files])
+    (root / "fetch.json").write_text(json.dumps({"files": record}, indent=2) + "\n", encoding="utf-8")
+    return root
+
+
+def archive_encoder_name(archive: Path) -> str:
+    """The hub id of the BERT an AllenNLP RadGraph archive was trained on (from its config.json)."""
+    import tarfile
+
+    if not archive.is_file():
+        raise UserError(f"{archive} is missing: fetch downloads the archive before its encoder")
+    with tarfile.open(archive, "r:gz") as tar:
+        for m in tar.getmembers():
+            if m.isfile() and m.name.removeprefix("./") == "config.json":
+                cfg = json.loads(tar.extractfile(m).read())
+                name = (((cfg.get("model") or {}).get("embedder") or {}).get("token_embedders") or {}).get("bert", {})
+                if name.get("model_name"):
+                    return name["model_name"]
+    raise UserError(f"{archive}: config.json names no model.embedder.token_embedders.bert.model_name")
+
+
+# ------------------------------------------------------------------------------------------------ parity record
+PARITY_FILE = "parity.json"
+
+
+def parity_status(metrics_dir: str | Path | None) -> dict:
+    """{"checked": bool, ...} from DIR/parity.json: checked only when a parity run passed on this folder."""
+    if metrics_dir is None:
+        return {"checked": False, "note": "parity not checked"}
+    f = Path(metrics_dir) / PARITY_FILE
+    if not f.is_file():
+        return {"checked": False, "note": "parity not checked (run `clinicalblip metrics parity`)"}
+    try:
+        rec = json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return {"checked": False, "note": f"parity not checked ({f} is unreadable)"}
+    ok = bool(rec.get("passed"))
+    return {"checked": ok, "note": "parity checked" if ok else "parity not checked (the last parity run failed)",
+            "record": rec}
