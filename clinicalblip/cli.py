@@ -405,7 +405,12 @@ def _add_view(sub) -> None:
     )
     p.add_argument("predictions", help="predictions JSONL")
     _add_viewer_args(p, "--out", "the HTML file to write")
-    p.add_argument("--metrics", help="metrics.json from `clinicalblip eval` for the summary (else scored here)")
+    p.add_argument("--metrics", help="metrics.json from `clinicalblip eval` for the summary (else scored here); "
+                                     "with --metrics-dir: the neural metrics, as in eval (chexbert, radgraph, ...)")
+    p.add_argument("--metrics-json", help="metrics.json from `clinicalblip eval` for the summary (the same as "
+                                          "--metrics FILE; use it together with --metrics-dir)")
+    p.add_argument("--metrics-dir", help="the weights folder of the neural metrics: the cases show the per-study "
+                                         "RadGraph F1 and CheXbert disagreements as `eval --html` does")
     p.add_argument("--protocol", choices=["r2gen", "r2gen-mimic", "coco-ptb"], default="r2gen",
                    help="NLG protocol: r2gen (IU X-Ray cleaning, default), r2gen-mimic, coco-ptb")
     p.add_argument("--labeler", choices=["auto", "chexpert", "synthetic", "chexbert"], default="auto",
@@ -419,14 +424,39 @@ def _add_view(sub) -> None:
     def run(args) -> int:
         from clinicalblip.viewer import view_predictions
 
-        out = view_predictions(args.predictions, args.out, args.metrics, manifest=args.manifest,
+        metrics_json, neural = _view_metrics_args(args)
+        out = view_predictions(args.predictions, args.out, metrics_json, manifest=args.manifest,
                                protocol=args.protocol, labeler=args.labeler, uncertain_as=args.uncertain_as,
                                skip_java_metrics=args.skip_java_metrics, bootstrap=args.bootstrap, seed=args.seed,
-                               thumbnails=not args.no_thumbnails, thumb_size=args.thumb_size)
+                               thumbnails=not args.no_thumbnails, thumb_size=args.thumb_size,
+                               metrics_dir=args.metrics_dir, neural=neural)
         print(f"wrote {out}")
         return 0
 
     p.set_defaults(func=run)
+
+
+def _view_metrics_args(args) -> tuple[str | None, str | None]:
+    """(metrics.json path, neural metric names) of `view`: ``--metrics`` names neural metrics with --metrics-dir
+    (as in eval and compare) and is the metrics.json path without it (its earlier meaning)."""
+    from pathlib import Path
+
+    from clinicalblip.metrics.weights import METRIC_CHOICES, require
+
+    if args.metrics_dir is not None:
+        if not args.metrics:
+            raise UserError("--metrics-dir needs --metrics NAMES (e.g. chexbert,radgraph); give the metrics.json "
+                            "summary as --metrics-json FILE")
+        if Path(args.metrics).is_file():
+            raise UserError(f"with --metrics-dir, --metrics names neural metrics (e.g. chexbert,radgraph); give "
+                            f"the metrics.json as --metrics-json {args.metrics}")
+        return args.metrics_json, args.metrics
+    if args.metrics and args.metrics_json:
+        raise UserError("--metrics FILE and --metrics-json FILE both name the metrics.json; give it once")
+    names = [n.strip() for n in (args.metrics or "").split(",") if n.strip()]
+    if names and not Path(args.metrics).is_file() and all(n in METRIC_CHOICES for n in names):
+        require(None, names)  # neural metric names without the folder: the one-line error eval gives
+    return args.metrics_json or args.metrics, None
 
 
 def _add_compare(sub) -> None:

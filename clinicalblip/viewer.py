@@ -218,10 +218,12 @@ def write_viewer(records: Sequence[dict], metrics: Mapping, cases: Mapping, out_
 def view_predictions(pred_path: str | Path, out_html: str | Path, metrics_path: str | Path | None = None, *,
                      manifest: str | Path | None = None, protocol: str = "r2gen", labeler: str = "auto",
                      uncertain_as: str = "positive", skip_java_metrics: bool = False, bootstrap: int = 1000,
-                     seed: int = 0, thumbnails: bool = True, thumb_size: int = 160) -> Path:
+                     seed: int = 0, thumbnails: bool = True, thumb_size: int = 160,
+                     metrics_dir: str | Path | None = None, neural: str | Sequence[str] | None = None) -> Path:
     """``clinicalblip view``: the page alone. With ``metrics_path`` the summary is that metrics.json (per-study
     scores and badges are recomputed, without METEOR, which is corpus-only here); without, the file is scored
-    as ``eval`` would score it."""
+    as ``eval`` would score it. ``neural`` with ``metrics_dir`` adds the per-case neural values (RadGraph F1,
+    CheXbert disagreements) through ``evaluate_records``, the code path of ``eval --html``."""
     from clinicalblip.metrics.evaluate_predictions import evaluate_records, read_predictions
 
     records, provenance = read_predictions(pred_path)
@@ -234,14 +236,16 @@ def view_predictions(pred_path: str | Path, out_html: str | Path, metrics_path: 
         which = labeler if labeler != "auto" else ("synthetic" if lab.startswith("synthetic") else "auto")
         _, cases = evaluate_records(records, saved.get("protocol", protocol), which, bootstrap=0, seed=seed,
                                     skip_java_metrics=True,
-                                    uncertain_as=saved.get("clinical", {}).get("uncertain_as") or uncertain_as)
+                                    uncertain_as=saved.get("clinical", {}).get("uncertain_as") or uncertain_as,
+                                    metrics_dir=metrics_dir, neural=neural)
         if saved.get("n") != len(records):
             raise UserError(f"{metrics_path} scores {saved.get('n')} studies but {pred_path} has {len(records)}: "
                             "not the metrics of these predictions")
         metrics = saved
     else:
         metrics, cases = evaluate_records(records, protocol, labeler, bootstrap, seed,
-                                          skip_java_metrics=skip_java_metrics, uncertain_as=uncertain_as)
+                                          skip_java_metrics=skip_java_metrics, uncertain_as=uncertain_as,
+                                          metrics_dir=metrics_dir, neural=neural)
         metrics["predictions"] = str(pred_path)
     if provenance is not None:
         metrics.setdefault("provenance", provenance)

@@ -38,7 +38,7 @@ if [ ! -f "$STAMP" ]; then
   "$VENV/bin/python" scripts/lockfile.py verify "$CB_LOCK" || { echo "[setup] error: $VENV does not match $CB_LOCK" >&2; return 1 2>/dev/null || exit 1; }
   touch "$STAMP"
 fi
-export PATH="$PWD/$VENV/bin:$PATH"
+case "$VENV" in /*) export PATH="$VENV/bin:$PATH" ;; *) export PATH="$PWD/$VENV/bin:$PATH" ;; esac
 export CLINICALBLIP_LOCK="$PWD/$CB_LOCK"
 # Everything here runs offline: models are built in code or read from local folders.
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false

@@ -79,9 +79,6 @@ def write_distilroberta(root: Path, seed: int = 1) -> None:
                         intermediate_size=37, max_position_embeddings=80, pad_token_id=1, bos_token_id=0,
                         eos_token_id=2, type_vocab_size=1)
     RobertaModel(cfg).save_pretrained(str(d))
-    # A stand-in baseline row per layer (bert_score's TSV layout: LAYER,P,R,F).
-    rows = "\n".join(f"{i},0.{60 + i}0,0.{60 + i}1,0.{60 + i}2" for i in range(7))
-    (d / "bert_score_baseline.tsv").write_text("LAYER,P,R,F\n" + rows + "\n", encoding="utf-8")
 
 
 def write_distilbert(root: Path, seed: int = 2) -> None:

@@ -257,3 +257,69 @@ def test_bad_files_are_one_clear_line(tmp_path, capsys, rows, needle):
     assert cli.main(["compare", str(bad), str(bad), "--out", str(tmp_path / "c.json"), "--skip-java-metrics"]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------- named conventions
+def test_rule_labeler_conventions_are_compared_and_equal_eval(systems):
+    """With the rule labeler, every ``rules_*`` micro / macro / example key gets a paired test whose point estimates
+    are eval's and whose statistics-based difference is the eval difference."""
+    from clinicalblip.metrics.conventions import convention_keys
+    from clinicalblip.metrics.evaluate_predictions import evaluate_records, read_predictions
+
+    res = _run([systems["constant"], systems["shifted"]], labeler="chexpert", resamples=300)
+    block = res["comparisons"][0]["metrics"]
+    assert set(convention_keys("rules")) <= set(block)
+    evals = []
+    for p in (systems["constant"], systems["shifted"]):
+        m, _ = evaluate_records(read_predictions(p)[0], "r2gen", "chexpert", bootstrap=0, skip_java_metrics=True)
+        evals.append(m)
+    moved = 0
+    for k in convention_keys("rules"):
+        assert block[k]["a"] == evals[0][k] and block[k]["b"] == evals[1][k], k
+        assert block[k]["diff_from_statistics"] == pytest.approx(block[k]["diff"], abs=1e-12), k
+        lo, hi = block[k]["ci95"]
+        assert lo <= block[k]["diff"] + 1e-12 and block[k]["diff"] - 1e-12 <= hi and 0 < block[k]["p"] <= 1, k
+        moved += block[k]["diff"] != 0
+    assert moved >= 4  # the constant normal report and the shifted reports do differ on findings
+    same = _run([systems["shifted"], systems["shifted"]], labeler="chexpert", resamples=50)["comparisons"][0]
+    for k in convention_keys("rules"):
+        assert same["metrics"][k]["diff"] == 0 and same["metrics"][k]["ci95"] == [0.0, 0.0], k
+
+
+def test_convention_statistics_equal_the_scores_of_a_resampled_corpus():
+    """A bootstrap resample (duplicated studies) and a permutation swap, scored as explicit corpora by
+    ``convention_scores``, give the values recomputed from the summed per-case counts, to the last bits."""
+    from clinicalblip.metrics.casestats import convention_blocks
+    from clinicalblip.metrics.conventions import convention_scores
+    from clinicalblip.metrics.labeler import OBSERVATIONS
+
+    rng = np.random.default_rng(5)
+    n = 40
+
+    def rows():
+        return [{o: [1, 0, -1, None][int(v)] for o, v in zip(OBSERVATIONS, rng.integers(0, 4, len(OBSERVATIONS)))}
+                for _ in range(n)]
+
+    ref, a, b = rows(), rows(), rows()
+    none = np.zeros((n, 1), bool)
+
+    def stats(pred):
+        s = build_case_stats(range(n), {}, none, none, ["x"], {})
+        s.blocks.update(convention_blocks(ref, pred, "rules"))
+        return s, *s.matrix()
+
+    sa, xa, where = stats(a)
+    _, xb, _ = stats(b)
+    assert {k: float(v) for k, v in metrics_from_sums(xa.sum(0), where, sa).items()
+            if k.startswith("rules_")} == pytest.approx(convention_scores(ref, a, "rules"), abs=1e-15)
+    idx = rng.integers(0, n, n)
+    w = np.bincount(idx, minlength=n).astype(float)
+    got = metrics_from_sums(w @ xa, where, sa)
+    want = convention_scores([ref[i] for i in idx], [a[i] for i in idx], "rules")
+    for k, v in want.items():
+        assert float(got[k]) == pytest.approx(v, abs=1e-12), k
+    swap = rng.integers(0, 2, n).astype(bool)
+    got = metrics_from_sums(xa.sum(0) + swap.astype(float) @ (xb - xa), where, sa)
+    want = convention_scores(ref, [bi if s else ai for ai, bi, s in zip(a, b, swap)], "rules")
+    for k, v in want.items():
+        assert float(got[k]) == pytest.approx(v, abs=1e-12), k

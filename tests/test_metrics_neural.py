@@ -5,6 +5,7 @@ exists."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -33,6 +34,14 @@ NEURAL_KEYS = ("chexbert_micro14_upos", "chexbert_macro5_uneg", "chexbert_exampl
 @pytest.fixture(scope="module")
 def weights_dir(tmp_path_factory):
     return S.write_weights_dir(tmp_path_factory.mktemp("metrics-weights"))
+
+
+@pytest.fixture
+def standin_files(monkeypatch):
+    """The kit's file list without the published hashes (the stand-in weights are not the published files)."""
+    files = tuple(dataclasses.replace(f, sha256=None) for f in W.FILES)
+    monkeypatch.setattr(W, "FILES", files)
+    return files
 
 
 def _preds(tmp_path: Path, name="preds.jsonl", shift=1) -> Path:
@@ -111,11 +120,22 @@ def test_bertscore_identity_rescale_and_hand_computation(weights_dir):
     r = float(sim[:, 1:-1].max(0).values.mean())
     assert len(keep_c) and len(keep_r)
     assert got["precision"][0] == pytest.approx(p, abs=1e-5) and got["recall"][0] == pytest.approx(r, abs=1e-5)
-    b = N.read_baseline(d / "bert_score_baseline.tsv", 5)
+    b = N.DISTILROBERTA_L5_BASELINE
     resc = N.BERTScorer(d, layer=5, baseline=b).score([cand], [ref])
     f = 2 * p * r / (p + r)
     assert resc["f1"][0] == pytest.approx((f - b[2]) / (1 - b[2]), abs=1e-5)
     assert N.DISTILBERT_L5_BASELINE == (0.6666034, 0.66660464, 0.66620487)
+
+
+def test_distilroberta_baseline_ships_as_the_published_table(tmp_path):
+    import hashlib
+
+    # the constants rebuild bert_score's distilroberta-base.tsv byte for byte (its sha256 at the cited commit)
+    text = N.baseline_tsv()
+    assert hashlib.sha256(text.encode()).hexdigest() == N.DISTILROBERTA_BASELINE_TSV_SHA256
+    (tmp_path / "b.tsv").write_text(text, encoding="utf-8")
+    assert N.read_baseline(tmp_path / "b.tsv", 5) == N.DISTILROBERTA_L5_BASELINE == (0.84732, 0.84759504, 0.8473319)
+    assert not any("baseline" in f.path for f in W.FILES)  # nothing unpinned is downloaded for it
 
 
 def test_radcliq_v1_arithmetic_and_bleu2():
@@ -178,12 +198,12 @@ def test_radgraph_stand_in_annotates_and_key_mismatch_is_refused(weights_dir, tm
 
 
 # ------------------------------------------------------------------------------------------------ the kit
-def test_check_detects_a_changed_byte_and_a_missing_file(weights_dir, tmp_path, capsys):
+def test_check_detects_a_changed_byte_and_a_missing_file(weights_dir, standin_files, tmp_path, capsys):
     d = tmp_path / "w"
     shutil.copytree(weights_dir, d)
     assert cli.main(["metrics", "check", str(d)]) == 0
     out = capsys.readouterr().out
-    # no invented hashes: the project's are UNKNOWN, so SHA256SUMS (written at fetch) is what is checked
+    # without a project hash, SHA256SUMS (written at fetch) is what is checked
     assert "\nUNKNOWN" not in out and "project hash UNKNOWN" in out and f"{len(W.FILES)} verified" in out
     f = d / "distilbert-base-uncased" / "vocab.txt"
     data = bytearray(f.read_bytes())
@@ -207,7 +227,7 @@ def test_check_against_a_project_hash(weights_dir):
     assert W.check(weights_dir / "radgraph", [nosums])["missing"] == ["bert-base-uncased/vocab.txt"]
 
 
-def test_fetch_writes_every_file_sums_and_record_with_a_fake_hub(weights_dir, tmp_path):
+def test_fetch_writes_every_file_sums_and_record_with_a_fake_hub(weights_dir, standin_files, tmp_path):
     asked = []
 
     def download(repo, filename, revision):
@@ -220,6 +240,43 @@ def test_fetch_writes_every_file_sums_and_record_with_a_fake_hub(weights_dir, tm
     rec = json.loads((root / "fetch.json").read_text())
     # the encoder of each RadGraph archive is the one its config.json names
     assert "tiny/stand-in-bert" in asked and {r["path"] for r in rec["files"]} == {f.path for f in W.FILES}
+
+
+def test_recorded_hashes_are_enforced_and_pins_are_recorded(weights_dir, tmp_path, capsys):
+    byname = {f.path: f for f in W.FILES}
+    cx = byname["chexbert/chexbert.pth"]
+    assert cx.sha256 == "6550703c92d640e1e04d8105a7a185d76ece0f25fcbf033d292785bf22c0fde1"
+    assert cx.revision == "6646433b3ad83a10f6e141db76d0ece44312b236"
+    assert byname["radgraph/radgraph.tar.gz"].revision == "d97745aa136e5beb927da7e768e99de6ae807902"
+    for f in W.FILES:  # a recorded value is a full hex digest / commit, never a placeholder
+        assert f.sha256 is None or (len(f.sha256) == 64 and int(f.sha256, 16) >= 0), f.path
+        assert f.revision is None or (len(f.revision) == 40 and int(f.revision, 16) >= 0), f.path
+    # the stand-ins are not the published files: check names each recorded-hash file DIFFERENT, not SHA256SUMS-OK
+    assert cli.main(["metrics", "check", str(weights_dir)]) == 1
+    out = capsys.readouterr().out
+    assert "DIFFERENT  chexbert/chexbert.pth" in out and "project records 6550703c" in out
+    assert "OK         distilbert-base-uncased/vocab.txt (project hash UNKNOWN" in out
+    # fetch refuses a download whose sha256 differs from the recorded one, and asks for the pinned revision
+    asked = []
+
+    def download(repo, filename, revision):
+        asked.append((repo, filename, revision))
+        return weights_dir / byname["chexbert/chexbert.pth"].path
+
+    with pytest.raises(UserError) as exc:
+        W.fetch(tmp_path / "f", files=[cx], download=download)
+    assert "chexbert.pth" in str(exc.value) and "differs" in str(exc.value)
+    assert asked == [("StanfordAIMI/RRG_scorers", "chexbert.pth", "6646433b3ad83a10f6e141db76d0ece44312b236")]
+
+
+def test_fetch_records_the_commit_a_hub_snapshot_resolved(weights_dir, tmp_path):
+    src = weights_dir / "distilbert-base-uncased" / "vocab.txt"
+    snap = tmp_path / "hub" / "models--x" / "snapshots" / ("ab" * 20)
+    snap.mkdir(parents=True)
+    shutil.copyfile(src, snap / "vocab.txt")
+    wf = W.WeightFile("d/vocab.txt", "x/y", "vocab.txt")
+    root = W.fetch(tmp_path / "f", files=[wf], download=lambda repo, filename, revision: snap / "vocab.txt")
+    assert json.loads((root / "fetch.json").read_text())["files"][0]["revision"] == "ab" * 20
 
 
 def test_eval_without_the_folder_names_the_missing_file_and_fetch(tmp_path, capsys):
@@ -265,13 +322,23 @@ def test_eval_end_to_end_every_metric_in_json_report_viewer_and_compare(weights_
     block = cmp["comparisons"][0]["metrics"]
     for k in ("radgraph_partial", "bertscore_f1", "sembscore", "radcliq_v1", "chexbert_example_f1"):
         assert k in block and block[k]["a"] == pytest.approx(m[k]) and len(block[k]["ci95"]) == 2, k
+    # CheXbert's and the rule labeler's corpus-level micro / macro F1 are resampled too (per-case TP / FP / FN)
+    for k in ("chexbert_micro14_upos", "chexbert_macro5_uneg", "chexbert_micro5_upos", "rules_macro14_upos",
+              "rules_micro5_uneg"):
+        assert block[k]["a"] == m[k], k  # eval's number exactly
+        assert block[k]["diff_from_statistics"] == pytest.approx(block[k]["diff"], abs=1e-12), k
+        assert len(block[k]["ci95"]) == 2 and 0 < block[k]["p"] <= 1, k
 
 
 FAKE_PACKAGES = {
     "bert_score/__init__.py": '''
 import json, os
 class BERTScorer:
-    def __init__(self, **kw): pass
+    def __init__(self, **kw):
+        import hashlib
+        # the driver hands bert_score the published distilroberta-base table (written from the shipped constants)
+        assert hashlib.sha256(open(kw["baseline_path"], "rb").read()).hexdigest() == (
+            "208d5b2547bc41a1dbfb110f665c4ce38f0b90f7ce1d5c5fa30a25a4d779e1b4")
     def score(self, hyps, refs):
         v = json.load(open(os.environ["FAKE_REF"]))["bertscore_f1"]
         return v, v, v
@@ -356,3 +423,46 @@ def test_real_weights_check_and_sane_scores():
     lab = N.CheXbert(Path(REAL) / "chexbert/chexbert.pth", Path(REAL) / "bert-base-uncased").label(
         ["Moderate cardiomegaly."])[0]
     assert lab["Cardiomegaly"] == 1
+
+
+def _viewer_data(html: Path) -> dict:
+    import re
+
+    m = re.search(r'<script type="application/json" id="viewer-data">(.*?)</script>', html.read_text(), re.S)
+    return json.loads(m.group(1))
+
+
+def test_view_with_the_weights_folder_shows_what_eval_html_shows(weights_dir, tmp_path, capsys):
+    preds = _preds(tmp_path)
+    common = ["--skip-java-metrics", "--bootstrap", "0", "--labeler", "chexpert", "--no-thumbnails"]
+    ev = tmp_path / "eval.html"
+    assert cli.main(["eval", str(preds), "--out", str(tmp_path / "m.json"), "--no-report", *common,
+                     "--metrics-dir", str(weights_dir), "--metrics", "chexbert,radgraph", "--html", str(ev)]) == 0
+    vw = tmp_path / "view.html"
+    assert cli.main(["view", str(preds), "--out", str(vw), *common, "--metrics-dir", str(weights_dir),
+                     "--metrics", "chexbert,radgraph"]) == 0
+    a, b = _viewer_data(ev)["cases"], _viewer_data(vw)["cases"]
+    assert len(a) == len(b) == len(S.CORPUS)
+    for ca, cb in zip(a, b):
+        assert "rg" in cb["s"] and "cxb" in cb["s"]
+        assert (cb["s"]["rg"], cb["s"]["cxb"]) == (ca["s"]["rg"], ca["s"]["cxb"])
+    assert len({c["s"]["rg"] for c in b}) > 1  # per-case values, not one number repeated
+    # a metrics.json summary goes with --metrics-json; the neural per-case values still come from the folder
+    vj = tmp_path / "view_json.html"
+    assert cli.main(["view", str(preds), "--out", str(vj), *common, "--metrics-json", str(tmp_path / "m.json"),
+                     "--metrics-dir", str(weights_dir), "--metrics", "radgraph"]) == 0
+    cj = _viewer_data(vj)["cases"]
+    assert [c["s"]["rg"] for c in cj] == [c["s"]["rg"] for c in a] and "cxb" not in cj[0]["s"]
+    # without the folder the page has no neural values, and neural names without it are one clear line
+    plain = tmp_path / "plain.html"
+    assert cli.main(["view", str(preds), "--out", str(plain), *common]) == 0
+    assert "rg" not in _viewer_data(plain)["cases"][0]["s"]
+    capsys.readouterr()
+    assert cli.main(["view", str(preds), "--out", str(plain), *common, "--metrics", "radgraph"]) == 2
+    err = capsys.readouterr().err
+    assert "needs --metrics-dir DIR" in err and err.count("\n") == 1
+    assert cli.main(["view", str(preds), "--out", str(plain), *common, "--metrics-dir", str(weights_dir)]) == 2
+    assert "--metrics-dir needs --metrics NAMES" in capsys.readouterr().err
+    assert cli.main(["view", str(preds), "--out", str(plain), *common, "--metrics-dir", str(weights_dir),
+                     "--metrics", str(tmp_path / "m.json")]) == 2
+    assert f"--metrics-json {tmp_path / 'm.json'}" in capsys.readouterr().err

@@ -21,6 +21,11 @@ resamples at once:
   duplicated studies would, strictly, count duplicated references again in the document frequencies.
 - Clinical P/R/F1: per case and label true positives, false positives, false negatives; per-label F1 and the
   micro F1 from the summed counts, macro F1 their mean over labels. Exact.
+- The named CheXbert-F1 conventions (``clinicalblip.metrics.conventions``: ``<prefix>_{micro,macro}{14,5}_{upos,
+  uneg}`` of the rule labeler and of CheXbert): per case the TP / FP / FN of the 14 observations under each
+  uncertain policy (block ``conv/<prefix>_<upos|uneg>``, 42 columns); micro F1 from the summed counts of the label
+  set, macro F1 the mean of its per-label F1 (0 for a label with no positive on either side, as ``corpus_f1``).
+  The example-based scores are means of per-case values (``mean/<prefix>_example_*`` blocks). Exact.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from clinicalblip.metrics.conventions import LABEL_SETS, UNCERTAIN_SUFFIX, label_matrix, per_case_example
+from clinicalblip.metrics.labeler import OBSERVATIONS
 from clinicalblip.metrics.nlg import METRIC_KEYS
 
 # METEOR 1.5 parameters for `-l en -norm` with the default task (MeteorConfiguration: alpha, beta, gamma, delta
@@ -136,6 +143,10 @@ def metric_names(stats: CaseStats) -> list[str]:
     if "tp" in stats.blocks:
         names += ["clinical_macro_f1"] + [f"clinical_{m}_f1" for m in stats.micro_sets]
         names += [f"f1/{o}" for o in stats.observations]
+    for b in sorted(stats.blocks):
+        if b.startswith("conv/"):
+            prefix, suffix = b[len("conv/"):].rsplit("_", 1)
+            names += [f"{prefix}_{avg}{n}_{suffix}" for n in LABEL_SETS for avg in ("micro", "macro")]
     names += [b[len("mean/"):] for b in sorted(stats.blocks) if b.startswith("mean/")]
     return names
 
@@ -163,6 +174,18 @@ def metrics_from_sums(sums: np.ndarray, where: Mapping[str, slice], stats: CaseS
                                                         fn[..., cols].sum(-1))
         for j, o in enumerate(stats.observations):
             out[f"f1/{o}"] = f1[..., j]
+    n_obs = len(OBSERVATIONS)
+    for block in where:
+        if block.startswith("conv/"):  # a labeler's TP / FP / FN of the 14 observations under one uncertain policy
+            prefix, suffix = block[len("conv/"):].rsplit("_", 1)
+            s = sums[..., where[block]]
+            tp, fp, fn = s[..., :n_obs], s[..., n_obs:2 * n_obs], s[..., 2 * n_obs:]
+            for n, members in LABEL_SETS.items():
+                cols = [OBSERVATIONS.index(m) for m in members]
+                out[f"{prefix}_micro{n}_{suffix}"] = f1_from_counts(tp[..., cols].sum(-1), fp[..., cols].sum(-1),
+                                                                    fn[..., cols].sum(-1))
+                out[f"{prefix}_macro{n}_{suffix}"] = f1_from_counts(tp[..., cols], fp[..., cols],
+                                                                    fn[..., cols]).mean(-1)
     for block in where:
         if block.startswith("mean/"):  # metrics that are means of per-case scores (BERTScore, RadGraph, ...)
             out[block[len("mean/"):]] = sums[..., where[block]][..., 0] / total
@@ -186,6 +209,18 @@ def build_case_stats(ids: Sequence[str], nlg_cases: Mapping, ref_binary: np.ndar
     obs = list(observations)
     micro = {k: [m for m in v if m in obs] for k, v in micro_sets.items()}
     return CaseStats([str(i) for i in ids], blocks, obs, {k: v for k, v in micro.items() if v})
+
+
+def convention_blocks(references: Sequence[Mapping], predictions: Sequence[Mapping], prefix: str) -> dict:
+    """The per-case blocks of one labeler's named conventions (see the module docstring), to add to ``blocks``."""
+    blocks: dict[str, np.ndarray] = {}
+    for uncertain_as, suffix in UNCERTAIN_SUFFIX.items():
+        y = label_matrix(references, uncertain_as).astype(bool)
+        p = label_matrix(predictions, uncertain_as).astype(bool)
+        blocks[f"conv/{prefix}_{suffix}"] = np.concatenate([y & p, ~y & p, y & ~p], axis=1).astype(np.float64)
+    for name, v in zip(("precision", "recall", "f1"), per_case_example(references, predictions)):
+        blocks[f"mean/{prefix}_example_{name}"] = np.asarray(v, dtype=np.float64).reshape(-1, 1)
+    return blocks
 
 
 # ---------------------------------------------------------------------------------------------- resampling

@@ -4,11 +4,14 @@
 file's own record order, so the point estimates are eval's to the last bit), then compares every later system with
 the first one (``B - A``, ``C - A``, ...) on the studies all files share:
 
-- the difference of every metric (BLEU-1..4, METEOR, ROUGE-L, CIDEr, clinical macro / micro F1, per-label F1);
+- the difference of every metric (BLEU-1..4, METEOR, ROUGE-L, CIDEr, clinical macro / micro F1, per-label F1, the
+  named CheXbert-F1 conventions of the rule labeler and of CheXbert: ``rules_*`` / ``chexbert_*`` micro / macro
+  F1 over 14 / 5 labels with uncertain as positive / negative and the example-based scores, and the neural metrics);
 - a paired bootstrap 95 % interval of the difference: studies resampled with replacement, the same resample for
   both systems, each metric recomputed at corpus level from per-study sufficient statistics
   (``clinicalblip.metrics.casestats``: BLEU n-gram counts and lengths, METEOR's per-segment statistics, per-study
-  ROUGE-L, per-study CIDEr-D with the full reference set's document frequencies held fixed, TP/FP/FN per label);
+  ROUGE-L, per-study CIDEr-D with the full reference set's document frequencies held fixed, TP/FP/FN per label
+  under each labeler and uncertain policy, so micro / macro F1 are recomputed at corpus level per resample);
 - a two-sided paired approximate-randomisation p-value: in each of R trials every study's two outputs are swapped
   with probability 1/2 and the corpus-level difference recomputed; p = (1 + #{|d*| >= |d|}) / (1 + R);
 - with more than two systems, Holm's step-down correction over the comparisons with the first system, per metric.
@@ -92,9 +95,10 @@ def official_values(metrics: dict) -> dict[str, float | None]:
             out[f"clinical_{name}_f1"] = c[name]["f1"]
     for o, b in c["per_label"].items():
         out[f"f1/{o}"] = b["f1"]
+    from clinicalblip.metrics.conventions import convention_keys
     from clinicalblip.metrics.evaluate_predictions import MEAN_CASE_KEYS
 
-    for k in MEAN_CASE_KEYS:
+    for k in (*convention_keys("rules"), *convention_keys("chexbert"), *MEAN_CASE_KEYS):
         if k in metrics:
             out[k] = metrics[k]
     return out

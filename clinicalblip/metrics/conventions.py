@@ -91,12 +91,16 @@ def convention_scores(references: Sequence[Mapping[str, int | None]], prediction
     return {k: out[k] for k in convention_keys(prefix)}
 
 
-def per_case_example_f1(references: Sequence[Mapping], predictions: Sequence[Mapping]) -> np.ndarray:
-    """Per-report example-based F1 (the quantity ``example_f1`` averages), for paired tests and the viewer."""
+def per_case_example(references: Sequence[Mapping], predictions: Sequence[Mapping]) -> tuple[np.ndarray, ...]:
+    """Per-report example-based (precision, recall, F1): the values ``example_*`` average."""
     y = label_matrix(references, "negative").astype(bool)
     p = label_matrix(predictions, "negative").astype(bool)
-    _, _, f = _prf((y & p).sum(1), (~y & p).sum(1), (y & ~p).sum(1))
-    return f
+    return _prf((y & p).sum(1), (~y & p).sum(1), (y & ~p).sum(1))
+
+
+def per_case_example_f1(references: Sequence[Mapping], predictions: Sequence[Mapping]) -> np.ndarray:
+    """Per-report example-based F1 (the quantity ``example_f1`` averages), for paired tests and the viewer."""
+    return per_case_example(references, predictions)[2]
 
 
 def disagreements(reference: Mapping[str, int | None], prediction: Mapping[str, int | None]) -> list[dict]:

@@ -24,7 +24,7 @@ import numpy as np
 
 from clinicalblip.jsonl import iter_json_objects
 from clinicalblip.errors import UserError
-from clinicalblip.metrics.casestats import bootstrap_cis, build_case_stats
+from clinicalblip.metrics.casestats import bootstrap_cis, build_case_stats, convention_blocks
 from clinicalblip.metrics.clinical import binarize, clinical_scores
 from clinicalblip.metrics.conventions import CONVENTION_PREFIXES, convention_scores
 from clinicalblip.metrics.labeler import COMMON_FIVE, OBSERVATIONS, CheXbertLabeler, ChexpertRuleLabeler, Labeler
@@ -227,6 +227,12 @@ def evaluate_records(
     ids = [str(r.get("id", f"line{r['_line']}")) for r in records]
     y, p = binary_labels(labels, "positive" if which == "synthetic" else uncertain_as)
     stats = build_case_stats(ids, nlg_cases, y, p, labels["observations"], labels["micro_sets"])
+    # the named conventions' per-case counts (compare resamples them): the eval labeler's, then CheXbert's
+    if which in CONVENTION_PREFIXES:
+        stats.blocks.update(convention_blocks(labels["reference"], labels["prediction"], CONVENTION_PREFIXES[which]))
+    if "chexbert_labels" in neural_cases:
+        cx = neural_cases["chexbert_labels"]
+        stats.blocks.update(convention_blocks(cx["reference"], cx["prediction"], "chexbert"))
     for key in MEAN_CASE_KEYS:
         if key in neural_cases:  # corpus value = mean of per-case values: one (n, 1) block each
             stats.blocks[f"mean/{key}"] = np.asarray(neural_cases[key], dtype=np.float64).reshape(-1, 1)

@@ -30,6 +30,18 @@ from clinicalblip.errors import UserError
 
 # bert_score 0.3.13, bert_score/rescale_baseline/en/distilbert-base-uncased.tsv, row LAYER=5 (P, R, F).
 DISTILBERT_L5_BASELINE = (0.6666034, 0.66660464, 0.66620487)
+# bert_score's rescale baseline of distilroberta-base (ReXrank / RadCliQ BERTScore), every row (LAYER: (P, R, F)), from
+# https://github.com/Tiiiger/bert_score/blob/b795b3d0000c087e4129ebba34635064b3a0a30c/bert_score/rescale_baseline/en/distilroberta-base.tsv
+# (unchanged since that commit through master 19e7f55; the file's sha256 is DISTILROBERTA_BASELINE_TSV_SHA256, the same
+# bytes RadEval vendors). Layer 5 is the one bert_score uses for distilroberta-base (model2layers).
+DISTILROBERTA_BASELINE = {
+    0: (0.42608285, 0.4272089, 0.42462298), 1: (0.7367886, 0.7370362, 0.736573),
+    2: (0.79922664, 0.799593, 0.7991632), 3: (0.8329021, 0.8333321, 0.83291864),
+    4: (0.8442, 0.84462386, 0.84425896), 5: (0.84732, 0.84759504, 0.8473319),
+    6: (0.89334005, 0.8935088, 0.8933471),
+}
+DISTILROBERTA_L5_BASELINE = DISTILROBERTA_BASELINE[5]
+DISTILROBERTA_BASELINE_TSV_SHA256 = "208d5b2547bc41a1dbfb110f665c4ce38f0b90f7ce1d5c5fa30a25a4d779e1b4"
 # RadCliQ-v1: StandardScaler mean / scale and linear coefficients for [radgraph, bertscore, semb_score, bleu_score]
 # + intercept, from CXR-Report-Metric's CXRMetric/radcliq-v1.pkl (rajpurkarlab, commit 9c9ecad) as transcribed in
 # RadEval (jbdel/RadEval, RadEval/factual/RadCliQv1/radcliq.py).
@@ -159,6 +171,12 @@ def sembscore(ref_emb: np.ndarray, pred_emb: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------ BERTScore
+def baseline_tsv(table: dict[int, tuple[float, float, float]] | None = None) -> str:
+    """A baseline table in bert_score's TSV layout (``LAYER,P,R,F``), byte-identical to the published file."""
+    table = DISTILROBERTA_BASELINE if table is None else table
+    return "LAYER,P,R,F\n" + "".join(f"{k},{p!r},{r!r},{f!r}\n" for k, (p, r, f) in sorted(table.items()))
+
+
 def read_baseline(path: Path, layer: int) -> tuple[float, float, float]:
     """(P, R, F) baseline of ``layer`` from a bert_score rescale_baseline TSV (header LAYER,P,R,F)."""
     for line in path.read_text(encoding="utf-8").splitlines()[1:]:

@@ -61,8 +61,7 @@ def score_neural(references: Sequence[str], predictions: Sequence[str], metrics_
             out["sembscore"] = float(semb.mean())
     bert_runs = []
     if "bertscore" in names or "radcliq" in names:
-        d = root / "distilroberta-base"
-        bert_runs.append(("bertscore", d, N.read_baseline(d / "bert_score_baseline.tsv", 5)))
+        bert_runs.append(("bertscore", root / "distilroberta-base", N.DISTILROBERTA_L5_BASELINE))
     if "bertscore-radeval" in names:
         bert_runs.append(("bertscore_radeval", root / "distilbert-base-uncased", N.DISTILBERT_L5_BASELINE))
     for key, d, baseline in bert_runs:

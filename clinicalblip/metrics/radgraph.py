@@ -24,6 +24,19 @@ Rewards (the ``radgraph`` package's ``rewards.py``, current version, tokens lowe
 - RadCliQ / ReXrank's ``(entity F1 + relation F1) / 2`` with entity = (tokens, label) and relation =
   ((tokens, label), (target tokens, target label), relation type) (CXR-Report-Metric).
 
+Parameter names, checked against the published package (github.com/Stanford-AIMI/radgraph @ 87f11a1, v0.1.18 code:
+``radgraph/radgraph.py`` builds ``dygie.DyGIE`` and loads ``weights.th`` with ``strict=True``): the embedder is
+``_embedder.token_embedder_bert._matched_embedder.transformer_model`` (BasicTextFieldEmbedder names a token embedder
+``token_embedder_<key>``; PretrainedTransformerMismatchedEmbedder keeps a ``_matched_embedder`` whose
+``transformer_model`` is the full AutoModel, pooler included); ``_endpoint_span_extractor._span_width_embedding``
+(combination "x,y", ``num_width_embeddings=max_span_width``, ``span_width_embedding_dim=feature_size``);
+``_ner._ner_scorers[<ns>]`` = Sequential(TimeDistributed(FeedForward), TimeDistributed(Linear(.., n_labels - 1)))
+(FeedForward's ``_linear_layers``, ReLU); ``_relation._mention_pruners[<ns>]._scorer`` (same Sequential, 1 output),
+``_relation._relation_feedforwards[<ns>]`` (input 3 x span dim: [s_i, s_j, s_i * s_j]) and
+``_relation._relation_scorers[<ns>]`` (Linear to the relation vocabulary size; mention scores of both spans added, a
+0 dummy logit prepended). Pruned spans are re-sorted into text order (``entity_beam_pruner.py``). The archive layout
+(``config.json``, ``weights.th``, ``vocabulary/<ns>.txt``) is what the package extracts and reads. No mismatch found.
+
 An annotation is the package's dict: ``{"entities": {"1": {"tokens", "label", "start_ix", "end_ix",
 "relations": [[type, target_id], ...]}, ...}}``.
 """

@@ -11,11 +11,15 @@ Layout of DIR (``clinicalblip metrics fetch --to DIR`` writes it; ``eval --metri
     SHA256SUMS                         written by fetch: the hash of every file as downloaded
     parity.json                        written by ``metrics parity`` when our numbers matched the reference packages
 
-Hashes: the project records the sha256 of a file in ``FILES`` when it is known. This checkout was written without
-network access, so no hub hash could be read: every ``sha256`` below is ``None`` (UNKNOWN, not invented) and
-``metrics check`` says so, then checks the files against ``SHA256SUMS`` (the hashes fetch saw) instead. Revisions
-are likewise UNPINNED (``None``) until someone records the hub commit; fetch writes the commit it resolved into
-``SHA256SUMS``' companion ``fetch.json`` so a folder is reproducible from its own record.
+BERTScore's rescale baseline for distilroberta-base (bert_score's ``rescale_baseline/en/distilroberta-base.tsv``)
+is not downloaded: its numbers ship as constants in ``neural.py`` (``DISTILROBERTA_BASELINE``, with their source).
+
+Hashes and revisions: ``FILES`` records a file's sha256 and the hub commit to fetch it at only where a public source
+states them (the source is named in a comment next to each value; this checkout was written without hub access, so
+none was read from the hub itself). Where no source was found the value is ``None``: the hash is UNKNOWN (never
+invented) and ``metrics check`` checks that file against ``SHA256SUMS`` (the hash fetch saw) instead; the revision is
+UNPINNED and fetch takes the hub's default branch and writes the commit it resolved into ``fetch.json``. A recorded
+hash is enforced: fetch refuses a download whose sha256 differs, and check reports the file DIFFERENT.
 """
 
 from __future__ import annotations
@@ -41,12 +45,34 @@ class WeightFile:
 
 
 _RRG = "StanfordAIMI/RRG_scorers"
+# StanfordAIMI/RRG_scorers@6646433b3ad83a10f6e141db76d0ece44312b236 with chexbert.pth sha256 6550703c...: pinned
+# together (CHEXBERT_CHECKPOINT_REVISION / CHEXBERT_CHECKPOINT_SHA256) in third-party GitHub code found through the
+# code index; the same sha256 (1,314,414,442 bytes) is recorded by at least eight independent public repositories.
+# Not read from https://huggingface.co/StanfordAIMI/RRG_scorers/blob/main/chexbert.pth (no hub access here).
+_CHEXBERT_REV = "6646433b3ad83a10f6e141db76d0ece44312b236"
+_CHEXBERT_SHA = "6550703c92d640e1e04d8105a7a185d76ece0f25fcbf033d292785bf22c0fde1"
+# radgraph.tar.gz at RRG_scorers@d97745aa...: the revision an ``F1RadGraphv2._download_radgraph`` wrapper of the
+# radgraph package pins in hf_hub_download (the same code in five public repositories found through the code index;
+# its original repository was not identified). Its sha256 was found nowhere: UNKNOWN.
+_RADGRAPH_REV = "d97745aa136e5beb927da7e768e99de6ae807902"
+# google-bert/bert-base-uncased (the old id bert-base-uncased redirects there): vocab.txt pinned as
+# https://huggingface.co/bert-base-uncased/resolve/86b5e0934494bd15c9632b12f734a8a67f723594/vocab.txt with sha256
+# 07eced37... (third-party Bazel-style pin; the same hash, 231,508 bytes, is recorded by many repositories).
+# config.json 7160e155... (570 bytes) is recorded by two third-party repositories; tokenizer_config.json a025160e...
+# by one (both alongside the chexbert.pth hash above, pinning CheXbert's encoder files); a025160e... is the sha256 of
+# the 48 bytes '{"do_lower_case": true, "model_max_length": 512}' (checked here), that file's published content.
+_BERT_REV = "86b5e0934494bd15c9632b12f734a8a67f723594"
+_BERT = "google-bert/bert-base-uncased"
 FILES: tuple[WeightFile, ...] = (
-    WeightFile("chexbert/chexbert.pth", _RRG, "chexbert.pth"),
-    WeightFile("bert-base-uncased/config.json", "google-bert/bert-base-uncased", "config.json"),
-    WeightFile("bert-base-uncased/vocab.txt", "google-bert/bert-base-uncased", "vocab.txt"),
-    WeightFile("bert-base-uncased/tokenizer_config.json", "google-bert/bert-base-uncased", "tokenizer_config.json"),
-    WeightFile("radgraph/radgraph.tar.gz", _RRG, "radgraph.tar.gz"),
+    WeightFile("chexbert/chexbert.pth", _RRG, "chexbert.pth", _CHEXBERT_REV, _CHEXBERT_SHA),
+    WeightFile("bert-base-uncased/config.json", _BERT, "config.json", _BERT_REV,
+               "7160e1553ad2ca51d8c1cb066be533db31826e12d173824c1bb0cb1a4f187d20"),
+    WeightFile("bert-base-uncased/vocab.txt", _BERT, "vocab.txt", _BERT_REV,
+               "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"),
+    WeightFile("bert-base-uncased/tokenizer_config.json", _BERT, "tokenizer_config.json", _BERT_REV,
+               "a025160ef0431f1a392f6f050c1310f4c5d9fb6f275932dbccba73c4d214bf10"),
+    WeightFile("radgraph/radgraph.tar.gz", _RRG, "radgraph.tar.gz", _RADGRAPH_REV),
+    # radgraph-xl.tar.gz: neither a revision nor a sha256 was found in a public source (UNPINNED, UNKNOWN).
     WeightFile("radgraph/radgraph-xl.tar.gz", _RRG, "radgraph-xl.tar.gz"),
     # The BERT each archive embeds with: its config.json names it (model.embedder.token_embedders.bert.model_name);
     # fetch reads the name from the downloaded archive ("archive:" repos), so nothing is guessed here.
@@ -54,13 +80,11 @@ FILES: tuple[WeightFile, ...] = (
     WeightFile("radgraph/radgraph-encoder/vocab.txt", "archive:radgraph/radgraph.tar.gz", "vocab.txt"),
     WeightFile("radgraph/radgraph-xl-encoder/config.json", "archive:radgraph/radgraph-xl.tar.gz", "config.json"),
     WeightFile("radgraph/radgraph-xl-encoder/vocab.txt", "archive:radgraph/radgraph-xl.tar.gz", "vocab.txt"),
+    # distilroberta-base / distilbert-base-uncased: no published sha256 or revision found (UNKNOWN, UNPINNED).
     WeightFile("distilroberta-base/config.json", "distilbert/distilroberta-base", "config.json"),
     WeightFile("distilroberta-base/model.safetensors", "distilbert/distilroberta-base", "model.safetensors"),
     WeightFile("distilroberta-base/vocab.json", "distilbert/distilroberta-base", "vocab.json"),
     WeightFile("distilroberta-base/merges.txt", "distilbert/distilroberta-base", "merges.txt"),
-    # bert_score's rescale baseline for distilroberta-base (not recorded here: read offline it was not available).
-    WeightFile("distilroberta-base/bert_score_baseline.tsv", "github:Tiiiger/bert_score",
-               "bert_score/rescale_baseline/en/distilroberta-base.tsv"),
     WeightFile("distilbert-base-uncased/config.json", "distilbert/distilbert-base-uncased", "config.json"),
     WeightFile("distilbert-base-uncased/model.safetensors", "distilbert/distilbert-base-uncased", "model.safetensors"),
     WeightFile("distilbert-base-uncased/vocab.txt", "distilbert/distilbert-base-uncased", "vocab.txt"),
@@ -71,7 +95,7 @@ FILES: tuple[WeightFile, ...] = (
 # What each metric of ``eval --metrics`` reads from DIR.
 _CHEXBERT = ("chexbert/chexbert.pth", "bert-base-uncased/config.json", "bert-base-uncased/vocab.txt")
 _ROBERTA = ("distilroberta-base/config.json", "distilroberta-base/model.safetensors", "distilroberta-base/vocab.json",
-            "distilroberta-base/merges.txt", "distilroberta-base/bert_score_baseline.tsv")
+            "distilroberta-base/merges.txt")
 _DISTILBERT = ("distilbert-base-uncased/config.json", "distilbert-base-uncased/model.safetensors",
                "distilbert-base-uncased/vocab.txt")
 METRIC_FILES: dict[str, tuple[str, ...]] = {
@@ -145,11 +169,12 @@ def write_sums(root: Path, paths: Iterable[str]) -> Path:
     return root / "SHA256SUMS"
 
 
-def check(metrics_dir: str | Path, files: Sequence[WeightFile] = FILES) -> dict:
+def check(metrics_dir: str | Path, files: Sequence[WeightFile] | None = None) -> dict:
     """Verify DIR: each file present, its sha256 equal to the project's record, else to SHA256SUMS.
 
     Returns {"ok", "missing", "different", "unknown" (no hash recorded anywhere), "verified", "lines"}.
     """
+    files = FILES if files is None else files
     root = Path(metrics_dir)
     if not root.is_dir():
         raise UserError(f"weights folder not found: {root} (create it with `{FETCH_HINT.format(dir=root)}`)")
@@ -177,13 +202,14 @@ def check(metrics_dir: str | Path, files: Sequence[WeightFile] = FILES) -> dict:
     return res
 
 
-def fetch(to: str | Path, files: Sequence[WeightFile] = FILES, download=None) -> Path:
+def fetch(to: str | Path, files: Sequence[WeightFile] | None = None, download=None) -> Path:
     """Download every file into ``to`` (needs the network; only when asked), then write SHA256SUMS and fetch.json.
 
     ``download(repo, filename, revision) -> local path`` defaults to ``huggingface_hub.hf_hub_download``.
     """
     import shutil
 
+    files = FILES if files is None else files
     root = Path(to)
     root.mkdir(parents=True, exist_ok=True)
     if download is None:
@@ -193,14 +219,6 @@ def fetch(to: str | Path, files: Sequence[WeightFile] = FILES, download=None) ->
             raise UserError(f"metrics fetch needs huggingface_hub: {exc}") from exc
 
         def download(repo, filename, revision):
-            if repo.startswith("github:"):
-                import tempfile
-                import urllib.request
-
-                url = f"https://raw.githubusercontent.com/{repo[7:]}/{revision or 'master'}/{filename}"
-                dest = Path(tempfile.mkdtemp()) / Path(filename).name
-                urllib.request.urlretrieve(url, dest)  # noqa: S310 - a fixed https URL
-                return dest
             return hf_hub_download(repo_id=repo, filename=filename, revision=revision)
     record = []
     for wf in files:
@@ -218,11 +236,21 @@ def fetch(to: str | Path, files: Sequence[WeightFile] = FILES, download=None) ->
         digest = sha256_file(dest)
         if wf.sha256 and digest != wf.sha256:
             raise UserError(f"{wf.repo}/{wf.filename}: sha256 {digest} differs from the project's {wf.sha256}")
-        record.append({"path": wf.path, "repo": repo, "filename": wf.filename,
-                       "revision": wf.revision or "UNPINNED (hub default branch at fetch time)", "sha256": digest})
+        resolved = wf.revision or _snapshot_commit(src) or "UNPINNED (hub default branch at fetch time)"
+        record.append({"path": wf.path, "repo": repo, "filename": wf.filename, "revision": resolved,
+                       "sha256": digest})
     write_sums(root, [wf.path for wf in files])
     (root / "fetch.json").write_text(json.dumps({"files": record}, indent=2) + "\n", encoding="utf-8")
     return root
+
+
+def _snapshot_commit(path) -> str | None:
+    """The commit of a hub cache path (``.../snapshots/<40 hex>/<filename>``); None for any other path."""
+    parts = Path(path).parts
+    for i, part in enumerate(parts[:-1]):
+        if part == "snapshots" and i + 1 < len(parts) - 1 and len(parts[i + 1]) == 40:
+            return parts[i + 1]
+    return None
 
 
 def archive_encoder_name(archive: Path) -> str:
