@@ -329,6 +329,12 @@ def _model(run: Run, records: Records) -> Built:
         # A root stage loads partitioned: transformers reads the checkpoint under zero.Init, so each rank holds
         # its 1/N of the base, never a whole copy.
         built = _load_model(run, records)
+        low = torch_dtype(run.cfg.model.dtype)
+        for p in built.model.parameters():
+            # The base arrived partitioned in model.dtype; the new LoRA weights (fp32) are partitioned later
+            # by deepspeed.initialize, whose optimizer groups need one dtype: cast them as the engine would.
+            if not hasattr(p, "ds_id") and p.is_floating_point() and p.dtype != low:
+                p.data = p.data.to(low)
         params = list(built.model.parameters())
         sharded = sum(1 for p in params if hasattr(p, "ds_id"))
         run.log(f"ZeRO-3: base loaded partitioned (zero.Init), {sharded} of {len(params)} tensors sharded over "

@@ -208,3 +208,8 @@ def test_zero3_root_stage_loads_partitioned_and_trains_like_one_process(synth_ma
     assert all(t.numel() > 0 for t in got.values()) and max_diff(got, weights(tmp_path / "one")) <= 1e-5
     info = [json.loads((tmp_path / d / "stage.json").read_text())["trainable"] for d in ("one", "z3")]
     assert info[0] == info[1] and info[1]["total"]["frozen"] > 0  # counted from ds_numel, not 0-size shards
+    # bf16: the partitioned bf16 base and the new (fp32) LoRA weights end in one dtype for DeepSpeed's groups
+    bf = train([cfg, f"output_dir={tmp_path / 'z3bf16'}", "train.batch_size=2", "model.dtype=bf16", *common],
+               launcher=LAUNCHERS["zero3"])
+    assert bf.returncode == 0, bf.stderr[-3000:]
+    assert "base loaded partitioned" in bf.stdout and len(losses(tmp_path / "z3bf16")) == 2
