@@ -32,7 +32,9 @@ start=$(date +%s)
 
 # 1. The synthetic dataset: frontal + lateral images whose findings are drawn in, indications that
 #    carry (and sometimes mislead about) prior information, reports from varied sentence templates.
-[ -f "$DATA/.complete-6000" ] || { rm -rf "$DATA"; clinicalblip data synth --out "$DATA" --n 6000 --seed 0 && touch "$DATA/.complete-6000"; }
+#    Patients with 1-4 studies over time: findings that appear, grow, shrink or resolve, described against the
+#    prior (the marker names the generator version, so an older dataset is rebuilt).
+[ -f "$DATA/.complete-6000-priors" ] || { rm -rf "$DATA"; clinicalblip data synth --out "$DATA" --n 6000 --seed 0 && touch "$DATA/.complete-6000-priors"; }
 
 # 2. The tiny stages, in order; stage 2 starts from stage 1's folder (see the YAML comments).
 #    On a CPU machine with 2+ cores the stages run as DDP over gloo (accelerate launch), one single-threaded
@@ -61,11 +63,21 @@ clinicalblip generate "$RUN/stage2" --manifest "$DATA/manifest.jsonl" --split te
 clinicalblip generate "$RUN/stage2" --manifest "$DATA/manifest.jsonl" --split test --batch-size 64 --context generic \
   --out "$RUN/preds/generic_indication.jsonl"
 python -m clinicalblip.demo constant --manifest "$DATA/manifest.jsonl" --out "$RUN/preds/constant.jsonl"
+# The prior study (the stages take data.prior=both): the same model with each test study's prior withheld, only
+# its report, only its images; "trained" above is both. Studies without a prior get the same input in all four.
+for pv in none report images; do
+  clinicalblip generate "$RUN/stage2" --manifest "$DATA/manifest.jsonl" --split test --batch-size 64 --prior "$pv" \
+    --out "$RUN/preds/prior_$pv.jsonl"
+done
 
 # 4. Evaluation: BLEU/METEOR/ROUGE-L/CIDEr (R2Gen protocol) + clinical F1 over the synthetic findings.
-for v in trained constant no_indication generic_indication; do
+for v in trained constant no_indication generic_indication prior_none prior_report prior_images; do
   clinicalblip eval "$RUN/preds/$v.jsonl" --out "$RUN/metrics/$v.json" --bootstrap 0 > /dev/null
 done
+# Each prior input against the no-prior input (paired: temporal F1, change F1, invented comparisons, ...).
+clinicalblip compare "$RUN/preds/prior_none.jsonl" "$RUN/preds/prior_report.jsonl" "$RUN/preds/prior_images.jsonl" \
+  "$RUN/preds/trained.jsonl" --names no_prior prior_report prior_images both --resamples 2000 \
+  --out "$RUN/metrics/priors_compare.json" > /dev/null
 
 # 5. Merge both stages into one release that plain transformers loads (verified on a probe batch).
 clinicalblip merge "$RUN/stage2" --out "$RUN/release" --metrics "$RUN/metrics/trained.json"

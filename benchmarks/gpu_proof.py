@@ -7,6 +7,8 @@ On a GPU machine (see ../shared/docs/GPU.md), in one call of at most 8 minutes (
     s1, s2      configs/vicuna7b/stage1.yaml -> stage2.yaml, a few dozen optimizer steps each, synthetic data
     baseline    ../shared/gpu/baseline_hf_peft.py, side by side in the same call (its own JSON is kept)
     merge       `clinicalblip merge` of the s1 -> s2 chain (bf16 release): time and peak host memory
+    decode      benchmarks/decode_speed.py's GPU mode on the release: plain generate vs the compiled
+                static-cache decode path, batch 1 and 64, same run (decode_speed.json)
     gen_b1/b64  greedy generation from the release, batch 1 and 64, a fixed number of new tokens
     z3_s1/z3_s2 the same two stages under DeepSpeed ZeRO-3 (accelerate launch, configs/accelerate/zero3.yaml,
                 --num_processes 1); z3_s2 chains from z3_s1. Stage folders are checked for full-shape tensors.
@@ -50,7 +52,7 @@ sys.path.insert(0, str(REPO))
 
 PRESET = "shape-vicuna7b"
 DEFAULT_BASELINE = REPO.parent / "shared" / "gpu" / "baseline_hf_peft.py"
-ORDER = ["s1", "s2", "baseline", "merge", "gen", "z3_s1", "z3_s2", "q4_s2", "z2_s1", "z2_s2"]
+ORDER = ["s1", "s2", "baseline", "merge", "decode", "gen", "z3_s1", "z3_s2", "q4_s2", "z2_s1", "z2_s2"]
 TRAIN_PARTS = {  # name: (stage yaml, parent part, launcher, extra overrides)
     "s1": ("stage1.yaml", None, None, []),
     "s2": ("stage2.yaml", "s1", None, []),
@@ -257,6 +259,23 @@ def gen_part(work: Path, s: dict, manifest: Path) -> dict:
     return out
 
 
+def decode_part(work: Path, s: dict, out_dir: Path) -> dict:
+    """benchmarks/decode_speed.py's GPU mode on the release: plain generate against the compiled static-cache
+    decode path, batch 1 and 64, the same new tokens, in this call (decode_speed.json beside gpu_proof.json)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import decode_speed
+
+    cuda = s["device"] == "cuda"
+    rows = decode_speed.gpu_rows(str(work / "release"), out_dir, new_tokens=s["new_tokens"],
+                                 batches=(1, 64) if cuda else (1, 2), presets=(), device=s["device"])
+    by_b = {r["batch"]: r for r in rows if r["compile"] == cuda}
+    b1 = by_b.get(1, {})
+    return {"status": "ok", "rows": rows,
+            "b1_s_per_report_ours": round(b1["ours_ms_per_token"] * s["new_tokens"] / 1000, 3) if b1 else None,
+            "speedup_by_batch": {b: r["speedup"] for b, r in by_b.items()},
+            "same_tokens": rows[0]["same_tokens"] if rows else None}
+
+
 def baseline_part(work: Path, script: Path, timeout: float, tiny: bool) -> dict:
     bdir = work / "baseline"
     bdir.mkdir(exist_ok=True)
@@ -384,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     def estimate(part: str) -> float:
         done = [r["wall_s"] for n, r in parts.items() if n in TRAIN_PARTS and "wall_s" in r]
         train = max(done) if done else 60.0
-        return {"baseline": 150.0, "merge": 2.0 * train, "gen": 60.0}.get(part, 1.2 * train + 20.0)
+        return {"baseline": 150.0, "merge": 2.0 * train, "gen": 60.0, "decode": 150.0}.get(part, 1.2 * train + 20.0)
 
     from clinicalblip.data.synth import write_synthetic_dataset
 
@@ -401,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         if name not in wanted:
             continue
         why = missing_package(name)
-        needs = {"s2": "s1", "merge": "s2", "gen": "merge", "z3_s2": "z3_s1", "z2_s2": "z2_s1", "q4_s2": "s1"}
+        needs = {"s2": "s1", "merge": "s2", "gen": "merge", "decode": "merge", "z3_s2": "z3_s1", "z2_s2": "z2_s1",
+                 "q4_s2": "s1"}
         if not why and name in needs and parts.get(needs[name], {}).get("status") != "ok":
             why = f"needs {needs[name]}, which did not run or failed"
         if not why and name == "baseline" and baseline is None:
@@ -423,6 +443,10 @@ def main(argv: list[str] | None = None) -> int:
                 parts[name] = train_part(name, work, s, manifest, timeout=left())
             elif name == "merge":
                 parts[name] = merge_part(work, timeout=left())
+            elif name == "decode":
+                t0 = time.perf_counter()
+                parts[name] = decode_part(work, s, out_dir)
+                parts[name]["wall_s"] = round(time.perf_counter() - t0, 1)
             elif name == "gen":
                 t0 = time.perf_counter()
                 parts[name] = gen_part(work, s, manifest)

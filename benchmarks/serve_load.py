@@ -76,7 +76,7 @@ def _free_port() -> int:
 
 
 def start_server(model: Path, port: int, max_batch: int, max_wait_ms: float, max_queue: int, threads: int | None,
-                 in_process: bool = False):
+                 in_process: bool = False, compile: bool | None = None, decode: str | None = None):
     env = dict(os.environ)
     cmd = [sys.executable, "-m", "clinicalblip", "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
            "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--max-queue", str(max_queue)]
@@ -84,12 +84,17 @@ def start_server(model: Path, port: int, max_batch: int, max_wait_ms: float, max
         cmd += ["--threads", str(threads)]
     if in_process:
         cmd += ["--in-process"]
+    if compile is not None:
+        cmd += ["--compile" if compile else "--no-compile"]
+    if decode:
+        cmd += ["--decode", decode]
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     return proc, log
 
 
-async def wait_ready(url: str, proc, timeout: float = 180.0) -> None:
+async def wait_ready(url: str, proc, timeout: float = 1800.0) -> None:
+    """Until /health answers and no longer says "warming" (a --compile server compiles after loading)."""
     import httpx
 
     deadline = time.time() + timeout
@@ -98,7 +103,8 @@ async def wait_ready(url: str, proc, timeout: float = 180.0) -> None:
             if proc.poll() is not None:
                 raise SystemExit(f"the server exited with code {proc.returncode}")
             try:
-                if (await c.get(url + "/health", timeout=2)).status_code == 200:
+                r = await c.get(url + "/health", timeout=2)
+                if r.status_code == 200 and r.json().get("status") != "warming":
                     return
             except httpx.HTTPError:
                 pass
@@ -227,15 +233,18 @@ def summarise(max_batch: int, parts: list[dict], args) -> dict:
             "worker_cpu_ms_per_request": round(sum(p["worker_cpu"] for p in parts) * 1000 / max(1, ok), 2)}
 
 
-async def run_one(model: Path, forms, max_batch: int, args) -> dict:
+async def run_one(model: Path, forms, max_batch: int, args, compile: bool | None = None,
+                  decode: str | None = None) -> dict:
     import httpx
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     proc, log = start_server(model, port, max_batch, args.max_wait_ms, args.max_queue, args.threads,
-                             args.in_process)
+                             args.in_process, compile, decode)
     try:
+        t0 = time.perf_counter()
         await wait_ready(url, proc)
+        ready_s = time.perf_counter() - t0
         extra = {"max_new_tokens": str(args.max_new_tokens)} if args.max_new_tokens else {}
         async with httpx.AsyncClient() as c:  # warm-up: first calls pay one-off costs
             for files, data in forms[:3]:
@@ -245,6 +254,7 @@ async def run_one(model: Path, forms, max_batch: int, args) -> dict:
         res = await load("127.0.0.1", port, forms, args.clients, args.duration, extra)
         res["server_cpu"] = _proc_cpu(proc.pid) - cpu0
         res["worker_cpu"] = sum(_proc_cpu(w) for w in workers) - wcpu0
+        res["ready_s"] = ready_s
         return res
     finally:
         proc.terminate()
@@ -271,8 +281,13 @@ def main() -> None:
                          "torch's choice)")
     ap.add_argument("--in-process", action="store_true",
                     help="the server's --in-process (generation in the server process, no model worker)")
+    ap.add_argument("--compare-compile", action="store_true",
+                    help="each --max-batch with the server's --compile and --no-compile (instead of against "
+                         "--max-batch 1); start-up time (load + compile + warm-up) reported")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    if args.compare_compile:
+        return compare_compile(args)
     out = args.out or Path(os.environ.get("OUT") or REPO / "runs") / "serve_load.json"
     configs = list(dict.fromkeys([*args.max_batch, 1]))
     parts: dict[int, list] = {mb: [] for mb in configs}
@@ -314,6 +329,59 @@ def main() -> None:
               "client": "minimal asyncio HTTP/1.1, requests encoded once", "machine": platform.platform(),
               "cpus": os.cpu_count(),
               "load_avg_after": os.getloadavg()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+def compare_compile(args) -> None:
+    """serve --compile against --no-compile (and against --decode hf, plain generate) at each --max-batch,
+    alternating for --rounds rounds."""
+    out = args.out or Path(os.environ.get("OUT") or REPO / "runs") / "serve_load_compile.json"
+    configs = [(mb, c) for mb in args.max_batch for c in (True, False, "hf")]
+    parts: dict = {cfg: [] for cfg in configs}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = args.model or (REPO / "runs" / "demo" / "release")
+        if not model.exists():
+            print(f"[serve_load] {model} not found: training a tiny release for the benchmark", flush=True)
+            model = build_tiny_release(tmp)
+        from clinicalblip.data.synth import write_synthetic_dataset
+
+        forms = _study_forms(write_synthetic_dataset(tmp / "load", n=40, seed=11))
+        for rnd in range(args.rounds):
+            for mb, c in configs:
+                flag = "--decode hf" if c == "hf" else "--compile" if c else "--no-compile"
+                print(f"[serve_load] round {rnd + 1}/{args.rounds}: --max-batch {mb} {flag}, {args.clients} "
+                      f"clients for {args.duration:g} s", flush=True)
+                parts[(mb, c)].append(asyncio.run(run_one(model, forms, mb, args, compile=c is True,
+                                                          decode="hf" if c == "hf" else None)))
+    rows = []
+    for mb, c in configs:
+        r = summarise(mb, parts[(mb, c)], args)
+        r["compile"] = c is True
+        r["decode"] = "hf" if c == "hf" else "fast"
+        r["ready_s"] = [round(p["ready_s"], 1) for p in parts[(mb, c)]]
+        rows.append(r)
+    print(f"{'max_batch':>9} {'decode':>14} {'req/s':>8} {'vs eager':>8} {'vs hf':>6} {'p50 ms':>8} {'p95 ms':>8} "
+          f"{'ok':>6} {'ready s':>12}  codes, lost")
+    lost = 0
+    for r in rows:
+        eager = next(x for x in rows if x["max_batch"] == r["max_batch"] and not x["compile"]
+                     and x["decode"] == "fast")
+        hf = next(x for x in rows if x["max_batch"] == r["max_batch"] and x["decode"] == "hf")
+        r["speedup_vs_hf"] = round(r["requests_per_s"] / hf["requests_per_s"], 2) if hf["requests_per_s"] else None
+        r["speedup_vs_no_compile"] = round(r["requests_per_s"] / eager["requests_per_s"], 2) \
+            if eager["requests_per_s"] else None
+        lost += r["lost"] + sum(r["errors"].values())
+        name = "hf generate" if r["decode"] == "hf" else "fast compiled" if r["compile"] else "fast eager"
+        print(f"{r['max_batch']:>9} {name:>14} {r['requests_per_s']:>8.2f} "
+              f"{r['speedup_vs_no_compile']:>7}x {r['speedup_vs_hf']:>5}x {r['p50_ms']:>8} {r['p95_ms']:>8} "
+              f"{r['requests_ok']:>6} "
+              f"{str(r['ready_s']):>12}  {r['codes']}, lost {r['lost']}")
+    result = {"benchmark": "serve_load --compare-compile", "model": str(model), "rows": rows,
+              "lost_or_errors": lost, "duration_s": args.duration, "rounds": args.rounds, "threads": args.threads,
+              "machine": platform.platform(), "cpus": os.cpu_count(), "load_avg_after": os.getloadavg()}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")

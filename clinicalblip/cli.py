@@ -105,9 +105,14 @@ def _add_data_prepare(dsub) -> None:
         t.add_argument("--map", action="append", default=[], metavar="TARGET=COLUMN",
                        help="e.g. --map findings=report_text --map id=accession --map images=frontal,lateral; "
                             "targets: id patient_id split images views indication history comparison findings "
-                            "impression report (a whole report, split into sections)")
+                            "impression report (a whole report, split into sections) age sex")
         t.add_argument("--images", help="folder that relative image paths start from (default: the input's folder)")
         t.add_argument("--split", help="split for rows without one (e.g. test)")
+        t.add_argument("--split-by", choices=["patient_id", "id"],
+                       help="give rows without a split train/val/test, whole patients (or studies) at a time")
+        t.add_argument("--ratios", default="0.7,0.1,0.2", help="train,val,test fractions for --split-by "
+                                                              "(default 0.7,0.1,0.2)")
+        t.add_argument("--seed", type=int, default=0, help="shuffle seed for --split-by (default 0)")
         t.add_argument("--encoding", default="utf-8-sig",
                        help="text encoding of the input (default utf-8-sig: UTF-8, a leading byte-order mark dropped)")
         if fmt == "csv":
@@ -136,11 +141,13 @@ def _add_data_prepare(dsub) -> None:
                                         reports=args.reports, images=args.images, image_ext=args.image_ext,
                                         drop_empty=args.drop_empty)
         else:
+            from clinicalblip.data.prepare import parse_ratios
             from clinicalblip.data.tabular import parse_mapping, prepare_table
 
             summary = prepare_table(args.input, args.out, fmt=args.source, mapping=parse_mapping(args.map),
                                     images=args.images, split=args.split, encoding=args.encoding,
-                                    delimiter=getattr(args, "delimiter", None), keep_columns=args.keep_columns)
+                                    delimiter=getattr(args, "delimiter", None), keep_columns=args.keep_columns,
+                                    split_by=args.split_by, ratios=parse_ratios(args.ratios), seed=args.seed)
         print(format_summary(summary))
         return 0
 
@@ -158,13 +165,50 @@ def _add_data_check(dsub) -> None:
     p.add_argument("--jobs", type=int, default=None, help="image-decoding threads (default: up to 8)")
     p.add_argument("--max-ids", type=int, default=5, help="offending ids shown per problem (default 5)")
     p.add_argument("--json", metavar="PATH", help="also write the per-problem counts and ids as JSON")
+    p.add_argument("--template", help="the prompt template training will use: a train/val/test record without its "
+                                      "target section is unusable (default: empty sections reported per section)")
+    p.add_argument("--max-report-tokens", type=int, default=None,
+                   help="the stage's data.max_report_tokens: how many reports are longer (counted in words, "
+                        "or in --tokenizer tokens)")
+    p.add_argument("--tokenizer", help="a local tokenizer folder (the model's): report lengths in its tokens")
+    p.add_argument("--config", help="a stage YAML: its data.template and data.max_report_tokens (and model.base's "
+                                    "tokenizer, when that is a local folder) unless given above")
 
     def run(args) -> int:
         from clinicalblip.data.check import check_manifest
+        from clinicalblip.data.manifest import read_manifest
+        from clinicalblip.data.reportlen import split_report_lengths
 
+        template, limit, tokenizer = args.template, args.max_report_tokens, args.tokenizer
+        if args.config:
+            from clinicalblip.config import load_stage_config
+
+            cfg = load_stage_config(args.config)
+            template = template or cfg.data.template
+            limit = limit if limit is not None else cfg.data.max_report_tokens
+            if not tokenizer and os.path.isfile(os.path.join(cfg.model.base, "tokenizer_config.json")):
+                tokenizer = cfg.model.base
+        target = None
+        if template:
+            from clinicalblip.prompts import load_template
+
+            target = load_template(template).target
+        count, unit = None, "words"
+        if tokenizer:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+            count, unit = (lambda texts: [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]]), \
+                "tokens"
         mode = "decode" if args.decode else args.images
-        report = check_manifest(args.manifest, check_images=mode, jobs=args.jobs, image_cache=args.image_cache)
+        report = check_manifest(args.manifest, check_images=mode, jobs=args.jobs, image_cache=args.image_cache,
+                                target=target)
         print(report.format(max_ids=args.max_ids))
+        try:
+            records = read_manifest(args.manifest)
+        except UserError:
+            records = []  # lines that do not parse: the summary above names them
+        print(split_report_lengths(records, target, limit, count=count, unit=unit))
         if args.json:
             with open(args.json, "w", encoding="utf-8") as fh:
                 json.dump(report.to_dict(), fh, indent=2)
@@ -178,6 +222,8 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train one stage from a stage YAML (plain or under accelerate launch)")
     p.add_argument("config", help="stage YAML, e.g. configs/tiny/stage1.yaml")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-4 data.manifest=M")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (YAML + overrides + defaults) with a comment per key, and exit")
     p.set_defaults(func=_cmd_train)
 
 
@@ -186,7 +232,24 @@ def _cmd_train(args) -> int:
     from clinicalblip.train import train_stage
 
     cfg = load_stage_config(args.config, args.overrides)
-    train_stage(cfg)
+    if args.print_config:
+        from clinicalblip.config_doc import format_config
+
+        print(f"# {args.config}" + (f" + {' '.join(args.overrides)}" if args.overrides else "")
+              + ": the resolved stage config (every key; override any with key=value)")
+        print(format_config(cfg), end="")
+        return 0
+    try:
+        train_stage(cfg)
+    except KeyboardInterrupt:
+        import shlex
+
+        from clinicalblip.train import interrupted_message
+
+        if os.environ.get("RANK", "0") == "0":  # once under accelerate launch
+            command = shlex.join(["clinicalblip", "train", args.config, *args.overrides])
+            print(interrupted_message(cfg, command), file=sys.stderr)
+        return 130
     return 0
 
 
@@ -202,6 +265,23 @@ def _add_generate(sub) -> None:
     p.add_argument("--indication", help="single study: the indication (reason for the exam)")
     p.add_argument("--history", help="single study: the clinical history")
     p.add_argument("--comparison", help="single study: the prior exam compared with, if any")
+    p.add_argument("--view", action="append", default=[],
+                   help="single study: the view of each --image, in order (PA, AP, LATERAL...; '' for unknown); "
+                        "default: a DICOM's ViewPosition")
+    p.add_argument("--age", help="single study: the patient's age (the template's {age} slot)")
+    p.add_argument("--sex", help="single study: the patient's sex (the template's {sex} slot)")
+    p.add_argument("--hints", help="single study: suspected findings, comma-separated (the template's {hints} slot)")
+    p.add_argument("--prior-image", action="append", default=[],
+                   help="single study: an image of the prior study (repeatable; frontal first), for a model trained "
+                        "with data.prior images or both")
+    p.add_argument("--prior-report", help="single study: the prior study's report (model trained with data.prior "
+                                          "report or both)")
+    p.add_argument("--prior-date", help="single study: the prior study's date (YYYY-MM-DD; with --study-date the "
+                                        "prompt shows the interval)")
+    p.add_argument("--study-date", help="single study: this study's date (YYYY-MM-DD)")
+    p.add_argument("--prior", choices=["model", "none", "report", "images", "both"], default="model",
+                   help="manifest mode: what of each study's linked prior the prompt shows: what the model was "
+                        "trained with (default), or none / report / images / both (the prior ablations)")
     p.add_argument("--template", help="prompt template name (default: the one the stage was trained with)")
     p.add_argument("--context", choices=["real", "none", "generic", "shuffled", "blank_image"], default="real",
                    help="ablations: real context (default), no indication, a generic one, another study's "
@@ -226,7 +306,17 @@ def _add_generate(sub) -> None:
     p.add_argument("--workers", type=int, default=-1, help="manifest mode: loader workers (default -1: what the "
                                                           "machine affords; 0: load in the main process)")
     p.add_argument("--json", action="store_true", help="single study: print prompt, qformer_prompt, report as JSON")
+    p.add_argument("--on-bad-record", choices=["error", "skip"], default=None,
+                   help="manifest mode: records with missing/unreadable images or a duplicate id are refused "
+                        "(error, the default) or left out with their ids listed (skip)")
+    _add_compile(p)
     p.set_defaults(func=_cmd_generate)
+
+
+def _add_compile(p) -> None:
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decoding step (default: on with CUDA, off on the CPU, where the first "
+                        "compile costs more than a run saves; see README 'Decoding')")
 
 
 def _decoding_kwargs(args) -> dict:
@@ -247,19 +337,51 @@ def _refuse_flags(args, why: str, **unset) -> None:
         raise UserError(f"{', '.join(given)} cannot be used {why}")
 
 
-def _cmd_generate(args) -> int:
-    from clinicalblip import generate as G
+def _prior_of_args(args) -> dict | None:
+    """generate --prior-image/--prior-report/--prior-date/--study-date -> ReportModel.report's prior."""
+    if not (args.prior_image or args.prior_report):
+        if args.prior_date:
+            raise UserError("--prior-date needs the prior itself: --prior-image and/or --prior-report")
+        return None
+    prior = {"images": args.prior_image, "report": args.prior_report, "study_date": args.prior_date}
+    if args.study_date:
+        from clinicalblip.data.priors import interval_days
 
+        days = interval_days({"study_date": args.study_date, "prior": {"study_date": args.prior_date}})
+        if days is None:
+            raise UserError("--study-date needs --prior-date (both YYYY-MM-DD) to give the interval")
+        prior["interval_days"] = days
+    return {k: v for k, v in prior.items() if v not in (None, [], "")}
+
+
+def _cmd_generate(args) -> int:
+    from clinicalblip.study import StudyInputError
+
+    try:
+        return _generate(args)
+    except StudyInputError as exc:  # name the flag, not the API's field
+        flag = {"images": "--image", "views": "--view", "do_sample": "--sample"}.get(
+            exc.field, "--" + exc.field.replace("_", "-"))
+        raise UserError(f"{flag}: {exc.message}") from None
+
+
+def _generate(args) -> int:
+    from clinicalblip import generate as G
+    from clinicalblip.study import check_decoding
+
+    # checked before anything loads, as the server checks a request
+    check_decoding(args.num_beams, args.max_new_tokens, sample_name="--sample", **_decoding_kwargs(args))
     if args.image:
         if args.manifest:
             raise UserError("give either --image (one study) or --manifest (a split), not both")
         _refuse_flags(args, "with --image (one study); they apply to a manifest split",
-                      split=None, batch_size=None, limit=None, overwrite=False)
+                      split=None, batch_size=None, limit=None, overwrite=False, on_bad_record=None, prior="model")
         result = G.generate_single(
             args.model_dir, images=args.image, indication=args.indication, history=args.history,
             comparison=args.comparison, template=args.template, max_new_tokens=args.max_new_tokens,
-            num_beams=args.num_beams, context=args.context, dtype=args.dtype, out=args.out,
-            **_decoding_kwargs(args),
+            num_beams=args.num_beams, context=args.context, dtype=args.dtype, out=args.out, compile=args.compile,
+            views=args.view or None, age=args.age, sex=args.sex, hints=args.hints, quantization=args.quantization,
+            prior=_prior_of_args(args), **_decoding_kwargs(args),
         )
         if args.json:
             print(json.dumps(result, ensure_ascii=False))
@@ -269,13 +391,16 @@ def _cmd_generate(args) -> int:
     if not args.manifest or not args.out:
         raise UserError("generate needs --image PATH (one study) or --manifest M --out PREDS.jsonl (a split)")
     _refuse_flags(args, "with --manifest; the manifest gives each study's context (use --context for ablations)",
-                  indication=None, history=None, comparison=None, json=False)
+                  indication=None, history=None, comparison=None, json=False, view=[], age=None, sex=None,
+                  hints=None, prior_image=[], prior_report=None,
+                  prior_date=None, study_date=None)
     n = G.generate_split(
         args.model_dir, args.manifest, split=args.split or "test", out=args.out, template=args.template,
         context=args.context, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
         batch_size=args.batch_size or 16, limit=args.limit, dtype=args.dtype, overwrite=args.overwrite,
         quantization=args.quantization, image_cache=args.image_cache, num_workers=args.workers,
-        **_decoding_kwargs(args),
+        on_bad_record=args.on_bad_record or "error", compile=args.compile,
+        prior=None if args.prior == "model" else args.prior, **_decoding_kwargs(args),
     )
     if os.environ.get("RANK", "0") == "0":  # once under accelerate launch
         print(f"wrote {n} predictions to {args.out}")
@@ -463,7 +588,7 @@ def _add_compare(sub) -> None:
     p = sub.add_parser(
         "compare", help="paired significance between systems on the same studies (bootstrap CI, permutation p)",
         description="Compare predictions files on the studies they share: for every metric the difference B - A "
-                    "(and C - A, ...), a paired bootstrap 95%% CI and a paired approximate-randomisation p-value, "
+                    "(and C - A, ...), a paired bootstrap 95% CI and a paired approximate-randomisation p-value, "
                     "corpus-level metrics recomputed from per-study sufficient statistics; Holm-corrected with "
                     "more than two systems.",
     )
@@ -547,7 +672,11 @@ def _add_merge(sub) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="dtype of the released weights (default: the dtype the base checkpoint is stored in)")
     p.add_argument("--tolerance", type=float, default=None, help="max |logit diff| allowed in verification")
-    p.add_argument("--metrics", help="a metrics.json from `clinicalblip eval` to put in the model card")
+    p.add_argument("--metrics", help="a metrics.json from `clinicalblip eval` to put in the model card (its "
+                                     "provenance.model_hash must be a stage of this chain)")
+    p.add_argument("--force-metrics", action="store_true",
+                   help="attach --metrics even without provenance or from another model; the card says it was "
+                        "not verified")
     p.add_argument("--max-shard-size", default="2GB",
                    help="largest safetensors file of the release, e.g. 5GB (default 2GB)")
     p.add_argument("--push-to-hub", metavar="REPO", help="upload the release to this hub repo (needs network + login)")
@@ -558,7 +687,8 @@ def _cmd_merge(args) -> int:
     from clinicalblip.merge import merge_stage_chain
 
     info = merge_stage_chain(args.stage_dir, args.out, dtype=args.dtype, tolerance=args.tolerance,
-                             max_shard_size=args.max_shard_size, metrics=args.metrics, push_to_hub=args.push_to_hub)
+                             max_shard_size=args.max_shard_size, metrics=args.metrics, push_to_hub=args.push_to_hub,
+                             force_metrics=args.force_metrics)
     if info["status"] == "noop":
         print(info["message"])
     else:
@@ -592,6 +722,13 @@ def _add_serve(sub) -> None:
     p.add_argument("--in-process", action="store_true",
                    help="generate in the server process instead of a model worker process (simpler to debug; "
                         "slower under load, as HTTP handling and generation then share one GIL)")
+    p.add_argument("--generation-timeout", type=float, default=300.0, metavar="S",
+                   help="a batch generating longer than S seconds fails with 504 and the model worker is restarted "
+                        "(default 300)")
+    _add_compile(p)
+    p.add_argument("--decode", choices=["fast", "hf"], default="fast",
+                   help="fast: the static-cache decode path (default); hf: plain transformers generate, the same "
+                        "tokens slower (for comparisons)")
     p.add_argument("--api-key-env", metavar="VAR",
                    help="environment variable holding the API key: every request then needs "
                         "'Authorization: Bearer <key>'")
@@ -604,7 +741,8 @@ def _cmd_serve(args) -> int:
     serve(args.model_dir, host=args.host, port=args.port, dtype=args.dtype, quantization=args.quantization,
           max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
           api_key_env=args.api_key_env, max_file_mb=args.max_file_mb, max_views=args.max_views,
-          threads=args.threads, in_process=args.in_process)
+          threads=args.threads, in_process=args.in_process, compile=args.compile,
+          generation_timeout_s=args.generation_timeout, decode=args.decode)
     return 0
 
 
@@ -628,8 +766,11 @@ typical order:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from clinicalblip import __version__
+
     parser = argparse.ArgumentParser(prog="clinicalblip", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"clinicalblip {__version__}")
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="{data,train,generate,eval,view,compare,label,merge,serve,metrics}")
     _add_data(sub)
     _add_train(sub)

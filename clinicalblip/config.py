@@ -62,6 +62,12 @@ class DataConfig:
     # instruction; the run header and generation's meta file count the shortened studies.
     max_prompt_tokens: int = 256
     max_views: int = 2
+    # The prior study in the model input (clinicalblip/data/priors.py): none | report (the {prior} slot of the
+    # template) | images (extra image blocks after the current views, "prior PA" in the views) | both.
+    prior: str = "none"
+    # train only: probability of withholding one part of the prior (its report or its images, never both)
+    prior_dropout: float = 0.0
+    max_prior_views: int = 1  # prior images shown per study (frontal first)
     on_bad_record: str = "error"  # error | skip (skip logs the count and ids of every dropped record)
     # How images are checked before training: header (exists, size and header read cheaply, e.g. a DICOM
     # header without pixels; default), decode (every image decoded: slow on big data), exists, none.
@@ -325,8 +331,27 @@ def validate(cfg: StageConfig) -> None:
         raise ConfigError("data.num_workers must be -1 (auto), 0 or more")
     if cfg.data.max_prompt_tokens < 1:
         raise ConfigError("data.max_prompt_tokens must be >= 1")
+    if cfg.data.max_views < 1:
+        raise ConfigError(f"data.max_views must be >= 1 (views per study the model sees), got {cfg.data.max_views}")
+    if cfg.data.max_report_tokens < 1:
+        raise ConfigError(f"data.max_report_tokens must be >= 1, got {cfg.data.max_report_tokens}")
+    if not (cfg.optim.lr > 0 and cfg.optim.lr == cfg.optim.lr):
+        raise ConfigError(f"optim.lr must be a positive number, got {cfg.optim.lr}")
+    if cfg.optim.weight_decay < 0 or cfg.optim.max_grad_norm < 0:
+        raise ConfigError("optim.weight_decay and optim.max_grad_norm must be >= 0")
+    if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
+        raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {cfg.optim.warmup_ratio}")
+    for comp, mult in cfg.optim.lr_mult.items():
+        if not mult > 0:
+            raise ConfigError(f"optim.lr_mult.{comp} must be > 0, got {mult} (freeze a component with trainable.*)")
     if not 0.0 <= cfg.data.context_dropout <= 1.0:
         raise ConfigError("data.context_dropout must be in [0, 1]")
+    if cfg.data.prior not in ("none", "report", "images", "both"):
+        raise ConfigError(f"data.prior must be none, report, images or both, got '{cfg.data.prior}'")
+    if not 0.0 <= cfg.data.prior_dropout <= 1.0:
+        raise ConfigError("data.prior_dropout must be in [0, 1]")
+    if cfg.data.max_prior_views < 0:
+        raise ConfigError("data.max_prior_views must be >= 0")
     if cfg.optim.schedule not in ("cosine", "linear", "constant"):
         raise ConfigError(f"optim.schedule must be cosine, linear or constant, got '{cfg.optim.schedule}'")
     for comp in cfg.optim.lr_mult:

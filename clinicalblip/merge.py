@@ -19,6 +19,7 @@ from peft import PeftModel
 from clinicalblip import __version__
 from clinicalblip.data.collate import StudyCollator, model_inputs
 from clinicalblip.errors import UserError
+from clinicalblip.filemode import give_umask_mode
 from clinicalblip.model import is_builtin, is_decoder_only, require_hub_online, stored_dtype, torch_dtype
 from clinicalblip.release import RELEASE_FORMAT, RELEASE_META, is_release_dir, write_release_files
 from clinicalblip.stages import (
@@ -82,7 +83,10 @@ def _model_card(chain: list[dict], meta: dict, dtype: str) -> str:
         "model = InstructBlipForConditionalGeneration.from_pretrained(PATH)",
         "processor = InstructBlipProcessor.from_pretrained(PATH)",
         "inputs = processor(images=image, text=prompt, return_tensors='pt')  # prompt: see prompts/",
-        "report = processor.batch_decode(model.generate(**inputs), skip_special_tokens=True)[0]",
+        "out = model.generate(**inputs, max_new_tokens=128)",
+        "# a decoder-only LLM (Vicuna) returns the prompt + the report: decode only the new tokens",
+        "new = out[:, inputs['input_ids'].shape[1]:] if model.config.use_decoder_only_language_model else out",
+        "report = processor.batch_decode(new, skip_special_tokens=True)[0]",
         "```", "",
         "Multi-view studies: give each view as one row of `pixel_values` and put `num_views x num_query_tokens` "
         "image tokens before the prompt (clinicalblip's `generate` does this).", "",
@@ -98,9 +102,7 @@ def _model_card(chain: list[dict], meta: dict, dtype: str) -> str:
     lines += ["", "## Evaluation", ""]
     ev = meta.get("eval")
     if ev:
-        keys = [k for k in ("BLEU_1", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "clinical_macro_f1") if k in ev]
-        lines += ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys),
-                  "| " + " | ".join(f"{ev[k]:.4f}" for k in keys) + " |", ""]
+        lines += _eval_section(ev, meta.get("eval_source") or {})
     else:
         lines += ["No evaluation was attached (`clinicalblip merge ... --metrics metrics.json` adds one).", ""]
     lines += [
@@ -125,6 +127,80 @@ def _model_card(chain: list[dict], meta: dict, dtype: str) -> str:
     return "\n".join(lines)
 
 
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "n/a"
+
+
+def _eval_section(ev: dict, source: dict) -> list[str]:
+    """The card's evaluation: what was scored (data, split, n, protocol, labeler) and each metric with its 95% CI."""
+    prov = ev.get("provenance") or {}
+    clinical = ev.get("clinical") or {}
+    lines = []
+    if source.get("verified"):
+        lines.append(f"Scored on the predictions of {source['model']} (model hash `{prov.get('model_hash')}`, "
+                     "checked against this chain when merging).")
+    else:
+        lines.append(f"**Not verified:** {source.get('reason', 'these numbers were attached without a check')}. "
+                     "They were attached with `--force-metrics` and may belong to another model or data.")
+    lines += ["", "| what | value |", "| --- | --- |"]
+    manifest = Path(prov["manifest"]).name if prov.get("manifest") else None  # the name: no local paths in a card
+    for label, value in (("manifest", manifest), ("dataset (manifest hash)", prov.get("manifest_hash")),
+                         ("split", prov.get("split")), ("studies (n)", ev.get("n")),
+                         ("empty references skipped", ev.get("empty_references")),
+                         ("template", prov.get("template")), ("decoding", prov.get("decoding")),
+                         ("NLG protocol", ev.get("protocol")), ("clinical labeler", clinical.get("labeler")),
+                         ("uncertain labels count as", clinical.get("uncertain_as")),
+                         ("95% CIs", ev.get("nlg_ci95_method") or ("bootstrap" if clinical.get("bootstrap") else None))):
+        if value not in (None, ""):
+            lines.append(f"| {label} | {json.dumps(value) if isinstance(value, dict) else value} |")
+    lines += ["", "| metric | value | 95% CI |", "| --- | --- | --- |"]
+    cis = ev.get("nlg_ci95") or {}
+    for k in ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr"):
+        if k in ev:
+            ci = cis.get(k)
+            lines.append(f"| {k} | {_fmt(ev[k])} | {f'{_fmt(ci[0])} - {_fmt(ci[1])}' if ci else 'n/a'} |")
+    macro = clinical.get("macro") or {}
+    if "clinical_macro_f1" in ev:
+        ci = macro.get("f1_ci95")
+        n_labels = len(clinical.get("observations") or [])
+        lines.append(f"| clinical macro F1 ({n_labels} labels) | {_fmt(ev['clinical_macro_f1'])} | "
+                     f"{f'{_fmt(ci[0])} - {_fmt(ci[1])}' if ci else 'n/a'} |")
+    return lines + [""]
+
+
+def read_eval_metrics(path: str, chain: list[dict], force: bool = False) -> tuple[dict, dict]:
+    """(metrics, source) of a `clinicalblip eval` metrics.json for the card, checked against the chain.
+
+    Refused unless its provenance.model_hash is the hash of a stage of this chain (the hash generate records),
+    or force is set; `source` says which stage it belongs to, or why it was not verified.
+    """
+    from clinicalblip.generate import _dir_hash
+    from clinicalblip.metrics.evaluate_predictions import read_metrics_file
+
+    try:
+        ev = read_metrics_file(path)
+    except UserError as exc:
+        raise UserError(f"--metrics {exc}") from None
+    force_hint = "pass --force-metrics to attach it anyway (the card then says it was not verified)"
+    model_hash = (ev.get("provenance") or {}).get("model_hash") if isinstance(ev.get("provenance"), dict) else None
+    if not model_hash:
+        reason = f"{path} has no provenance.model_hash, so its numbers cannot be tied to this chain"
+        if not force:
+            raise UserError(f"--metrics {reason} (evaluate predictions written by `clinicalblip generate`); {force_hint}")
+        return ev, {"verified": False, "reason": reason}
+    hashes = {_dir_hash(st["dir"]): st for st in chain}
+    st = hashes.get(model_hash)
+    if st is None:
+        names = ", ".join(f"{s['name']} {h}" for h, s in hashes.items())
+        reason = f"{path} scores model hash {model_hash}, which is no stage of this chain ({names})"
+        if not force:
+            raise UserError(f"--metrics {reason}: another model's numbers; {force_hint}")
+        return ev, {"verified": False, "reason": reason}
+    last = st is chain[-1]
+    model = f"stage '{st['name']}'" + ("" if last else " (an EARLIER stage of this chain, not the merged last stage)")
+    return ev, {"verified": True, "model": model, "stage": st["name"], "last_stage": last}
+
+
 def _stage_quantization(chain: list[dict]) -> str:
     """The quantization the last stage trained with ('none' when it trained in full precision)."""
     cfg_path = Path(chain[-1]["dir"]) / "config.yaml"
@@ -141,7 +217,7 @@ def _max_diff(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 def merge_stage_chain(stage_dir: str, out: str, dtype: str | None = None, tolerance: float | None = None,
                       max_shard_size: str = "2GB", metrics: str | None = None,
-                      push_to_hub: str | None = None) -> dict:
+                      push_to_hub: str | None = None, force_metrics: bool = False) -> dict:
     """Fold every stage of the chain into the base weights, write + verify the release.
 
     `dtype` None releases in the dtype the base checkpoint is stored in (fp32 when unknown). The chain is
@@ -171,6 +247,7 @@ def merge_stage_chain(stage_dir: str, out: str, dtype: str | None = None, tolera
     chain = stage_chain(stage_dir)
     if dtype is None:
         dtype = stored_dtype(base_location(chain)) or "fp32"
+    eval_metrics = read_eval_metrics(metrics, chain, force_metrics) if metrics else None  # before minutes of work
     template = load_template_of(stage_dir)
     quantization = _stage_quantization(chain)
 
@@ -206,6 +283,7 @@ def merge_stage_chain(stage_dir: str, out: str, dtype: str | None = None, tolera
             tmp_out.mkdir(parents=True)
             merged.save_pretrained(tmp_out, max_shard_size=max_shard_size, safe_serialization=True)
             processor.save_pretrained(tmp_out)
+            give_umask_mode(tmp_out)  # safetensors writes 0600; a release must load for other users too
             del merged, chain_model
 
             # Verify what was written, not what is in memory: reload the release with plain transformers.
@@ -238,14 +316,19 @@ def merge_stage_chain(stage_dir: str, out: str, dtype: str | None = None, tolera
             "format": RELEASE_FORMAT, "code_version": __version__, "template": template.name,
             "max_views": int(stage_cfg.get("data", {}).get("max_views", 2)),
             "max_prompt_tokens": int(stage_cfg.get("data", {}).get("max_prompt_tokens", 256)),
+            # what the model takes of the prior study (generation refuses other input, naming data.prior)
+            "prior": str(stage_cfg.get("data", {}).get("prior", "none")),
+            "max_prior_views": int(stage_cfg.get("data", {}).get("max_prior_views", 1)),
             "dtype": dtype, "base": chain[0]["base"],
-            "stages": [{"name": s["name"], "dir": s["dir"], "trainable": s.get("trainable"),
+            # stage folders relative to the release (as stage.json names its parent): no local absolute paths
+            "stages": [{"name": s["name"], "dir": os.path.relpath(s["dir"], out_path.resolve()),
+                        "trainable": s.get("trainable"),
                         "template": s.get("template"), "metrics": s.get("metrics"), "data_hash": s.get("data_hash")}
                        for s in chain],
             "verification": verification,
         }
-        if metrics:
-            meta["eval"] = json.loads(Path(metrics).read_text())
+        if eval_metrics:
+            meta["eval"], meta["eval_source"] = eval_metrics
         write_release_files(tmp_out, template, meta, _model_card(chain, meta, dtype))
         if out_path.exists():
             old = target_parent / f".{out_path.name}.old"

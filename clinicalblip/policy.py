@@ -11,6 +11,7 @@ from peft import PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
 from clinicalblip.config import COMPONENTS, StageConfig
+from clinicalblip.errors import UserError
 
 DEFAULT_TARGETS = {
     "vision_model": ["qkv", "projection", "fc1", "fc2"],
@@ -63,6 +64,45 @@ def lora_target_regex(model, cfg: StageConfig) -> tuple[str, dict, dict, dict]:
     return "|".join(f"(?:{p})" for p in parts), rank, alpha, dropout
 
 
+def _linear_names(model, comp: str) -> list[tuple[str, str]]:
+    """(module name, leaf name) of every Linear layer of one component (LoRA's targets)."""
+    return [(name, name.rsplit(".", 1)[-1]) for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and (name == comp or name.startswith(comp + "."))]
+
+
+def check_lora_targets(model, cfg: StageConfig) -> None:
+    """Refuse a `lora` component whose targets match none of its Linear layers, naming the ones that exist.
+
+    PEFT only complains when no target matches anywhere: with another component matching, the dead one would
+    train nothing while the stage still says `lora`.
+    """
+    for comp in COMPONENTS:
+        if getattr(cfg.trainable, comp) != "lora":
+            continue
+        spec = getattr(cfg.lora, comp)
+        targets = spec.targets or (_lm_targets(model) if comp == "language_model" else DEFAULT_TARGETS[comp])
+        pat = re.compile(rf"{comp}(?:\..*)?\.(?:{'|'.join(re.escape(t) for t in targets)})" if targets
+                         else re.escape(comp))
+        linears = _linear_names(model, comp)
+        if any(pat.fullmatch(name) for name, _ in linears):
+            continue
+        exist = sorted(set(leaf for _, leaf in linears))
+        given = ", ".join(targets) if targets else f"the {comp} module itself"
+        raise UserError(f"lora.{comp}.targets [{given}] match none of the Linear layers of {comp}, so "
+                        f"trainable.{comp}=lora would train nothing. Its Linear layers are: "
+                        f"{', '.join(exist) or 'none'} (set lora.{comp}.targets to some of them)")
+
+
+def check_trainable(report: dict) -> None:
+    """Refuse a `lora` or `full` component that ended up with 0 trainable parameters."""
+    for comp in COMPONENTS:
+        r = report.get(comp) or {}
+        if r.get("policy") in ("lora", "full") and not r.get("trainable"):
+            raise UserError(f"trainable.{comp}={r['policy']} but {comp} has 0 trainable parameters "
+                            f"({r.get('frozen', 0):,} frozen): nothing of it would train. Check trainable.{comp} "
+                            f"and lora.{comp}.targets")
+
+
 def apply_trainable(model, cfg: StageConfig):
     """Freeze everything, then add LoRA / unfreeze per component. Returns (model, report).
 
@@ -70,6 +110,7 @@ def apply_trainable(model, cfg: StageConfig):
     InstructBLIP module that runs forward/generate), else the input model.
     """
     model.requires_grad_(False)
+    check_lora_targets(model, cfg)
     regex, rank, alpha, dropout = lora_target_regex(model, cfg)
     if regex:
         first = next(iter(rank))
@@ -97,7 +138,9 @@ def apply_trainable(model, cfg: StageConfig):
                 target.requires_grad_(True)
             else:
                 target.requires_grad_(True)
-    return model, trainable_report(model, cfg)
+    report = trainable_report(model, cfg)
+    check_trainable(report)
+    return model, report
 
 
 def trainable_report(model, cfg: StageConfig) -> dict:

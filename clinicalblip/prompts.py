@@ -20,7 +20,7 @@ import yaml
 # phrases): what a request with no clinical question looks like.
 GENERIC_INDICATION = "Routine chest radiograph."
 
-KNOWN_SLOTS = ("indication", "history", "comparison", "views", "age", "sex", "hints")
+KNOWN_SLOTS = ("indication", "history", "comparison", "views", "age", "sex", "hints", "prior")
 TARGETS = ("findings", "impression", "findings_impression")
 _SLOT_RE = re.compile(r"\{(\w+)\}")
 

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from clinicalblip import __version__
 from clinicalblip.config import COMPONENTS, StageConfig
 from clinicalblip.errors import UserError
+from clinicalblip.filemode import give_umask_mode
 from clinicalblip.model import fingerprint, load_pretrained, pinned_hub_base
 from clinicalblip.policy import component_of, core_model
 from clinicalblip.prompts import Template, template_from_dict
@@ -98,6 +99,7 @@ def write_stage(out_dir: str | os.PathLike, model, processor, cfg: StageConfig, 
     if full:
         save_file(full, str(tmp / "trained.safetensors"), metadata={"format": "pt"})
     processor.save_pretrained(tmp / "processor")
+    give_umask_mode(tmp)  # safetensors writes 0600: readable by others as every other stage file is
     (tmp / "template.yaml").write_text(yaml.safe_dump(template.to_dict(), sort_keys=False), encoding="utf-8")
     (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
     info = {

@@ -31,9 +31,11 @@ from clinicalblip.config import COMPONENTS, StageConfig
 from clinicalblip.data.cache import find_image_cache, pixel_source
 from clinicalblip.data.check import apply_bad_record_policy
 from clinicalblip.data.collate import StudyCollator, model_inputs
+from clinicalblip.data.reportlen import cut_summary
 from clinicalblip.data.loader import make_loader
 from clinicalblip.data.manifest import file_hash, read_manifest
 from clinicalblip.errors import UserError
+from clinicalblip.filemode import give_umask_mode
 from clinicalblip.model import (
     build_base,
     describe_base,
@@ -252,8 +254,34 @@ def make_accelerator(cfg: StageConfig) -> Accelerator:
     )
 
 
+# train.report_to -> (the module its accelerate tracker imports, the package that brings it)
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
+
+
+def check_tracker(report_to: str) -> None:
+    """Refuse a tracker whose package is missing: accelerate would otherwise log nothing, with rc 0."""
+    import importlib.util
+
+    if report_to not in TRACKER_PACKAGES:
+        return
+    module, package = TRACKER_PACKAGES[report_to]
+    if importlib.util.find_spec(module) is None:
+        extra = " (pip install 'clinicalblip[tracking]' brings it)" if report_to == "tensorboard" else ""
+        raise UserError(f"train.report_to={report_to} needs the '{package}' package, which is not installed: "
+                        f"pip install {package}{extra}, or set train.report_to=none")
+
+
+def tracker_config(cfg: StageConfig) -> dict:
+    """The resolved config as flat hyperparameters (key -> int/float/str/bool) for TensorBoard / W&B."""
+    out = {}
+    for k, v in _flatten(cfg.to_dict()).items():
+        out[k] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v, default=str)
+    return out
+
+
 def _checks(cfg: StageConfig) -> Run:
     """Refuse combinations that cannot work before anything is built or loaded; make the accelerator."""
+    check_tracker(cfg.train.report_to)
     if cfg.model.dtype == "fp16" and not torch.cuda.is_available():
         raise UserError("model.dtype=fp16 is not supported on CPU: use fp32 (or bf16)")
     if cfg.model.quantization != "none":
@@ -294,20 +322,17 @@ def _records(run: Run) -> Records:
     # The whole manifest is checked, not one split: a patient in two splits is only visible across splits.
     records = read_manifest(cfg.data.manifest)
     image_cache = find_image_cache(cfg.data.image_cache, cfg.data.manifest)
+    template = load_template(cfg.data.template)
+    # One rule for train, val and test: a record without the template's target section is unusable (refused,
+    # or skipped with its id logged); val loss on empty targets would otherwise drive select_best.
     records = apply_bad_record_policy(records, cfg.data.on_bad_record, log=run.log, check_images=cfg.data.check_images,
-                                      manifest=cfg.data.manifest, image_cache=image_cache)
+                                      manifest=cfg.data.manifest, image_cache=image_cache, target=template.target)
     train = [r for r in records if r["split"] == cfg.data.train_split]
     if cfg.data.limit:
         train = train[: cfg.data.limit]
     if not train:
         raise UserError(f"{cfg.data.manifest}: no usable '{cfg.data.train_split}' records")
     val = [r for r in records if r["split"] == cfg.data.val_split][: cfg.data.val_max]
-    template = load_template(cfg.data.template)
-    empty = [r["id"] for r in train if not target_text(template, r)]
-    if empty and cfg.data.on_bad_record == "error":
-        raise UserError(f"{len(empty)} train record(s) with an empty {template.target}: {', '.join(map(str, empty[:5]))}"
-                        " (fill them in, or set data.on_bad_record=skip)")
-    train = [r for r in train if target_text(template, r)]
     return Records(train=train, val=val, template=template, data_hash=file_hash(cfg.data.manifest),
                    image_cache=image_cache)
 
@@ -383,6 +408,7 @@ def _load_model(run: Run, records: Records) -> Built:
                                                       layers=cfg.model.layers)
                     model.save_pretrained(saved_base)
                     processor.save_pretrained(saved_base)
+                    give_umask_mode(saved_base)  # safetensors writes 0600
                     del model
                 acc.wait_for_everyone()
             # Every rank loads the saved copy: the very same base everywhere, and under ZeRO-3 a model built
@@ -441,13 +467,14 @@ def _loaders(run: Run, records: Records, built: Built) -> Loaders:
         image_cache=pixel_source(built.processor.image_processor, records.image_cache, jpeg_draft=cfg.data.jpeg_draft,
                                  memory=cfg.data.cache_images),
         max_prompt_tokens=cfg.data.max_prompt_tokens,
+        prior=cfg.data.prior, prior_dropout=cfg.data.prior_dropout, max_prior_views=cfg.data.max_prior_views,
     )
     collate.check_image_tokens(core_model(built.model).config)  # refuse an <image> id / query count mismatch now
     val_collate = StudyCollator(
         processor=built.processor, template=records.template, num_query_tokens=built.processor.num_query_tokens,
         decoder_only=collate.decoder_only, mode="train", max_views=cfg.data.max_views,
         max_report_tokens=cfg.data.max_report_tokens, image_cache=collate.image_cache,
-        max_prompt_tokens=cfg.data.max_prompt_tokens,
+        max_prompt_tokens=cfg.data.max_prompt_tokens, prior=cfg.data.prior, max_prior_views=cfg.data.max_prior_views,
     )
     sampler = EpochSampler(len(records.train), cfg.train.seed)
     # the sampler carries the epoch into the loader workers (context dropout depends on it)
@@ -541,11 +568,23 @@ def _restore(run: Run, records: Records, identity: dict) -> Progress:
                         "Restore the manifest, or start over with train.resume=none")
     if saved["config_hash"] != identity["config_hash"]:
         keys = sorted(set(saved["config"]) | set(identity["config"]))
-        diff = [f"{k}: {saved['config'].get(k)!r} -> {identity['config'].get(k)!r}" for k in keys
-                if saved["config"].get(k) != identity["config"].get(k)]
+        changed = [k for k in keys if saved["config"].get(k) != identity["config"].get(k)]
+        diff = [f"{k}: {saved['config'].get(k)!r} -> {identity['config'].get(k)!r}" for k in changed]
+        if changed == ["train.max_steps"] and cfg.train.max_steps > int(progress["global_step"]):
+            # A longer run: the schedule is rebuilt for the new total and followed from the checkpoint's step on
+            # (README, "Resuming"); the LR moves to the new curve's value at that step.
+            run.log(f"train.max_steps {saved['config']['train.max_steps']} -> {cfg.train.max_steps}: extending the "
+                    f"run from step {progress['global_step']}; the {cfg.optim.schedule} schedule now ends at step "
+                    f"{cfg.train.max_steps}")
+            changed = []
+        if changed == ["train.max_steps"]:
+            raise UserError(f"{resume_dir}: train.max_steps={cfg.train.max_steps} is not beyond this checkpoint's step "
+                            f"{progress['global_step']}: a resume may only extend the run (or start over with "
+                            "train.resume=none)")
+    if saved["config_hash"] != identity["config_hash"] and changed:
         raise UserError(f"{resume_dir}: the config differs from the one this checkpoint was trained with: "
                         f"{'; '.join(diff)}. Undo the change to resume, or start over with train.resume=none "
-                        f"(keys that may change on resume: {', '.join(RESUMABLE_KEYS)})")
+                        f"(keys that may change on resume: {', '.join(RESUMABLE_KEYS)}; train.max_steps may grow)")
     acc.load_state(str(resume_dir))
     p = Progress(progress["global_step"], progress["epoch"], progress["batches_in_epoch"])
     metrics = run.out_dir / "metrics.jsonl"
@@ -558,10 +597,20 @@ def _restore(run: Run, records: Records, identity: dict) -> Progress:
     return p
 
 
+def _backend_words(distributed_type: str, num_processes: int) -> str:
+    """accelerate's DistributedType in plain words ("NO" means one process, no distribution)."""
+    words = {"NO": "single process", "MULTI_GPU": "DDP", "MULTI_CPU": "DDP (CPU, gloo)", "FSDP": "FSDP",
+             "DEEPSPEED": "DeepSpeed", "XLA": "XLA", "MULTI_XPU": "DDP (XPU)", "MULTI_NPU": "DDP (NPU)",
+             "MULTI_MLU": "DDP (MLU)", "MULTI_SDAA": "DDP (SDAA)", "MULTI_MUSA": "DDP (MUSA)",
+             "MULTI_HPU": "DDP (HPU)"}.get(distributed_type, distributed_type.lower().replace("_", " "))
+    return words if num_processes == 1 or distributed_type == "NO" else f"{words}, {num_processes} processes"
+
+
 def _header(run: Run, records: Records, built: Built, loaders: Loaders, sched: Schedule) -> None:
     cfg, acc = run.cfg, run.accelerator
     eff_batch = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
-    backend = f"DeepSpeed ZeRO-{run.zero}" if run.zero else acc.distributed_type.value
+    backend = f"DeepSpeed ZeRO-{run.zero}" if run.zero else _backend_words(acc.distributed_type.value,
+                                                                            acc.num_processes)
     run.log("=" * 78)
     run.log(f"clinicalblip {__version__} | stage '{cfg.name}' -> {run.out_dir}")
     run.log(f"parent: {built.parent_desc} | base: {built.base['name']} | template: {records.template.name} | "
@@ -578,6 +627,9 @@ def _header(run: Run, records: Records, built: Built, loaders: Loaders, sched: S
     run.log(f"prompts: {loaders.collate.count_shortened(records.train)} of {len(records.train)} train studies "
             f"shortened to data.max_prompt_tokens={cfg.data.max_prompt_tokens} "
             "(history, then comparison, then indication cut)")
+    # a cut report ends without EOS (the model is not taught to stop mid-sentence), but it is still cut
+    run.log("reports: " + cut_summary(loaders.collate.report_lengths(records.train), cfg.data.max_report_tokens)
+            + " (data.max_report_tokens)")
     run.log("=" * 78)
 
 
@@ -585,6 +637,7 @@ def _header(run: Run, records: Records, built: Built, loaders: Loaders, sched: S
 class Fit:
     global_step: int
     last_val: float | None = None
+    last_val_step: int | None = None  # the step whose weights last_val belongs to
     best_val: float = float("inf")
     best_state: dict | None = field(default=None, repr=False)
     best_step: int | None = None
@@ -599,6 +652,7 @@ def _save_checkpoint(run: Run, global_step: int, epoch: int, batches_in_epoch: i
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
     if run.main:
+        give_umask_mode(tmp)  # safetensors writes 0600: a shared run folder stays resumable by its group
         (tmp / "progress.json").write_text(json.dumps(
             {"global_step": global_step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "identity": identity}))
         if final.exists():
@@ -717,10 +771,10 @@ def _fit(run: Run, built: Built, loaders: Loaders, sched: Schedule, progress: Pr
                 break
     bar.close()
     acc.sync_gradients = True
-    if loaders.val is not None and (fit.last_val is None or cfg.train.eval_every):
-        fit.last_val = evaluate_loss(model, loaders.val, acc)
-        fit.best_val = min(fit.best_val, fit.last_val)
-        log_metrics({"step": fit.global_step, "val_loss": fit.last_val})
+    if loaders.val is not None and fit.last_val_step != fit.global_step:
+        # The stage holds the last step's weights: its val loss must be theirs, not an earlier step's (max_steps
+        # may end mid-epoch after the last validation). Compared with the best snapshot like any validation.
+        _validate(run, model, loaders, fit, None, log_metrics, generate=False)
     return fit
 
 
@@ -735,19 +789,22 @@ def _dump_grads(run: Run, model, window_tokens: list[int]) -> None:
                   metadata={"window_tokens": json.dumps(window_tokens)})
 
 
-def _validate(run: Run, model, loaders: Loaders, fit: Fit, epoch: int, log_metrics) -> None:
+def _validate(run: Run, model, loaders: Loaders, fit: Fit, epoch: int | None, log_metrics,
+              generate: bool = True) -> None:
     """Validation loss (all ranks); with select_best, a gathered snapshot of the best trainable weights."""
     acc = run.accelerator
     acc.sync_gradients = True
     fit.last_val = evaluate_loss(model, loaders.val, acc)
+    fit.last_val_step = fit.global_step
     if fit.last_val < fit.best_val and run.cfg.train.select_best:
         fit.best_state = gather_trainable(model, acc)  # collective: every rank takes part
         fit.best_step = fit.global_step
     fit.best_val = min(fit.best_val, fit.last_val)
-    log_metrics({"step": fit.global_step, "epoch": epoch, "val_loss": fit.last_val})
+    log_metrics({"step": fit.global_step, "val_loss": fit.last_val} if epoch is None else
+                {"step": fit.global_step, "epoch": epoch, "val_loss": fit.last_val})
     if run.main:
         log_line(f"step {fit.global_step} | val_loss {fit.last_val:.4f}")
-    if run.cfg.train.val_generate:
+    if generate and run.cfg.train.val_generate:
         row = validation_reports(run, model, loaders)
         if row:
             row.update(step=fit.global_step, epoch=epoch)
@@ -767,6 +824,7 @@ def validation_reports(run: Run, model, loaders: Loaders) -> dict | None:
         processor=loaders.collate.processor, template=loaders.collate.template,
         num_query_tokens=loaders.collate.num_query_tokens, decoder_only=loaders.collate.decoder_only,
         mode="generate", max_views=loaders.collate.max_views, max_prompt_tokens=loaders.collate.max_prompt_tokens,
+        prior=loaders.collate.prior, max_prior_views=loaders.collate.max_prior_views,
     )
     mine = records[acc.process_index:: acc.num_processes]
     # Under ZeRO-3 every rank must run the same number of forward passes (synced_gpus); pad with a repeat.
@@ -782,10 +840,15 @@ def validation_reports(run: Run, model, loaders: Loaders) -> dict | None:
             batch = collate(chunk)
             inputs = {k: v.to(acc.device) for k, v in model_inputs(batch).items()}
             inputs["pixel_values"] = inputs["pixel_values"].to(next(unwrapped.parameters()).dtype)
-            out = unwrapped.generate(**inputs, max_new_tokens=cfg.data.max_report_tokens, num_beams=1,
-                                     do_sample=False, synced_gpus=run.zero == 3)
-            if loaders.collate.decoder_only and out.shape[1] > inputs["input_ids"].shape[1]:
-                out = out[:, inputs["input_ids"].shape[1]:]
+            if run.zero == 3:  # partitioned weights: generate's synced_gpus keeps the ranks in step
+                out = unwrapped.generate(**inputs, max_new_tokens=cfg.data.max_report_tokens, num_beams=1,
+                                         do_sample=False, synced_gpus=True)
+                if loaders.collate.decoder_only and out.shape[1] > inputs["input_ids"].shape[1]:
+                    out = out[:, inputs["input_ids"].shape[1]:]
+            else:  # the decode path generate and serve use (same tokens as plain generate)
+                from clinicalblip.decode import Decoder
+
+                out = Decoder(unwrapped).generate(inputs, max_new_tokens=cfg.data.max_report_tokens, num_beams=1)
             texts += [(str(r["id"]), t.strip()) for r, t in zip(
                 chunk, loaders.collate.processor.tokenizer.batch_decode(out, skip_special_tokens=True))]
     unwrapped.train(was_training)
@@ -843,6 +906,19 @@ def train_stage(cfg: StageConfig) -> Path:
     progress = _restore(run, records, identity)
     _header(run, records, built, loaders, sched)
     if cfg.train.report_to != "none":
-        run.accelerator.init_trackers(cfg.name, config={"stage": cfg.name})
+        # the resolved config as hyperparameters: a tracked run says what it trained
+        run.accelerator.init_trackers(cfg.name, config=tracker_config(cfg))
     fit = _fit(run, built, loaders, sched, progress, identity)
     return _finish(run, records, built, fit)
+
+
+def interrupted_message(cfg: StageConfig, command: str) -> str:
+    """What Ctrl-C during training leaves: the newest checkpoint and the command that resumes from it."""
+    found = _checkpoint_dirs(Path(cfg.output_dir) / "checkpoints")
+    if not found:
+        how = ("train.save_every=0: no checkpoint is written" if cfg.train.save_every <= 0
+               else f"no checkpoint yet (one every train.save_every={cfg.train.save_every} steps)")
+        return (f"interrupted: {how}, so a rerun starts over. Set train.save_every=N to make a run resumable")
+    last = found[-1]
+    return (f"interrupted: the last checkpoint is {last} (step {last.name.split('-')[1]}). Resume from it with the "
+            f"same command: {command}" + ("" if cfg.train.resume == "auto" else " train.resume=auto"))

@@ -159,12 +159,23 @@ def viewer_data(records: Sequence[dict], metrics: Mapping, cases: Mapping, *, ma
             "ref": rec.get("reference") or "", "pred": rec.get("prediction") or "",
             "badges": badges, "s": scores,
         })
+        if cases.get("change") is not None:  # the prior study: change labels, temporal F1, invented comparison
+            ch = cases["change"]
+            out_cases[-1]["chg"] = {"prior": bool(ch["has_prior"][i]), "t": round(float(ch["temporal"][i]), 4),
+                                    "inv": bool(ch["invented"][i]), "ref": ch["reference"][i],
+                                    "pred": ch["prediction"][i]}
     if missing:
         log.warning("%d images could not be rendered (shown as missing)", missing)
     c = metrics["clinical"]
     rows = []
     for k in METRIC_KEYS:
         rows.append({"name": k, "value": metrics.get(k), "ci": (metrics.get("nlg_ci95") or {}).get(k)})
+    chg = metrics.get("change") or {}
+    for k, title in (("temporal_f1", "temporal F1 (studies with a prior)"),
+                     ("change_f1", "change F1 (studies with a prior)"),
+                     ("invented_comparison_rate", "invented comparisons (studies without a prior)")):
+        if k in chg:
+            rows.append({"name": title, "value": chg[k], "ci": None})
     for key, title in (("macro", f"clinical macro F1 ({len(c['observations'])} labels)"),
                        ("micro_5", "clinical micro F1 (5 common)"), ("micro", "clinical micro F1 (all labels)"),
                        ("no_finding", "No Finding F1")):
@@ -379,10 +390,25 @@ function row(c) {
   const lab = (v) => v === null || v === undefined ? 'blank' : ({1: 'pos', 0: 'neg', '-1': 'unc'})[v];
   const cxb = c.s.cxb === undefined ? '' : c.s.cxb.length ? 'CheXbert disagrees: ' + c.s.cxb.map((d) => `${esc(d[0])} (${lab(d[1])}&rarr;${lab(d[2])})`).join(', ') : 'CheXbert agrees on all labels';
   const sc = [D.has_rouge ? `ROUGE-L ${f4(c.s.rouge)}` : '', D.has_cider ? `CIDEr ${f4(c.s.cider)}` : '', `disagreements ${c.s.dis}`,
-    c.s.rg === undefined ? '' : `<span class="rg">RadGraph F1 ${f4(c.s.rg)}</span>`, cxb ? `<span class="cxb">${cxb}</span>` : ''].filter(Boolean).join(' &middot; ');
+    c.s.rg === undefined ? '' : `<span class="rg">RadGraph F1 ${f4(c.s.rg)}</span>`, cxb ? `<span class="cxb">${cxb}</span>` : '',
+    c.chg && c.chg.prior ? `temporal F1 ${f4(c.chg.t)}` : ''].filter(Boolean).join(' &middot; ');
+  const chg = c.chg ? changeBadges(c.chg) : '';
   return `<div class="case${state.only === c.id ? ' focus' : ''}" data-id="${esc(c.id)}"><div class="thumbs">${th}</div>
     <div class="txt"><div class="ctx"><b>${esc(c.id)}</b>${ctx}</div><h4>reference</h4><p>${esc(c.ref)}</p></div>
-    <div class="txt"><h4>generated</h4><p>${esc(c.pred)}</p></div><div>${badges}<div class="scores">${sc}</div></div></div>`;
+    <div class="txt"><h4>generated</h4><p>${esc(c.pred)}</p></div><div>${badges}${chg}<div class="scores">${sc}</div></div></div>`;
+}
+
+function changeBadges(g) {
+  // The prior study: per finding the change the reference states -> the one generated (new / worse / better /
+  // unchanged / resolved); without a prior, a report that compares anyway is an invented comparison.
+  if (!g.prior) return `<div class="chg"><span class="badge b-neg" data-change="none">no prior</span>${g.inv ? '<span class="badge b-fp" data-change="invented" title="the report compares with a prior the study does not have">invented comparison</span>' : ''}</div>`;
+  const keys = [...new Set([...Object.keys(g.ref), ...Object.keys(g.pred)])].sort();
+  const b = keys.map((k) => {
+    const r = g.ref[k] || '-', p = g.pred[k] || '-';
+    const st = r === p ? 'agree' : p === '-' ? 'fn' : 'fp';
+    return `<span class="badge b-${st}" data-change="${esc(k)}" title="reference: ${esc(r)}; generated: ${esc(p)}">${esc(k)}: ${esc(r)}${r === p ? '' : ' &rarr; ' + esc(p)}</span>`;
+  }).join('');
+  return `<div class="chg"><span class="badge b-neg" data-change="prior">prior</span>${b}</div>`;
 }
 
 function controls() {
@@ -469,9 +495,12 @@ def write_compare_html(result: Mapping, out_html: str | Path, viewers: Sequence[
     links = {n: (relpath(v, out_html) if v else None) for n, v in zip(names, viewers)}
     esc = _html.escape
     parts = []
+    hidden = set(result.get("empty_rows", []))  # labels nobody wrote and no reference has: 0 vs 0
     for c in result["comparisons"]:
         rows = []
         for k, m in c["metrics"].items():
+            if k in hidden:
+                continue
             cls = "sig" if m["significant"] else "ns"
             a = "n/a" if m["a"] is None else f"{m['a']:.4f}"
             b = "n/a" if m["b"] is None else f"{m['b']:.4f}"

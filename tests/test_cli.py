@@ -58,10 +58,10 @@ def cli(*args, cwd=None, check=True):
 def test_end_to_end_cli(tmp_path):
     """synth -> train stage 1 -> train stage 2 -> generate (split + one study) -> eval -> merge."""
     data = tmp_path / "data"
-    cli("data", "synth", "--out", data, "--n", "30", "--seed", "1")
+    cli("data", "synth", "--out", data, "--n", "40", "--seed", "1")  # patients over time: 2 test studies
     manifest = data / "manifest.jsonl"
     recs = [json.loads(line) for line in manifest.read_text().splitlines()]
-    assert len(recs) == 30 and {r["split"] for r in recs} <= {"train", "val", "test"}
+    assert len(recs) == 40 and {r["split"] for r in recs} <= {"train", "val", "test"}
 
     common = [f"data.manifest={manifest}", "train.max_steps=2", "train.batch_size=4", "data.val_max=4"]
     s1, s2 = tmp_path / "stage1", tmp_path / "stage2"

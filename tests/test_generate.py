@@ -92,7 +92,7 @@ def test_stage_template_is_the_default(synth_manifest, stage1_dir, tmp_path):
 
     s = tmp_path / "nocontext"
     train_stage(tiny_stage_cfg("stage2.yaml", synth_manifest, s, parent=stage1_dir,
-                               **{"data.template": "findings_no_context", "train.max_steps": 1}))
+                               **{"data.template": "findings_no_context", "data.prior": "images", "train.max_steps": 1}))
     rec = read_manifest(synth_manifest, split="test")[0]
     imgs = [im["path"] for im in rec["images"]]
     out = generate_single(str(s), images=imgs, indication="Chest pain.", max_new_tokens=3)

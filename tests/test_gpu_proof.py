@@ -84,8 +84,9 @@ def test_cpu_smoke_runs_every_part_it_can(tmp_path):
     parts = res["parts"]
     assert res["mode"] == "cpu-smoke" and res["settings"]["layers"] == 1
     assert parts["base"]["status"] == "ok" and 0.5e9 < parts["base"]["params"] < 0.6e9  # 4096-wide, 1 layer
-    for name in ("s1", "s2", "merge", "gen", "baseline"):
+    for name in ("s1", "s2", "merge", "decode", "gen", "baseline"):
         assert parts[name]["status"] == "ok", (name, parts[name])
+    assert parts["decode"]["same_tokens"] and (out / "decode_speed.json").is_file()
     assert parts["s1"]["samples_s"] > 0 and parts["s2"]["peak_gib"] > 0
     assert parts["merge"]["peak_host_gib"] > 1.0 and parts["merge"]["max_abs_logit_diff"] < 1.0
     assert parts["gen"]["b1"]["reports_s"] > 0 and parts["gen"]["b4"]["prompt_tokens"] > 64  # 2 views = 64

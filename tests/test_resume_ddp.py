@@ -98,7 +98,7 @@ def test_training_with_skip_drops_exactly_the_bad_records_and_says_so(synth_mani
     args = [REPO / "configs/tiny/stage1.yaml", f"data.manifest={manifest}", f"output_dir={out}", "train.max_steps=1",
             "train.batch_size=4", "data.val_max=4"]
     proc = _train(args)  # default on_bad_record: error -> refused, naming the records
-    assert proc.returncode == 2 and "bad-corrupt" in proc.stderr and "on_bad_record: skip" in proc.stderr
+    assert proc.returncode == 2 and "bad-corrupt" in proc.stderr and "data.on_bad_record=skip" in proc.stderr
     proc = _train(args + ["data.on_bad_record=skip"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = next(l for l in proc.stdout.splitlines() if "on_bad_record=skip" in l)

@@ -94,15 +94,22 @@ def test_page_compares_with_and_without_the_indication(live, chromium_page, synt
     assert ("change with the indication" in summary) == bool(differing)
 
 
-def test_page_shows_a_clear_error_for_a_bad_file(live, chromium_page, tmp_path):
+def test_page_shows_a_clear_error_for_a_bad_file(live, chromium_page, synth_manifest, tmp_path):
     page = chromium_page
     bad = tmp_path / "scan.png"
     bad.write_bytes(b"not a picture at all" * 10)
     page.goto(live.url + "/")
-    page.set_input_files("#frontal-input", str(bad))
+    good = next(r for r in read_manifest(synth_manifest) if r["images"])["images"][0]["path"]
+    page.set_input_files("#frontal-input", good)
+    page.locator("#frontal-preview").wait_for(state="visible")
+    page.set_input_files("#frontal-input", str(bad))  # replaces a good image: its preview must go too
     page.locator("#error").wait_for(state="visible")
-    assert "frontal image: image: cannot decode image image: not a PNG, JPEG, DICOM" in page.inner_text("#error")
-    assert page.locator("#frontal-preview").is_hidden()
+    text = page.inner_text("#error")
+    assert text.startswith("frontal image: cannot decode image: not a PNG, JPEG, DICOM"), text
+    assert text.count("cannot decode") == 1 and "images" not in text, text  # said once
+    page.locator("#frontal-preview").wait_for(state="hidden")
+    assert page.locator("#frontal-preview").get_attribute("src") is None
+    assert page.locator("#frontal-hint").is_visible() and page.locator("#frontal-clear").is_hidden()
 
 
 def _save_small(src: Path, dst: Path) -> None:

@@ -14,10 +14,20 @@ Problems that make a record unusable (errors):
                       DICOM header with pixel data of the right length and a decoder for its transfer
                       syntax), or, with check_images=decode, it does not decode (the loader training uses)
     empty_report      split train/val/test and neither findings nor impression has text
+    empty_target      split train/val/test and the section the template writes (`target`: findings,
+                      impression or findings_impression) has no text (checked when a target is given:
+                      train, generate, `data check --template`)
     encoding          text with U+FFFD replacement characters, mojibake ("Ã©", "â€™") or control bytes
+    prior_missing, prior_other_patient, prior_later, prior_other_split, prior_cycle, prior_bad
+                      a broken link to the prior study (`prior_id` naming no record, another patient's or
+                      another split's study, a later one, a chain that comes back; an unusable embedded
+                      `prior`): see clinicalblip.data.priors
 
 Warnings (reported, exit status unaffected): no_patient_id (the leakage check cannot see the record),
-no_view (no image has a view label), unknown_split (a split outside train/val/test, e.g. "dev").
+no_view (no image has a view label), unknown_split (a split outside train/val/test, e.g. "dev"), no_split
+(no split at all: train, val and test all leave the record out; `data prepare csv|jsonl --split-by patient_id`
+assigns one), no_findings / no_impression (without a target: a train/val/test record whose findings or
+impression is empty, so a template writing that section cannot use it).
 
 Image checks (`check_images`): "header" (default: existence, size and header, read cheaply: a DICOM header
 without its pixels), "decode" (every image fully decoded: `data check --decode`; the image cache build
@@ -42,15 +52,16 @@ from pathlib import Path
 from typing import Callable
 
 from clinicalblip.data.images import ImageLoadError, load_image
+from clinicalblip.data.priors import PRIOR_ERRORS, prior_problems
 from clinicalblip.data.manifest import SPLITS, TEXT_FIELDS, normalize_record, resolve_image_path
 from clinicalblip.data.text import encoding_problem
 from clinicalblip.errors import UserError
 
 ERRORS = ("bad_json", "not_utf8", "missing_id", "duplicate_id", "patient_in_two_splits", "no_images",
-          "missing_image", "unreadable_image", "empty_report", "encoding")
-WARNINGS = ("no_patient_id", "no_view", "unknown_split")
+          "missing_image", "unreadable_image", "empty_report", "empty_target", "encoding") + PRIOR_ERRORS
+WARNINGS = ("no_patient_id", "no_view", "unknown_split", "no_split", "no_findings", "no_impression")
 IMAGE_CHECKS = ("header", "decode", "exists", "none")
-CHECK_VERSION = 1  # bump when a check changes: stored results of older checks are then not reused
+CHECK_VERSION = 2  # bump when a check changes: stored results of older checks are then not reused
 
 
 class BadRecordsError(UserError):
@@ -125,6 +136,10 @@ class CheckReport:
             more = f" (+{len(ids) - max_ids} more)" if len(ids) > max_ids else ""
             detail = f"  [{first_detail[code]}]" if first_detail.get(code) else ""
             lines.append(f"  {kind} {code:<22} {len(ids):>7}  {shown}{more}{detail}")
+        n_nosplit = len(set(by_code.get("no_split", [])))
+        if n_nosplit and n_nosplit == self.n_records:
+            lines.append(f"  no record has a split: `train` would find no train records (re-run data prepare with "
+                         "--split-by patient_id --ratios 0.7,0.1,0.2, or --split)")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -246,12 +261,31 @@ def _image_problem(path: str, mode: str, cached: dict | None = None) -> Problem 
     return None
 
 
+def _has_text(value) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _target_problems(r: dict, split: str, target: str | None) -> list[Problem]:
+    """The one rule for records without a target, for every split that is trained, validated or tested."""
+    has = {k: _has_text(r.get(k)) for k in ("findings", "impression")}
+    if not any(has.values()):
+        return [Problem("empty_report", f"split {split}: no findings or impression")]
+    if target is not None:
+        if target in has and not has[target]:
+            return [Problem("empty_target", f"split {split}: no {target} (the template's target)")]
+        return []
+    return [Problem(f"no_{k}", f"split {split}: {k} empty") for k in ("findings", "impression") if not has[k]]
+
+
 def check_records(records: list[dict], check_images: str | bool = "header", root: str | os.PathLike | None = None,
                   jobs: int | None = None, _pre: list[list[Problem]] | None = None,
-                  _keys: list[str] | None = None, cached: dict | None = None) -> CheckReport:
+                  _keys: list[str] | None = None, cached: dict | None = None,
+                  target: str | None = None) -> CheckReport:
     """Check records (as read_manifest returns them, image paths resolved; or pass `root` to resolve
     relative paths). `check_images`: "header" (default), "decode" (True), "exists", or "none" (False).
-    cached: {path: None or reason} of images an image cache already decoded (ImageCache.check_map)."""
+    cached: {path: None or reason} of images an image cache already decoded (ImageCache.check_map).
+    target: the section a template writes (findings | impression | findings_impression): a train/val/test
+    record without it is unusable (empty_target); None reports empty sections per section as warnings."""
     mode = {True: "decode", False: "none", None: "none"}.get(check_images, check_images)
     if mode not in IMAGE_CHECKS:
         raise ValueError(f"check_images must be one of {IMAGE_CHECKS}, not {check_images!r}")
@@ -266,6 +300,8 @@ def check_records(records: list[dict], check_images: str | bool = "header", root
         if r is not None and r.get("patient_id") not in (None, "") and r.get("split") in SPLITS:
             patient_splits[str(r["patient_id"])].add(r["split"])
 
+    links = prior_problems(records) if any(r is not None and ("prior_id" in r or "prior" in r)
+                                           for r in records) else None
     image_jobs: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(records):
         if r is None:  # a line that did not parse: its problem is already in _pre
@@ -287,20 +323,27 @@ def check_records(records: list[dict], check_images: str | bool = "header", root
                               f"patient {pid} in {'/'.join(s for s in SPLITS if s in patient_splits[str(pid)])}"))
         if split is not None and split not in SPLITS:
             ps.append(Problem("unknown_split", repr(split)))
+        elif split is None:
+            ps.append(Problem("no_split", "no split: train/val/test leave it out; set one, e.g. data prepare "
+                                          "--split-by patient_id"))
         images = r.get("images") or []
         if not images:
             ps.append(Problem("no_images"))
         elif not any(isinstance(im, dict) and im.get("view") for im in images):
             ps.append(Problem("no_view"))
-        if split in SPLITS and not any(isinstance(r.get(k), str) and r.get(k).strip()
-                                       for k in ("findings", "impression")):
-            ps.append(Problem("empty_report", f"split {split}: no findings or impression"))
+        if split in SPLITS:
+            ps.extend(_target_problems(r, split, target))
         for k in TEXT_FIELDS:
             v = r.get(k)
             bad = encoding_problem(v) if isinstance(v, str) else None
             if bad:
                 ps.append(Problem("encoding", f"{k} {bad}"))
                 break
+        if links is not None:
+            ps += [Problem(code, detail) for code, detail in links[i]]
+            emb = r.get("prior") if r.get("prior_id") in (None, "") else None
+            if isinstance(emb, dict) and isinstance(emb.get("images"), list):  # an embedded prior's own images
+                images = list(images) + [im for im in emb["images"] if isinstance(im, dict)]
         if mode != "none":
             for im in images:
                 p = im.get("path") if isinstance(im, dict) else im
@@ -386,11 +429,16 @@ def _safe_normalize(rec: dict, root: Path, ps: list[Problem]) -> dict:
         fixed.append({"path": resolve_image_path(root, str(p)) if p else None, "view": view})
     out = normalize_record({**rec, "images": []})
     out["images"] = fixed
+    emb = out.get("prior")
+    if isinstance(emb, dict) and isinstance(emb.get("images"), list):  # an embedded prior's images, resolved too
+        out["prior"] = {**emb, "images": [
+            {**im, "path": resolve_image_path(root, str(im["path"]))} if isinstance(im, dict) and im.get("path")
+            else im for im in emb["images"]]}
     return out
 
 
 def check_manifest(path: str | os.PathLike, check_images: str | bool = "header", jobs: int | None = None,
-                   image_cache: str | os.PathLike | None = None) -> CheckReport:
+                   image_cache: str | os.PathLike | None = None, target: str | None = None) -> CheckReport:
     """Check every line of a manifest file (unreadable lines included) -> CheckReport. A cache's manifest
     copy is checked against its cache (see the module docstring) without naming the cache."""
     if image_cache is None:
@@ -399,7 +447,7 @@ def check_manifest(path: str | os.PathLike, check_images: str | bool = "header",
         image_cache = find_image_cache(None, path)
     records, pre, keys = read_manifest_tolerant(path)
     report = check_records(records, check_images=check_images, jobs=jobs, _pre=pre, _keys=keys,
-                           cached=_cache_map(image_cache))
+                           cached=_cache_map(image_cache), target=target)
     report.manifest = str(path)
     return report
 
@@ -439,12 +487,12 @@ def _image_stats_digest(records: list[dict]) -> str:
     return h.hexdigest()
 
 
-def _check_key(manifest: str | os.PathLike, mode: str, image_cache, n: int) -> str:
+def _check_key(manifest: str | os.PathLike, mode: str, image_cache, n: int, target: str | None = None) -> str:
     h = hashlib.sha256()
     with open(manifest, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
-    h.update(f"\0{mode}\0{CHECK_VERSION}\0{n}".encode())
+    h.update(f"\0{mode}\0{CHECK_VERSION}\0{n}\0{target}".encode())
     if image_cache:
         for name in ("index.jsonl", "errors.jsonl"):
             p = Path(image_cache) / name
@@ -455,13 +503,14 @@ def _check_key(manifest: str | os.PathLike, mode: str, image_cache, n: int) -> s
 
 def bad_record_list(records: list[dict], check_images: str | bool = "header", root: str | os.PathLike | None = None,
                     manifest: str | os.PathLike | None = None, image_cache: str | os.PathLike | None = None,
-                    log: Callable[[str], None] | None = None) -> list[tuple[int, str, list[str]]]:
+                    log: Callable[[str], None] | None = None,
+                    target: str | None = None) -> list[tuple[int, str, list[str]]]:
     """[(index, key, error codes)] of the unusable records; reuses a stored result when `manifest` is given
     and neither it nor any image changed since."""
     mode = {True: "decode", False: "none", None: "none"}.get(check_images, check_images)
     store = None
     if manifest is not None and os.path.isfile(manifest):
-        store = check_cache_dir() / f"{_check_key(manifest, str(mode), image_cache, len(records))}.json"
+        store = check_cache_dir() / f"{_check_key(manifest, str(mode), image_cache, len(records), target)}.json"
         digest = _image_stats_digest(records) if mode != "none" else ""
         try:
             saved = json.loads(store.read_text())
@@ -471,7 +520,7 @@ def bad_record_list(records: list[dict], check_images: str | bool = "header", ro
                 return [(int(i), k, list(c)) for i, k, c in saved["bad"]]
         except (OSError, ValueError, KeyError, TypeError):
             pass
-    report = check_records(records, check_images=mode, root=root, cached=_cache_map(image_cache))
+    report = check_records(records, check_images=mode, root=root, cached=_cache_map(image_cache), target=target)
     bad = [(i, report.keys[i], list(dict.fromkeys(p.code for p in report.problems[i] if p.is_error)))
            for i in report.bad_indices()]
     if store is not None:
@@ -488,7 +537,9 @@ def bad_record_list(records: list[dict], check_images: str | bool = "header", ro
 def apply_bad_record_policy(records: list[dict], policy: str = "error", log: Callable[[str], None] = print,
                             check_images: str | bool = "header", root: str | os.PathLike | None = None,
                             max_ids: int = 50, manifest: str | os.PathLike | None = None,
-                            image_cache: str | os.PathLike | None = None, share: bool = True) -> list[dict]:
+                            image_cache: str | os.PathLike | None = None, share: bool = True,
+                            target: str | None = None, what: str = "records",
+                            skip_hint: str = "data.on_bad_record=skip") -> list[dict]:
     """The records to use under `on_bad_record`.
 
     "error": any unusable record raises BadRecordsError naming the records and their problems.
@@ -496,12 +547,16 @@ def apply_bad_record_policy(records: list[dict], policy: str = "error", log: Cal
     silently). Returns the remaining records in their original order.
     manifest: the file the records came from; its check result is stored and reused (see bad_record_list).
     share: under torch.distributed, rank 0 checks and the other ranks receive its result.
+    target: the template's target section (records without it are unusable: empty_target).
+    what: how the records are named in the messages (e.g. "records of split 'test'").
+    skip_hint: how the caller's user skips them (the train override by default), quoted in the error.
     """
     if policy not in ("error", "skip"):
         raise UserError(f"on_bad_record must be 'error' or 'skip', not {policy!r}")
 
     def run():
-        return bad_record_list(records, check_images, root=root, manifest=manifest, image_cache=image_cache, log=log)
+        return bad_record_list(records, check_images, root=root, manifest=manifest, image_cache=image_cache, log=log,
+                               target=target)
 
     if share:
         from clinicalblip.data.loader import run_on_rank0
@@ -515,8 +570,8 @@ def apply_bad_record_policy(records: list[dict], policy: str = "error", log: Cal
     more = f" ... (+{len(bad) - max_ids} more; run `clinicalblip data check` for all)" if len(bad) > max_ids else ""
     listing = "; ".join(described[:max_ids]) + more
     if policy == "error":
-        raise BadRecordsError(f"{len(bad)} of {len(records)} records are unusable: {listing}. Fix them "
-                              "(`clinicalblip data check MANIFEST` lists every problem) or set on_bad_record: skip")
-    log(f"on_bad_record=skip: dropping {len(bad)} of {len(records)} records: {listing}")
+        raise BadRecordsError(f"{len(bad)} of {len(records)} {what} are unusable: {listing}. Fix them "
+                              f"(`clinicalblip data check MANIFEST` lists every problem) or skip them with {skip_hint}")
+    log(f"on_bad_record=skip: dropping {len(bad)} of {len(records)} {what}: {listing}")
     drop = {i for i, _, _ in bad}
     return [r for i, r in enumerate(records) if i not in drop]

@@ -23,7 +23,8 @@ IGNORE_INDEX = -100
 IMAGE_TOKEN = "<image>"
 # Context slots shortened, in this order, when a prompt is longer than max_prompt_tokens: the instruction and
 # the image tokens are never cut (a prompt cut from the right loses "Write the findings..." first).
-SHORTEN_ORDER = ("history", "comparison", "indication")
+# The prior report (data.prior) is shortened first: the current study's own context matters more.
+SHORTEN_ORDER = ("prior", "history", "comparison", "indication")
 FRONTAL_VIEWS = {"PA", "AP", "FRONTAL", "AP AXIAL", "PA LLD", "AP LLD", "AP RLD", "PA RLD"}
 LATERAL_VIEWS = {"LATERAL", "LL", "RL", "LAO", "RAO", "LPO", "RPO", "XTABLE LATERAL", "SWIMMERS"}
 
@@ -64,6 +65,8 @@ def clinical_context(record: dict, images: list[dict], indication: str = "real",
     for key in ("age", "sex", "hints"):
         if record.get(key) not in (None, "", []):
             ctx[key] = record[key]
+    if isinstance(ctx.get("hints"), str):  # "effusion,pneumothorax" renders as a list does: "effusion, pneumothorax"
+        ctx["hints"] = ctx["hints"].split(",")
     return ctx
 
 
@@ -79,7 +82,8 @@ def _keep(seed: int, epoch: int, rid: str, p: float) -> bool:
 class StudyCollator:
     """Turns a list of manifest records into a model batch.
 
-    mode="train": input + report tokens, labels only on the report (and EOS).
+    mode="train": input + report tokens, labels only on the report (and EOS, unless the report was cut at
+    max_report_tokens).
     mode="generate": prompt only, left-padded for decoder-only models.
     """
 
@@ -100,6 +104,26 @@ class StudyCollator:
     blank_images: bool = False  # ablation: every view replaced by a uniform gray image
     # ids of the studies whose context was shortened to fit max_prompt_tokens (reported by train and generate)
     shortened: set = field(default_factory=set, repr=False)
+    # The prior study (clinicalblip/data/priors.py): what the model takes (data.prior) and, train only, the
+    # probability of withholding one of its parts (data.prior_dropout).
+    prior: str = "none"  # none | report | images | both
+    prior_dropout: float = 0.0
+    max_prior_views: int = 1
+
+    def __post_init__(self):
+        from clinicalblip.data.priors import check_prior_template, prior_mode_for_template
+
+        if self.mode == "train":  # training refuses a prior report the template cannot show
+            check_prior_template(self.prior, self.template)
+        else:  # generation with another template (--template): the prior report is left out, its images stay
+            self.prior = prior_mode_for_template(self.prior, self.template)
+
+    def prior_inputs(self, record: dict) -> tuple[str | None, list[dict]]:
+        """(prior report text or None, prior images) that this study's prompt shows (data.prior)."""
+        from clinicalblip.data.priors import prior_inputs
+
+        return prior_inputs(record, self.prior, self.max_prior_views,
+                            self.prior_dropout if self.mode == "train" else 0.0, self.seed, self.epoch)
 
     def image_token_id(self) -> int:
         """The tokenizer's id for `<image>`; refused when the tokenizer does not know the token."""
@@ -148,7 +172,8 @@ class StudyCollator:
         return n <= self.max_prompt_tokens and nq <= self._qformer_limit()
 
     def fit_prompt(self, record: dict, images: list[dict], ctx: dict):
-        """Render ctx; if too long, shorten history, then comparison, then indication (words cut from the end).
+        """Render ctx; if too long, shorten the prior report, then history, comparison, indication (words cut from
+        the end).
 
         Returns (rendered, shortened). A prompt that is too long with every context slot emptied is refused:
         the instruction itself does not fit data.max_prompt_tokens.
@@ -175,8 +200,8 @@ class StudyCollator:
             ctx[slot] = " ".join(words[:lo]) or None
             return render(self.template, ctx), True
         raise UserError(f"record {record.get('id')}: the prompt of template '{self.template.name}' is longer than "
-                        f"data.max_prompt_tokens={self.max_prompt_tokens} tokens even with history, comparison and "
-                        "indication left out: raise data.max_prompt_tokens or use a shorter template")
+                        f"data.max_prompt_tokens={self.max_prompt_tokens} tokens even with the prior report, history, "
+                        "comparison and indication left out: raise data.max_prompt_tokens or use a shorter template")
 
     def count_shortened(self, records: list[dict]) -> int:
         """How many of these studies get a shortened context (no images are read): for run headers."""
@@ -185,6 +210,11 @@ class StudyCollator:
         tok, qtok = self.processor.tokenizer, self.processor.qformer_tokenizer
         ctxs = [clinical_context(r, ordered_images(r, self.max_views), indication=self.indication,
                                  generic_indication=self.generic_indication) for r in records]
+        if self.prior != "none":
+            from clinicalblip.data.priors import add_prior_context
+
+            for r, c in zip(records, ctxs):
+                add_prior_context(c, *self.prior_inputs(r))
         rendered = [render(self.template, c) for c in ctxs]
         # One batched tokenisation pass finds the long ones; only those are fitted one by one (which also
         # refuses, before any training, a template whose instruction alone is too long).
@@ -196,6 +226,13 @@ class StudyCollator:
                 self.fit_prompt(rec, ordered_images(rec, self.max_views), ctx)
                 n += 1
         return n
+
+    def report_lengths(self, records: list[dict]) -> list[int]:
+        """Target tokens of each record's report (before the max_report_tokens cut, EOS not counted)."""
+        texts = [target_text(self.template, r) for r in records]
+        if not texts:
+            return []
+        return [len(x) for x in self.processor.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     def _pixels(self, paths: list[str]) -> torch.Tensor:
         if self.blank_images:
@@ -221,6 +258,10 @@ class StudyCollator:
         if self.mode == "train" and ind == "real" and not _keep(self.seed, self.epoch, str(record["id"]), self.context_dropout):
             ind = "none"
         ctx = clinical_context(record, images, indication=ind, generic_indication=self.generic_indication)
+        if self.prior != "none":
+            from clinicalblip.data.priors import add_prior_context
+
+            add_prior_context(ctx, *self.prior_inputs(record))
         rendered, shortened = self.fit_prompt(record, images, ctx)
         if shortened:
             self.shortened.add(str(record.get("id")))
@@ -239,6 +280,8 @@ class StudyCollator:
                 raise ValueError(f"record {rec.get('id')}: no images")
             rendered = self.render(rec, images)
             prompts.append(rendered.prompt)
+            if self.prior != "none":  # the prior's images: extra blocks after the current views
+                images = images + self.prior_inputs(rec)[1]
             paths += [im["image"] if "image" in im else im["path"] for im in images]
             q_texts += [rendered.qformer_prompt] * len(images)
             prompt_ids = tok(rendered.prompt, add_special_tokens=True)["input_ids"]  # fits: see render
@@ -250,7 +293,9 @@ class StudyCollator:
                                 f"tokens: remove '{IMAGE_TOKEN}' from its indication/history/comparison")
             if self.mode == "train":
                 report = target_text(self.template, rec)
-                tgt = tok(report, add_special_tokens=False)["input_ids"][: self.max_report_tokens] + [eos]
+                tgt = tok(report, add_special_tokens=False)["input_ids"]
+                # A cut report gets no EOS: the model must not learn to stop mid-sentence at the limit.
+                tgt = tgt[: self.max_report_tokens] if len(tgt) > self.max_report_tokens else tgt + [eos]
                 if self.decoder_only:
                     seqs.append(ids + tgt)
                     labels.append([IGNORE_INDEX] * len(ids) + tgt)

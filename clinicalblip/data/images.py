@@ -334,3 +334,27 @@ def window(values: np.ndarray, center: float, width: float, function: str = "LIN
     out = ((values - (center - 0.5)) / max(width - 1.0, 1e-12)) + 0.5
     out = np.where(values <= lo, 0.0, np.where(values > hi, 1.0, out))
     return np.clip(out, 0.0, 1.0)
+
+
+def dicom_view_position(source) -> str | None:
+    """The DICOM ViewPosition (0018,5101) of a file path or bytes, canonical as manifests write it (PA, AP,
+    LATERAL...); None for a non-DICOM file or a DICOM without the tag. Reads the header only."""
+    import io
+
+    from clinicalblip.data.views import normalize_view
+
+    if isinstance(source, (bytes, bytearray)):
+        if not (len(source) >= 132 and source[128:132] == b"DICM"):
+            return None
+        fobj = io.BytesIO(source)
+    else:
+        if not is_dicom(source):
+            return None
+        fobj = source
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(fobj, stop_before_pixels=True, force=True, specific_tags=["ViewPosition"])
+        return normalize_view(str(ds.get("ViewPosition", "") or "")) or None
+    except Exception:  # an unreadable header: the image loader names the problem when it decodes the file
+        return None

@@ -134,4 +134,5 @@ def prepare_iu_xray(annotation: str | os.PathLike, out: str | os.PathLike, repor
     if not reports and not projections:
         # Without the CSVs there is no indication or view: say so rather than let it pass unnoticed.
         notes["hint"] = "no --reports/--projections: indication, impression and views are absent"
+    notes["priors"] = "none (IU X-Ray has no study dates or links between studies: no study gets a prior)"
     return finish(records, out, "iu-xray", **notes)

@@ -73,13 +73,19 @@ def read_manifest(path: str | os.PathLike, split: str | None = None, resolve_pat
     for lineno, raw in iter_manifest(path):
         if "id" not in raw:
             raise ManifestError(f"{path}:{lineno}: record has no 'id'")
-        rec = normalize_record(raw)
-        if split is not None and rec["split"] != split:
-            continue
-        if resolve_paths:
-            for im in rec["images"]:
+        records.append(normalize_record(raw))
+    if any("prior_id" in r or "prior" in r for r in records):
+        from clinicalblip.data.priors import link_priors  # the one place that links priors (all splits)
+
+        link_priors(records)
+    if split is not None:
+        records = [r for r in records if r["split"] == split]
+    if resolve_paths:
+        for rec in records:
+            prior = rec.get("prior")
+            prior_images = prior.get("images") or [] if isinstance(prior, dict) else []
+            for im in rec["images"] + [im for im in prior_images if isinstance(im, dict) and im.get("path")]:
                 im["path"] = resolve_image_path(root, im["path"])
-        records.append(rec)
     return records
 
 

@@ -181,6 +181,7 @@ def prepare_mimic_cxr(out: str | os.PathLike, root: str | os.PathLike | None = N
             rec["chexpert"] = labels[study]
         records.append(rec)
     notes = {"layout": "r2gen" if annotation is not None else "official"}
+    notes.update(_link_priors(records, studies, metadata))
     if reports_files is not None:
         notes["studies_without_report_file"] = missing_reports
     else:
@@ -191,6 +192,47 @@ def prepare_mimic_cxr(out: str | os.PathLike, root: str | os.PathLike | None = N
     if drop_empty:
         notes["dropped_empty_reports"] = dropped
     return finish(records, out, "mimic-cxr", **notes)
+
+
+def _read_study_times(path) -> dict[str, tuple[str, str]]:
+    """dicom_id -> (StudyDate as YYYY-MM-DD or "", StudyTime as HHMMSS.fff or "") from the metadata CSV."""
+    out = {}
+    for r in read_csv(path, required=("dicom_id",)):
+        d = (r.get("StudyDate") or "").strip()
+        if d.endswith(".0"):
+            d = d[:-2]
+        t = (r.get("StudyTime") or "").strip()
+        if t and "." in t:  # pandas writes 91032.5: zero-pad the whole seconds so times sort as text
+            whole, _, frac = t.partition(".")
+            t = whole.zfill(6) + "." + frac
+        elif t:
+            t = t.zfill(6)
+        out[r["dicom_id"].strip()] = (f"{d[:4]}-{d[4:6]}-{d[6:8]}" if len(d) == 8 and d.isdigit() else "", t)
+    return out
+
+
+def _link_priors(records: list[dict], studies, metadata) -> dict:
+    """Each study's prior: the same subject's latest earlier study (StudyDate + StudyTime of the metadata CSV;
+    same-day studies ordered by time). Missing dates are said once, in the summary, and counted."""
+    from clinicalblip.data.priors import link_by_date
+
+    if metadata is None:
+        return {"priors": "not linked (no metadata CSV with StudyDate/StudyTime)"}
+    dicom_times = _read_study_times(metadata)
+    times = {}
+    for key, s in studies.items():
+        rid = f"s{s['study']}" if s["study"].isdigit() else key
+        found = [dicom_times[d] for d in s["dicoms"] if d in dicom_times and dicom_times[d][0]]
+        if found:
+            times[rid] = min(found)
+    counts = link_by_date(records, times)
+    notes = {"studies_with_prior": counts["linked"]}
+    if counts["without_date"]:
+        notes["studies_without_date"] = (f"{counts['without_date']} (no StudyDate in the metadata: neither linked "
+                                         "to a prior nor used as one)")
+    if counts["prior_in_other_split"]:
+        notes["priors_in_another_split_not_linked"] = counts["prior_in_other_split"]
+    return notes
 
 
 def _studies_from_split_csv(split_csv) -> "OrderedDict[str, dict]":

@@ -240,4 +240,5 @@ def prepare_open_i(reports: str | os.PathLike, images: str | os.PathLike, out: s
         notes["views unknown"] = (f"{unknown_views} images (no --projections entry and no DICOM ViewPosition)")
     notes["split"] = "R2Gen annotation" if annotation else \
         f"seeded by patient (seed {seed}; train/val/test {'/'.join(str(int(r * 100)) for _, r in SPLIT_RATIOS)} %)"
+    notes["priors"] = "none (Open-i has no study dates or links between studies: no study gets a prior)"
     return finish(records, out, "open-i", **notes)

@@ -140,3 +140,58 @@ def format_summary(summary: dict) -> str:
     if notes:
         lines.append("  " + "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in notes.items()))
     return "\n".join(lines)
+
+
+def parse_ratios(text: str) -> tuple[float, float, float]:
+    """"0.7,0.1,0.2" -> train/val/test fractions (three non-negative numbers summing to 1)."""
+    try:
+        parts = [float(x) for x in str(text).split(",")]
+    except ValueError:
+        raise PrepareError(f"--ratios {text!r}: expected three numbers train,val,test such as 0.7,0.1,0.2") from None
+    if len(parts) != 3 or any(not (0.0 <= p <= 1.0) for p in parts) or abs(sum(parts) - 1.0) > 1e-6:
+        raise PrepareError(f"--ratios {text!r}: expected three fractions train,val,test in [0, 1] summing to 1 "
+                           "(e.g. 0.7,0.1,0.2)")
+    return parts[0], parts[1], parts[2]
+
+
+def assign_splits(records: list[dict], by: str = "patient_id", ratios=(0.7, 0.1, 0.2), seed: int = 0) -> dict:
+    """Give every record without a split one of train/val/test, whole groups at a time (no patient in two splits).
+
+    The groups (distinct values of `by`) are shuffled with `seed` and cut at the ratios, so a split's share of
+    groups is exact (rounded), not left to chance on a small export. Records that already have a split keep it;
+    a group with one already keeps that split for all its records. Returns {split: groups assigned}.
+    """
+    import random
+
+    missing = [r["id"] for r in records if not r.get("split") and r.get(by) in (None, "")]
+    if missing:
+        shown = ", ".join(map(str, missing[:5])) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+        raise PrepareError(f"--split-by {by}: {len(missing)} record(s) have no {by} ({shown}); map it with "
+                           f"--map {by}=COLUMN, or split by study with --split-by id")
+    fixed = {}
+    for r in records:
+        if r.get("split"):
+            fixed.setdefault(str(r[by]) if r.get(by) not in (None, "") else None, r["split"])
+    groups = sorted({str(r[by]) for r in records if not r.get("split")} - set(fixed))
+    random.Random(seed).shuffle(groups)
+    n = len(groups)
+    sizes = [round(r * n) for r in ratios[:2]]
+    sizes.append(n - sum(sizes))
+    if sizes[2] < 0:
+        sizes[0] += sizes[2]
+        sizes[2] = 0
+    for i, r in enumerate(ratios):  # a requested split gets at least one group when there are enough
+        if r > 0 and sizes[i] == 0 and n >= sum(1 for x in ratios if x > 0):
+            big = max(range(3), key=lambda j: sizes[j])
+            sizes[big] -= 1
+            sizes[i] = 1
+    n_train, n_val = sizes[0], sizes[1]
+    chosen = {g: "train" for g in groups[:n_train]}
+    chosen.update({g: "val" for g in groups[n_train:n_train + n_val]})
+    chosen.update({g: "test" for g in groups[n_train + n_val:]})
+    chosen.update(fixed)
+    for r in records:
+        if not r.get("split"):
+            r["split"] = chosen[str(r[by])]
+    counts = Counter(chosen[g] for g in groups)
+    return {s: counts.get(s, 0) for s in SPLITS}

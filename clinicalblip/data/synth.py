@@ -5,6 +5,14 @@ lateral view in which the findings are visible, writes an indication that carrie
 information, and composes a report that describes exactly what was drawn. ``label_report`` reads the five
 findings back from report text (the reports' own sentence bank, and imperfect generated text).
 
+Patients: about a third have one study; the others have 2-4 studies over time (``study_date``,
+``prior_id`` = the patient's previous study, ``interval_days``). Between a patient's studies each finding
+persists, grows, shrinks, resolves or appears (stored as the extra key ``change``: finding -> new | worse |
+better | unchanged | resolved), is drawn at its new size in the images, and the later report describes it
+against the prior from a change-phrase bank ("Increased left pleural effusion, now moderate.", "Interval
+resolution of the right pneumothorax."). Whether it grew or shrank can be read only from the prior (its
+images or its report). A study without a prior never mentions a comparison.
+
 Conventions: images are 8-bit grayscale; in the frontal view the patient's right is on the image's left
 (as on a real PA film); in the lateral view anterior is on the image's left.
 
@@ -49,7 +57,14 @@ _Q = {"cardiomegaly": 0.27, "pleural_effusion": 0.22, "pneumothorax": 0.22, "con
 _Q_EFFUSION_WITH_CARDIOMEGALY = 0.45  # heart failure: effusion more likely with an enlarged heart
 SUBTLE_RATE = 0.25  # share of present findings rendered subtly
 P_MISSING_LATERAL = 0.05
-P_SECOND_STUDY = 0.12  # share of patients with two studies
+P_SINGLE_STUDY = 0.35  # share of patients with one study; the others have 2-4 studies over time
+# Between two studies of a patient: a present finding stays (unchanged), grows (worse), shrinks (better) or
+# resolves; an absent one appears (new) with its own probability.
+_P_TRANSITION = {"unchanged": 0.4, "worse": 0.2, "better": 0.2, "resolved": 0.2}
+_P_RESOLVE = {"cardiomegaly": 0.05, "nodule": 0.1}  # chronic findings rarely resolve
+_P_NEW = {"cardiomegaly": 0.06, "pleural_effusion": 0.12, "pneumothorax": 0.08, "consolidation": 0.12,
+          "nodule": 0.06}
+CHANGES = ("new", "worse", "better", "unchanged", "resolved")
 
 # indication kind probabilities: (informative, misleading); the rest is uninformative
 _P_IND_ABNORMAL = (0.68, 0.10)
@@ -247,6 +262,97 @@ def sample_details(labels: dict, subtle, rng: np.random.Generator) -> dict:
     (x0, x1), (y0, y1) = _NODULE_ZONES[zone]
     d["nodule"] = {"side": side, "zone": zone, "size": size_word, "radius": radius, "alpha": alpha,
                    "dx": float(x0 + (x1 - x0) * u[18]), "dy": float(y0 + (y1 - y0) * u[19])}
+    return d
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Change over time: severity levels, and the next study's findings drawn from the prior's
+# ---------------------------------------------------------------------------------------------------------
+# Severity levels per finding (0 = smallest): the word the report uses and the value the renderer draws.
+_LEVELS = {
+    "cardiomegaly": (("mild", 0.50), ("moderate", 0.585), ("marked", 0.65)),
+    "pleural_effusion": (("small", 0.12), ("moderate", 0.18), ("large", 0.26)),
+    "pneumothorax": (("small", 0.62), ("moderate", 0.52), ("large", 0.42)),
+    "consolidation": (("small", 0.07), ("moderate", 0.11), ("large", 0.15)),
+    "nodule": tuple(_NODULE_SIZES),
+}
+# the keys of a finding's details that say where it is (kept while it persists)
+_PLACE_KEYS = {"cardiomegaly": (), "pleural_effusion": ("side",), "pneumothorax": ("side",),
+               "consolidation": ("side", "lobe", "dx", "dy", "patchy"), "nodule": ("side", "zone", "dx", "dy")}
+
+
+def level_of(f: str, d: dict) -> int:
+    """The severity level (index into _LEVELS[f]) of a finding's details."""
+    if f == "cardiomegaly":
+        return {"mild": 0, "moderate": 1, "marked": 2}[d["severity"]]
+    if f in ("pleural_effusion", "pneumothorax"):
+        return {"small": 0, "moderate": 1, "large": 2}[d["size"]]
+    if f == "consolidation":
+        return int(d.get("level", 0 if d["alpha"] < 1.0 else 1))
+    return [w for w, _ in _NODULE_SIZES].index(d["size"])
+
+
+def _set_level(f: str, d: dict, level: int, jitter: float) -> None:
+    """Give a finding's details the size of `level` (drawn fully, never subtle)."""
+    word, v = _LEVELS[f][level]
+    if f == "cardiomegaly":
+        d.update(severity=word, ctr=float(v + 0.02 * jitter))
+    elif f == "pleural_effusion":
+        d.update(size=word, height=float(v + 0.03 * jitter), alpha=1.0)
+    elif f == "pneumothorax":
+        d.update(size=word, scale=float(v + 0.03 * jitter), alpha=1.0)
+    elif f == "consolidation":
+        d.update(level=level, size=word, rx=float(v + 0.01 * jitter), ry=float(0.93 * v + 0.01 * jitter), alpha=1.0)
+    else:
+        d.update(size=word, radius=v, alpha=1.0)
+
+
+def evolve_labels(prior_labels: dict, prior_details: dict, rng: np.random.Generator) -> tuple[dict, dict]:
+    """The next study's (labels, change) from the prior's: change maps every finding present in either study
+    to new | worse | better | unchanged | resolved (a finding at its largest size cannot grow, at its smallest
+    it cannot shrink: it stays or resolves)."""
+    labels, change = {}, {}
+    for f in FINDINGS:
+        if prior_labels[f]:
+            p = dict(_P_TRANSITION)
+            p["resolved"] = _P_RESOLVE.get(f, p["resolved"])
+            keys = list(p)
+            w = np.array([p[k] for k in keys])
+            c = keys[int(rng.choice(len(keys), p=w / w.sum()))]
+            lvl = level_of(f, prior_details[f])
+            if c == "worse" and lvl == len(_LEVELS[f]) - 1:
+                c = "unchanged"
+            if c == "better" and lvl == 0:
+                c = "resolved"
+            change[f] = c
+            labels[f] = int(c != "resolved")
+        else:
+            labels[f] = int(rng.random() < _P_NEW[f])
+            if labels[f]:
+                change[f] = "new"
+    return labels, change
+
+
+def evolve_details(details: dict, prior_details: dict, change: dict, rng: np.random.Generator) -> dict:
+    """Details of a later study: persisting findings keep their place and take their new size; new ones get
+    a small or moderate size at the place freshly drawn in `details`."""
+    d = {f: dict(v) for f, v in details.items()}
+    u = rng.random(2 * len(FINDINGS))
+    for i, f in enumerate(FINDINGS):
+        c = change.get(f)
+        if c is None:
+            continue
+        if c == "resolved":  # absent now (not drawn), but the report names it where it was
+            for k in _PLACE_KEYS[f]:
+                d[f][k] = prior_details[f][k]
+            continue
+        if c == "new":
+            _set_level(f, d[f], int(u[2 * i] < 0.4), u[2 * i + 1])
+            continue
+        for k in _PLACE_KEYS[f]:
+            d[f][k] = prior_details[f][k]
+        lvl = level_of(f, prior_details[f]) + {"worse": 1, "better": -1}.get(c, 0)
+        _set_level(f, d[f], lvl, u[2 * i + 1])
     return d
 
 
@@ -509,6 +615,51 @@ def _positive_sentence(f, d, rng) -> str:
     raise KeyError(f)
 
 
+def _place(f: str, d: dict) -> str:
+    """The finding named by where it is, without its size ("left pleural effusion")."""
+    if f == "cardiomegaly":
+        return "cardiomegaly"
+    if f == "pleural_effusion":
+        return "bilateral pleural effusions" if d["side"] == "bilateral" else f"{d['side']} pleural effusion"
+    if f == "pneumothorax":
+        return f"{d['side']} pneumothorax"
+    if f == "consolidation":
+        return f"{d['side']} {d['lobe']} lobe consolidation"
+    return f"{d['side']} {d['zone']} lung nodule"
+
+
+def _size_word(f: str, d: dict) -> str | None:
+    if f == "cardiomegaly":
+        return d["severity"]
+    if f == "consolidation":
+        return None  # its size is drawn, not written: a change in it is read from the prior's images
+    return d["size"]
+
+
+# The change-phrase bank: {p} the finding by place, {s} its size now, {np} size + place.
+_CHANGE_PHRASES = {
+    "unchanged": ("Stable {np}.", "Unchanged {np}.", "The {np} is unchanged.", "{NP} is again seen, unchanged."),
+    "worse": ("Increased {p}{now}.", "The {p} has increased{now}.", "Interval increase in the {p}{now}.",
+              "Worsening {p}{now}."),
+    "better": ("Decreased {p}{now}.", "The {p} has decreased{now}.", "Interval decrease in the {p}{now}.",
+               "Improving {p}{now}."),
+    "resolved": ("Interval resolution of the {p}.", "The previously seen {p} has resolved.", "Resolved {p}."),
+    "new": ("New {np}.", "There is a new {np}.", "Interval development of a {np}."),
+}
+
+
+def _change_sentence(f: str, d: dict, change: str, rng) -> str:
+    place, size = _place(f, d), _size_word(f, d)
+    if f == "cardiomegaly" and change in ("worse", "better"):
+        place = "cardiac enlargement"
+    np_ = f"{size} {place}" if size else place
+    if f == "cardiomegaly" and change == "new":
+        np_ = f"{size} cardiac enlargement"
+    now = f", now {size}" if size else ""
+    text = _pick(rng, _CHANGE_PHRASES[change]).format(p=place, s=size, np=np_, NP=_cap(np_), now=now)
+    return text.replace(" a 8 mm", " an 8 mm")
+
+
 _NEGATIVE = {
     "cardiomegaly": ("Heart size is normal.", "The heart is not enlarged.", "No cardiomegaly.",
                      "The cardiac silhouette is within normal limits."),
@@ -527,7 +678,18 @@ _ORDER = ("cardiomegaly", "mediastinum", "consolidation", "nodule", "clear", "pl
           "pneumothorax", "combined", "bones")
 
 
-def _impression(labels, d, rng) -> str:
+_IMPRESSION_PREFIX = {"unchanged": "stable ", "worse": "increased ", "better": "decreased ", "new": "new "}
+
+
+def _impression(labels, d, rng, change=None) -> str:
+    if change:
+        parts = [_IMPRESSION_PREFIX[change[f]] + (f"{_size_word(f, d[f])} " if _size_word(f, d[f]) and
+                                                  change[f] in ("unchanged", "new") else "") + _place(f, d[f])
+                 for f in FINDINGS if labels[f] and f in change]
+        parts += [f"resolved {_place(f, d[f])}" for f in FINDINGS if change.get(f) == "resolved"]
+        if not parts:
+            return _pick(rng, ("No acute cardiopulmonary abnormality.", "No acute cardiopulmonary process."))
+        return _cap(", ".join(parts)) + "."
     parts = []
     if labels["cardiomegaly"]:
         parts.append("cardiomegaly")
@@ -556,11 +718,19 @@ def _impression(labels, d, rng) -> str:
     return _cap(text) + "."
 
 
-def compose_report(labels: dict, details: dict, rng: np.random.Generator) -> tuple[str, str]:
-    """Return (findings text, impression) describing exactly the given labels/details."""
+def compose_report(labels: dict, details: dict, rng: np.random.Generator,
+                   change: dict | None = None) -> tuple[str, str]:
+    """Return (findings text, impression) describing exactly the given labels/details.
+
+    change (a later study of a patient: finding -> new | worse | better | unchanged | resolved): those findings
+    are described against the prior from the change-phrase bank; without it no sentence mentions a comparison.
+    """
+    change = change or {}
     sec: dict[str, str] = {}
     for f in FINDINGS:
-        if labels[f]:
+        if f in change:
+            sec[f] = _change_sentence(f, details[f], change[f], rng)
+        elif labels[f]:
             sec[f] = _positive_sentence(f, details[f], rng)
         elif rng.random() < 0.5:
             sec[f] = _pick(rng, _NEGATIVE[f])
@@ -568,10 +738,11 @@ def compose_report(labels: dict, details: dict, rng: np.random.Generator) -> tup
     if no_lung and rng.random() < 0.7:
         sec["clear"] = _pick(rng, ("The lungs are clear.", "The lungs are clear bilaterally."))
     # occasionally combined negations replace the single ones
-    if not labels["pleural_effusion"] and not labels["pneumothorax"] and rng.random() < 0.3:
+    if not labels["pleural_effusion"] and not labels["pneumothorax"] and rng.random() < 0.3 \
+            and "pleural_effusion" not in change and "pneumothorax" not in change:
         sec.pop("pleural_effusion", None)
         sec.pop("pneumothorax", None)
-        if not labels["consolidation"] and rng.random() < 0.4:
+        if not labels["consolidation"] and "consolidation" not in change and rng.random() < 0.4:
             sec.pop("consolidation", None)
             sec["combined"] = "No focal consolidation, pleural effusion, or pneumothorax."
         else:
@@ -596,13 +767,13 @@ def compose_report(labels: dict, details: dict, rng: np.random.Generator) -> tup
     for k in ("bones", "mediastinum", "clear", "combined") + FINDINGS:
         if n_words() <= 50:
             break
-        if k in sec and not (k in FINDINGS and labels[k]):
+        if k in sec and not (k in FINDINGS and (labels[k] or k in change)):
             del sec[k]
 
     keys = [k for k in _ORDER if k in sec]
     if rng.random() < 0.35:
         keys = [keys[i] for i in rng.permutation(len(keys))]
-    return " ".join(sec[k] for k in keys), _impression(labels, details, rng)
+    return " ".join(sec[k] for k in keys), _impression(labels, details, rng, change)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -617,6 +788,8 @@ _FINDING_PATTERNS = {
     "nodule": re.compile(r"\bnodul\w*|\bmass(?:es)?\b"),
 }
 _NEGATION = re.compile(r"\bno\b|\bnot\b|\bwithout\b|\bnegative for\b|\bfree of\b|\bresolved\b|\bn't\b")
+# "The previously seen left pleural effusion has resolved.", "Interval resolution of ...": gone, wherever the cue is
+_RESOLUTION = re.compile(r"\bresol(?:ved|ution)\b|\bno longer\b")
 _SPLIT = re.compile(r"(?<=[.!?])\s+|\n+|;\s*|,?\s+\bbut\b\s+|,?\s+\bhowever\b,?\s+")
 
 
@@ -632,6 +805,8 @@ def label_report(text: str) -> dict[str, int]:
         return out
     for sent in _SPLIT.split(text.lower()):
         if not sent or not sent.strip():
+            continue
+        if _RESOLUTION.search(sent):
             continue
         cues = [m.start() for m in _NEGATION.finditer(sent)]
         for f, pat in _FINDING_PATTERNS.items():
@@ -671,52 +846,61 @@ def write_synthetic_dataset(out_dir, n: int = 2000, seed: int = 0, image_size: i
     img_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, 0])
 
-    # patients: some have two studies (chronic findings tend to persist)
+    # patients: about a third with one study, the others with 2-4 studies over time
     study_patient: list[str] = []
     pcount: dict[str, int] = {}
     while len(study_patient) < n:
         pid = f"synth-p{len(pcount):05d}"
-        k = 2 if (rng.random() < P_SECOND_STUDY and len(study_patient) + 2 <= n) else 1
+        k = 1 if rng.random() < P_SINGLE_STUDY else int(rng.integers(2, 5))
+        k = min(k, n - len(study_patient))
         pcount[pid] = k
         study_patient += [pid] * k
     split_of = _assign_splits(list(pcount), pcount, np.random.default_rng([seed, 1]))
+    evolve_rng = np.random.default_rng([seed, 3])  # the course of findings over time (apart: same images)
+    base_day = np.datetime64("2015-01-01")
 
-    records, prev_labels = [], {}
+    records, last = [], {}  # last: patient -> (id, labels, details, date) of their previous study
     for i, pid in enumerate(study_patient):
         sid = f"synth-{i:05d}"
-        labels = sample_labels(rng)
-        second = pid in prev_labels
-        if second:
-            for f in ("cardiomegaly", "nodule"):
-                if rng.random() < 0.7:
-                    labels[f] = prev_labels[pid][f]
-        prev_labels[pid] = labels
-        subtle = _sample_subtle(labels, rng)
-
+        prior = last.get(pid)
         img_rng = np.random.default_rng([seed, 2, i])
-        details = sample_details(labels, subtle, img_rng)
+        if prior is None:
+            labels = sample_labels(rng)
+            change = {}
+            subtle = _sample_subtle(labels, rng)
+            details = sample_details(labels, subtle, img_rng)
+            day = base_day + int(evolve_rng.integers(0, 1800))
+        else:
+            labels, change = evolve_labels(prior[1], prior[2], evolve_rng)
+            subtle = []
+            details = evolve_details(sample_details(labels, subtle, img_rng), prior[2], change, evolve_rng)
+            day = prior[3] + int(evolve_rng.integers(14, 400))
+        last[pid] = (sid, labels, details, day)
         frontal, lateral = render_study(labels, img_rng, image_size, subtle, details=details)
 
         indication, kind, _ = _indication(labels, subtle, details, rng)
         history = _history(labels, rng)
-        if second:
-            comparison = _pick(rng, ("Prior radiograph.", "Prior radiograph from last year."))
+        if prior is None:  # the free-text comparison line never claims a prior the patient does not have
+            comparison = "None." if rng.random() < 0.4 else None
         else:
-            u = rng.random()
-            comparison = None if u < 0.4 else ("None." if u < 0.75 else "Prior radiograph from last year.")
-        findings, impression = compose_report(labels, details, rng)
+            comparison = None  # the prior itself (prior_id) is the comparison
+        findings, impression = compose_report(labels, details, rng, change)
 
         images = [{"path": f"images/{sid}_frontal.png", "view": "PA"}]
         frontal.save(out_dir / images[0]["path"], compress_level=1)
         if rng.random() >= P_MISSING_LATERAL:
             images.append({"path": f"images/{sid}_lateral.png", "view": "LATERAL"})
             lateral.save(out_dir / images[1]["path"], compress_level=1)
-        records.append({
+        rec = {
             "id": sid, "patient_id": pid, "split": split_of[pid], "images": images,
             "indication": indication, "history": history, "comparison": comparison,
             "findings": findings, "impression": impression,
             "dataset": "synthetic", "labels": dict(labels), "subtle": list(subtle), "indication_type": kind,
-        })
+            "study_date": str(day),
+        }
+        if prior is not None:
+            rec.update(prior_id=prior[0], interval_days=int((day - prior[3]).astype(int)), change=change)
+        records.append(rec)
     manifest = out_dir / "manifest.jsonl"
     write_manifest(records, manifest)
     return manifest

@@ -3,8 +3,9 @@
     clinicalblip data prepare csv export.csv --map id=accession --map findings=report_text \
         --map images=frontal_path,lateral_path --map patient_id=mrn_hash --out manifest.jsonl
 
-Targets: id, patient_id, split, images, views, indication, history, comparison, findings, impression and
-report. A target that is not mapped is read from the column of the same name when there is one (images also
+Targets: id, patient_id, split, images, views, indication, history, comparison, findings, impression,
+report, age and sex (the templates' {age} and {sex} slots), and the prior study's link: prior_id (another row's id),
+study_date, interval_days. A target that is not mapped is read from the column of the same name when there is one (images also
 from image / image_path / image_paths / path, views from view). `report` is a whole free-text report, split
 into sections the MIMIC-CXR way (sections.py); its sections fill the fields not mapped explicitly, and a
 report without headers becomes the findings.
@@ -22,14 +23,15 @@ import os
 from pathlib import Path
 
 from clinicalblip.data.manifest import join_manifest_path, manifest_path_prefix, normalize_split
-from clinicalblip.data.prepare import PrepareError, finish, open_text, read_csv
+from clinicalblip.data.prepare import PrepareError, assign_splits, finish, open_text, read_csv
 from clinicalblip.data.sections import report_fields
 from clinicalblip.data.text import tidy_text
 from clinicalblip.data.views import normalize_view
 from clinicalblip.jsonl import iter_json_objects
 
 TARGETS = ("id", "patient_id", "split", "images", "views", "indication", "history", "comparison", "findings",
-           "impression", "report")
+           "impression", "report", "age", "sex", "prior_id", "study_date", "interval_days")
+_PRIOR = ("prior_id", "study_date", "interval_days")  # the prior study (clinicalblip/data/priors.py)
 _TEXT = ("indication", "history", "comparison", "findings", "impression")
 _DEFAULT_COLUMNS = {
     "images": ("images", "image", "image_path", "image_paths", "path"),
@@ -97,12 +99,20 @@ def _split_cell(value) -> list:
 def prepare_table(path: str | os.PathLike, out: str | os.PathLike, fmt: str | None = None,
                   mapping: dict[str, list[str]] | None = None, images: str | os.PathLike | None = None,
                   split: str | None = None, encoding: str = "utf-8-sig", delimiter: str | None = None,
-                  keep_columns: bool = False) -> dict:
+                  keep_columns: bool = False, split_by: str | None = None, ratios=(0.7, 0.1, 0.2),
+                  seed: int = 0) -> dict:
     """Write a manifest from a CSV / JSONL export; `mapping` is parse_mapping's result. Returns the summary.
 
     `split` is used for rows without a split column / value (e.g. "test" for a set to generate on).
+    `split_by` ("patient_id" or "id"): rows without a split get train/val/test by `ratios`, whole patients (or
+    studies) at a time, shuffled with `seed` (prepare.assign_splits).
     `keep_columns` stores the unmapped columns as extra keys.
     """
+    if split_by is not None and split is not None:
+        raise PrepareError("give either --split (one split for rows without one) or --split-by (a seeded "
+                           "train/val/test split), not both")
+    if split_by not in (None, "patient_id", "id"):
+        raise PrepareError(f"--split-by {split_by!r}: split by patient_id (no patient in two splits) or id")
     path = Path(path)
     fmt = fmt or ("csv" if path.suffix.lower() in (".csv", ".tsv") or path.name.endswith((".csv.gz", ".tsv.gz"))
                   else "jsonl")
@@ -166,6 +176,18 @@ def prepare_table(path: str | os.PathLike, out: str | os.PathLike, fmt: str | No
         pid = None if pid is None or str(pid).strip() == "" else str(pid).strip()
         rec = {"id": rid, "patient_id": pid, "split": normalize_split(get(row, "split")) or default_split,
                "images": imgs, **fields}
+        for k in ("age", "sex"):
+            v = get(row, k)
+            v = None if v is None or (isinstance(v, float) and v != v) else str(v).strip()
+            if v:
+                rec[k] = int(v) if k == "age" and v.isdigit() else v  # "63" and 63 render alike in prompts
+        for k in _PRIOR:
+            v = get(row, k)
+            if v not in (None, "") and str(v).strip():
+                v = str(v).strip()
+                if k == "prior_id" and v.endswith(".0") and v[:-2].isdigit():
+                    v = v[:-2]
+                rec[k] = int(float(v)) if k == "interval_days" and v.replace(".", "", 1).isdigit() else v
         if keep_columns:
             for k, v in row.items():
                 if k not in used and k not in rec:
@@ -174,4 +196,9 @@ def prepare_table(path: str | os.PathLike, out: str | os.PathLike, fmt: str | No
     if no_id:
         shown = ", ".join(map(str, no_id[:10])) + (f" (+{len(no_id) - 10} more)" if len(no_id) > 10 else "")
         raise PrepareError(f"{path}: {len(no_id)} row(s) without an id (rows {shown})")
-    return finish(records, out, fmt, mapping=", ".join(f"{k}={'+'.join(v)}" for k, v in mapping.items()))
+    notes = {}
+    if split_by is not None and records:
+        groups = assign_splits(records, by=split_by, ratios=ratios, seed=seed)
+        notes["split_by"] = (f"{split_by}, seed {seed}: " + ", ".join(f"{s} {n}" for s, n in groups.items())
+                             + (" patients" if split_by == "patient_id" else " studies"))
+    return finish(records, out, fmt, mapping=", ".join(f"{k}={'+'.join(v)}" for k, v in mapping.items()), **notes)

@@ -43,15 +43,10 @@ _CHUNK = 1000  # resamples per matrix product: bounded memory at MIMIC size (3,8
 
 # ---------------------------------------------------------------------------------------------- loading
 def _load(path: str | Path) -> list[dict]:
-    records, _ = read_predictions(path)
-    seen: dict[str, int] = {}
+    records, _ = read_predictions(path)  # refuses duplicate ids, skips empty references (the eval rule)
     for rec in records:
         if rec.get("id") is None:
             raise UserError(f"{path}:{rec['_line']}: record has no 'id'; compare pairs studies by id")
-        rid = str(rec["id"])
-        if rid in seen:
-            raise UserError(f"{path}:{rec['_line']}: id {rid!r} appears twice (first on line {seen[rid]})")
-        seen[rid] = rec["_line"]
     return records
 
 
@@ -164,6 +159,28 @@ def paired_resampling(base: CaseStats, others: Sequence[CaseStats], resamples: i
     return out
 
 
+CHANGE_METRICS = ("temporal_f1", "change_f1", "invented_comparison_rate")
+
+
+def _add_change_tests(comparisons: list[dict], cases: list[dict], shared: list[str], resamples: int, seed: int) -> None:
+    """Paired tests of the change-aware metrics (clinicalblip.metrics.change), when the files say which studies
+    have a prior: temporal and change F1 over those with one, the invented-comparison rate over those without."""
+    from clinicalblip.metrics.change import paired_change_tests
+
+    per = []
+    for c in cases:
+        ch = c.get("change")
+        if ch is None:
+            return
+        pos = {i: k for k, i in enumerate(ch["ids"])}
+        idx = [pos[i] for i in shared]
+        per.append({k: (v[idx] if hasattr(v, "shape") else v) for k, v in ch.items()
+                    if k in ("has_prior", "temporal", "invented", "counts")})
+    for j, comp in enumerate(comparisons, start=1):
+        for k, res in paired_change_tests(per[0], per[j], resamples, seed).items():
+            comp["metrics"][k] = res
+
+
 # ---------------------------------------------------------------------------------------------- the command
 def compare_files(
     paths: Sequence[str | Path],
@@ -209,7 +226,9 @@ def compare_files(
                                           skip_java_metrics=skip_java_metrics, uncertain_as=uncertain_as,
                                           metrics_dir=metrics_dir, neural=neural)
         systems.append({"name": name, "path": str(path), "studies_in_file": len(recs),
-                        "metrics": official_values(metrics), "labeler": metrics["clinical"]["labeler"]})
+                        "metrics": official_values(metrics), "labeler": metrics["clinical"]["labeler"],
+                        "absent_labels": [o for o, b in metrics["clinical"]["per_label"].items()
+                                          if b["support"] == 0 and b["predicted"] == 0]})
         stats.append(cases["stats"].reorder(shared))
         labels.append(cases)
     if len({s["labeler"] for s in systems}) > 1:
@@ -226,12 +245,18 @@ def compare_files(
             block[k] = {"a": a, "b": b, "diff": (b - a) if a is not None and b is not None else res[k]["diff"],
                         "diff_from_statistics": res[k]["diff"], "ci95": res[k]["ci95"], "p": res[k]["p"]}
         comparisons.append({"a": names[0], "b": names[j], "metrics": block})
+    _add_change_tests(comparisons, labels, shared, resamples, seed)
     for k in metric_list:
         adjusted = holm([c["metrics"][k]["p"] for c in comparisons])
         for c, p_adj in zip(comparisons, adjusted):
             c["metrics"][k]["p_holm"] = p_adj
             c["metrics"][k]["significant"] = bool(p_adj < ALPHA)
 
+    for k in CHANGE_METRICS:
+        have = [c for c in comparisons if k in c["metrics"]]
+        for c, p_adj in zip(have, holm([c["metrics"][k]["p"] for c in have])):
+            c["metrics"][k]["p_holm"] = p_adj
+            c["metrics"][k]["significant"] = bool(p_adj < ALPHA)
     result = {
         "systems": systems,
         "shared": len(shared),
@@ -242,6 +267,9 @@ def compare_files(
         "alpha": ALPHA,
         "metrics": metric_list,
         "comparisons": comparisons,
+        # per-label rows with no support in the references and no prediction by any system: 0 vs 0 says nothing
+        "empty_rows": [f"f1/{o}" for o in systems[0]["absent_labels"]
+                       if all(o in s["absent_labels"] for s in systems)],
         "disagreements": _disagreements(shared, names, files, labels, top),
         "method": {
             "difference": "b - a, each system's point estimate exactly as `clinicalblip eval` computes it",
@@ -307,12 +335,15 @@ def format_table(result: dict) -> str:
     lines = [f"{result['shared']} shared studies; protocol {result['protocol']}; labeler {result['labeler']}; "
              f"{result['resamples']} resamples, seed {result['seed']}"]
     holm_note = len(result["comparisons"]) > 1
+    hidden = set(result.get("empty_rows", []))
     for c in result["comparisons"]:
         lines.append("")
         lines.append(f"{c['b']}  vs  {c['a']}   (diff = {c['b']} - {c['a']})")
         head = f"{'metric':<34}{'A':>8}{'B':>8}{'diff':>9}  {'95% CI':<20}{'p':>8}"
         lines.append(head + (f"{'p_holm':>9}" if holm_note else ""))
         for k, m in c["metrics"].items():
+            if k in hidden:
+                continue
             ci = f"[{m['ci95'][0]:+.4f}, {m['ci95'][1]:+.4f}]"
             mark = " *" if m["significant"] else "  n.s."
             line = f"{k:<34}{_fmt(m['a']):>8}{_fmt(m['b']):>8}{m['diff']:+9.4f}  {ci:<20}{m['p']:8.4f}"
@@ -320,4 +351,7 @@ def format_table(result: dict) -> str:
     lines.append("")
     lines.append(f"* significant at {result['alpha']}" + (" after Holm correction" if holm_note else "")
                  + "; n.s. = not significant")
+    if hidden:
+        lines.append(f"not shown: {', '.join(k.removeprefix('f1/') for k in sorted(hidden))} (no support in the "
+                     "references and never predicted: nothing to compare)")
     return "\n".join(lines)

@@ -25,6 +25,7 @@ import numpy as np
 from clinicalblip.jsonl import iter_json_objects
 from clinicalblip.errors import UserError
 from clinicalblip.metrics.casestats import bootstrap_cis, build_case_stats, convention_blocks
+from clinicalblip.metrics.change import change_block, change_cases
 from clinicalblip.metrics.clinical import binarize, clinical_scores
 from clinicalblip.metrics.conventions import CONVENTION_PREFIXES, convention_scores
 from clinicalblip.metrics.labeler import COMMON_FIVE, OBSERVATIONS, CheXbertLabeler, ChexpertRuleLabeler, Labeler
@@ -40,7 +41,42 @@ MEAN_CASE_KEYS = ("chexbert_example_f1", "sembscore", "bertscore_f1", "bertscore
 
 
 def read_predictions(path: str | Path) -> tuple[list[dict], dict | None]:
-    """(records, provenance) from a predictions JSONL; clear UserErrors for a missing file or bad lines."""
+    """(records, provenance) from a predictions JSONL; clear UserErrors for a missing file or bad lines.
+
+    The rule eval, view and compare share: an id that occurs twice is refused (which row counts is unknown);
+    a record with an empty reference is skipped, with a warning naming the count and the ids (an empty
+    reference would be labelled "No Finding" and score as a correct normal study).
+    """
+    records, provenance, _ = read_predictions_checked(path)
+    return records, provenance
+
+
+def read_predictions_checked(path: str | Path) -> tuple[list[dict], dict | None, list[str]]:
+    """read_predictions plus the ids of the records skipped for an empty reference."""
+    records, provenance = _read_predictions(path)
+    seen: dict[str, int] = {}
+    for rec in records:
+        if rec.get("id") is None:
+            continue
+        rid = str(rec["id"])
+        if rid in seen:
+            raise UserError(f"{path}:{rec['_line']}: id {rid!r} appears twice (first on line {seen[rid]}); "
+                            "one row per study (regenerate, or remove the extra row)")
+        seen[rid] = rec["_line"]
+    empty = [r for r in records if not (r.get("reference") or "").strip()]
+    if empty:
+        ids = [str(r.get("id", f"line {r['_line']}")) for r in empty]
+        if len(empty) == len(records):
+            raise UserError(f"{path}: every record has an empty reference ({len(records)}): nothing to score "
+                            "against. Generate from a manifest whose records have the template's target section")
+        log.warning("%s: skipping %d of %d records with an empty reference: %s%s", path, len(empty), len(records),
+                    ", ".join(ids[:20]), f" (+{len(ids) - 20} more)" if len(ids) > 20 else "")
+        records = [r for r in records if (r.get("reference") or "").strip()]
+        return records, provenance, ids
+    return records, provenance, []
+
+
+def _read_predictions(path: str | Path) -> tuple[list[dict], dict | None]:
     path = Path(path)
     if not path.exists():
         raise UserError(f"predictions file not found: {path}")
@@ -216,6 +252,12 @@ def evaluate_records(
         clinical["conventions"] = sorted(conv)
     metrics["clinical"] = clinical
     metrics["empty_predictions"] = empty
+    change = change_block(records)  # rows that say whether the study has a prior (generate writes has_prior)
+    if change is not None:
+        metrics["change"] = change
+        for k in ("temporal_f1", "change_f1", "invented_comparison_rate"):
+            if k in change:
+                metrics[k] = change[k]
 
     neural_cases: dict = {}
     if neural_names:
@@ -244,7 +286,7 @@ def evaluate_records(
             "recomputed from per-study sufficient statistics; CIDEr keeps the full reference set's document "
             "frequencies (clinicalblip.metrics.casestats)")
     cases = {"ids": ids, "nlg": nlg_cases, "labels": labels, "binary": (y, p), "stats": stats, "labeler": which,
-             "neural": neural_cases}
+             "neural": neural_cases, "change": change_cases(records)}
     return metrics, cases
 
 
@@ -271,13 +313,16 @@ def evaluate_predictions(
     per-label F1 PNG beside ``out_path``; a path writes the report there; False writes none. ``return_cases``:
     return ``(metrics, records, cases)`` (``evaluate_records``' per-case data, e.g. for the case viewer).
     """
-    records, provenance = read_predictions(pred_path)
+    records, provenance, empty_refs = read_predictions_checked(pred_path)
     metrics, cases = evaluate_records(
         records, protocol, labeler, bootstrap, seed, skip_java_metrics=skip_java_metrics, uncertain_as=uncertain_as,
         chexbert_weights=chexbert_weights, chexbert_tokenizer=chexbert_tokenizer, metrics_dir=metrics_dir,
         neural=neural,
     )
     metrics["predictions"] = str(pred_path)
+    metrics["empty_references"] = len(empty_refs)  # skipped, not scored (see read_predictions)
+    if empty_refs:
+        metrics["empty_reference_ids"] = empty_refs[:100]
     if provenance is not None:
         metrics["provenance"] = provenance
 
@@ -305,12 +350,20 @@ def format_summary(metrics: dict) -> str:
         return "   n/a" if v is None else f"{v:6.4f}"
 
     lines = [f"n={metrics['n']}  protocol={metrics['protocol']}  labeler={metrics['clinical']['labeler']}"]
+    if metrics.get("empty_references"):
+        lines[0] += f"  ({metrics['empty_references']} records with an empty reference skipped)"
     lines.append("  ".join(f"{k:>7}" for k in METRIC_KEYS))
     lines.append("  ".join(f"{f(metrics[k]):>7}" for k in METRIC_KEYS))
     c = metrics["clinical"]
     ci = c["macro"].get("f1_ci95")
     extra = f"  95% CI [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
     lines.append(f"clinical macro F1 ({len(c['observations'])} labels): {c['macro']['f1']:.4f}{extra}")
+    from clinicalblip.metrics.report import labeler_note, present_macro
+
+    present = present_macro(c)
+    if present is not None and present["labels"] < len(c["per_label"]):
+        lines.append(f"clinical macro F1 ({present['labels']} labels present in references or predictions): "
+                     f"{present['f1']:.4f}")
     if "micro_5" in c:
         lines.append(f"clinical micro F1 (5 common): {c['micro_5']['f1']:.4f}")
     if "no_finding" in c:
@@ -320,4 +373,27 @@ def format_summary(metrics: dict) -> str:
 
         shown = [f"{k}={metrics[k]:.4f}" for k in NEURAL_SUMMARY_KEYS if isinstance(metrics.get(k), float)]
         lines.append("neural metrics (" + metrics["neural"]["parity"] + "): " + "  ".join(shown))
+    note = labeler_note(c)
+    if note:
+        lines.append(note.replace("`", ""))
     return "\n".join(lines)
+
+
+def read_metrics_file(path: str | Path) -> dict:
+    """A metrics.json written by `eval`; anything else (a predictions JSONL, a cut file) is refused naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"metrics file not found: {p}")
+    text = p.read_text(encoding="utf-8", errors="replace")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        looks_jsonl = len(lines) > 1 and all(ln.lstrip().startswith("{") for ln in lines[:3])
+        hint = (" (it looks like a predictions JSONL: run `clinicalblip eval` on it and pass the metrics.json it "
+                "writes)" if looks_jsonl else "")
+        raise UserError(f"{p}: not a metrics.json from `clinicalblip eval`: invalid JSON at line {exc.lineno}"
+                        f"{hint}") from None
+    if not isinstance(data, dict) or not ({"n", "protocol"} <= set(data) or "clinical" in data):
+        raise UserError(f"{p}: not a metrics.json from `clinicalblip eval` (no 'n', 'protocol' or 'clinical' key)")
+    return data

@@ -21,6 +21,33 @@ def _ci(block: Mapping) -> str:
     return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
 
 
+def _absent(b: Mapping) -> bool:
+    """A label with no support in the references and never predicted: its P/R/F1 are undefined, not 0."""
+    return b.get("support") == 0 and b.get("predicted") == 0
+
+
+def present_macro(clinical: Mapping) -> dict | None:
+    """Macro P/R/F1 over the labels present on either side (support or predictions), beside the all-label macro."""
+    present = [b for b in clinical.get("per_label", {}).values() if not _absent(b)]
+    if not present:
+        return None
+    n = len(present)
+    return {"precision": sum(b["precision"] for b in present) / n, "recall": sum(b["recall"] for b in present) / n,
+            "f1": sum(b["f1"] for b in present) / n, "labels": n}
+
+
+def labeler_note(clinical: Mapping) -> str | None:
+    """Why these clinical numbers are not the CheXbert F1 that papers report, when they are not."""
+    name = str(clinical.get("labeler", ""))
+    if "chexbert" in name.lower():
+        return None
+    if name.startswith("chexpert"):
+        return (f"The clinical scores use `{name}`, clinicalblip's built-in CheXpert-style rule labeler: its F1 is "
+                "not CheXbert F1 and is not comparable with papers that report CheXbert (`--labeler chexbert` with "
+                "local weights gives that).")
+    return f"The clinical scores use the `{name}` labels, not CheXbert: not comparable with CheXbert F1 in papers."
+
+
 def plot_per_label_f1(clinical: Mapping, png_path: str | Path) -> Path | None:
     """Horizontal bars of per-label F1 with their 95 % intervals; None (and a log line) without matplotlib."""
     try:
@@ -77,16 +104,33 @@ def render_markdown(metrics: Mapping, png_name: str | None = None) -> str:
     lines += ["", "## Clinical efficacy", ""]
     lines.append("| | precision | recall | F1 | F1 95% CI |")
     lines.append("|---|---|---|---|---|")
-    for key, title in (("macro", f"macro ({len(c['observations'])} labels)"), ("micro_5", "micro (5 common)"),
-                       ("micro", "micro (all labels)"), ("no_finding", "No Finding")):
+    present = present_macro(c)
+    for key, title in (("macro", f"macro ({len(c['observations'])} labels)"), ("present", None),
+                       ("micro_5", "micro (5 common)"), ("micro", "micro (all labels)"), ("no_finding", "No Finding")):
+        if key == "present":
+            if present is not None and present["labels"] < len(c["per_label"]):
+                lines.append(f"| **macro ({present['labels']} labels present)** | {_fmt(present['precision'])} | "
+                             f"{_fmt(present['recall'])} | {_fmt(present['f1'])} | |")
+            continue
         if key in c:
             b = c[key]
             lines.append(f"| **{title}** | {_fmt(b['precision'])} | {_fmt(b['recall'])} | {_fmt(b['f1'])} | {_ci(b)} |")
     lines += ["", "| observation | support | predicted | precision | recall | F1 | F1 95% CI |",
               "|---|---|---|---|---|---|---|"]
     for o, b in c["per_label"].items():
+        if _absent(b):  # neither the references nor the predictions have it: undefined, not 0.000
+            lines.append(f"| {o} | 0 | 0 | n/a | n/a | n/a | |")
+            continue
         lines.append(f"| {o} | {b['support']} | {b['predicted']} | {_fmt(b['precision'])} | {_fmt(b['recall'])} "
                      f"| {_fmt(b['f1'])} | {_ci(b)} |")
+    absent = [o for o, b in c["per_label"].items() if _absent(b)]
+    if absent:
+        lines += ["", f"n/a: {', '.join(absent)} — no support in the references and never predicted. The "
+                      f"{len(c['observations'])}-label macro counts them as 0; the present-label macro leaves them "
+                      "out."]
+    note = labeler_note(c)
+    if note:
+        lines += ["", note]
     if "bootstrap" in c:
         bs = c["bootstrap"]
         lines += ["", f"Intervals: {bs['resamples']} bootstrap resamples of reports, seed {bs['seed']}, "

@@ -41,30 +41,49 @@ def http_stack() -> tuple[str, str]:
 
 
 def load_service(model_dir: str, dtype: str | None = None, quantization: str = "none", settings=None,
-                 in_process: bool = False, threads: int | None = None):
+                 in_process: bool = False, threads: int | None = None, compile: bool | None = None,
+                 background_warmup: bool = False, decode: str = "fast"):
     """Load the model once and wrap it for serving (a ReportService).
 
     By default the model is loaded in a worker process (serve/worker.py) and this process only handles HTTP and
     preprocessing; `in_process=True` loads it here (one GIL for both: slower under load, simpler to debug).
     A model that cannot be loaded raises UserError either way. Call `close()` on the service when done.
+    compile (None: clinicalblip.decode.default_compile) compiles the decoding step and warms it up for every
+    batch bucket up to max_batch after loading; background_warmup lets the server answer (/health: "warming")
+    meanwhile. decode="hf" generates with plain transformers `generate` instead (for comparisons).
     """
-    from clinicalblip.serve.engine import ReportService
+    from clinicalblip.serve.engine import ReportService, ServeSettings
 
     if not os.path.exists(model_dir):
         raise UserError(f"model folder not found: {model_dir}")
+    from clinicalblip.decode import default_compile, warm_batch_sizes, warm_up
     from clinicalblip.serve.worker import ModelWorker, load_model
 
+    settings = settings or ServeSettings()
+    if compile is None:
+        import torch
+
+        compile = default_compile("cuda" if torch.cuda.is_available() else "cpu")
+    if decode not in ("fast", "hf"):
+        raise UserError(f"unknown decode path '{decode}' (known: fast, hf)")
+    compile = compile and decode == "fast"
+    warm = warm_batch_sizes(settings.max_batch) if compile else ()
     if in_process:
-        return ReportService(load_model(model_dir, dtype, quantization, threads), settings)
-    worker = ModelWorker(model_dir, dtype=dtype, quantization=quantization, threads=threads)
-    worker.start()
+        rm = load_model(model_dir, dtype, quantization, threads, compile, decode)
+        service = ReportService(rm, settings)
+        service.warmup = warm_up(rm, warm) if warm else None
+        return service
+    worker = ModelWorker(model_dir, dtype=dtype, quantization=quantization, threads=threads, compile=compile,
+                         warm_batches=warm, timeout_s=settings.generation_timeout_s, decode=decode)
+    worker.start(background_warmup=background_warmup)
     return ReportService(worker, settings)
 
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, dtype: str | None = None,
           quantization: str = "none", max_batch: int = 8, max_wait_ms: float = 15.0, max_queue: int = 64,
           api_key_env: str | None = None, max_file_mb: float = 50.0, max_views: int | None = None,
-          threads: int | None = None, log_level: str = "info", in_process: bool = False) -> None:
+          threads: int | None = None, log_level: str = "info", in_process: bool = False,
+          compile: bool | None = None, generation_timeout_s: float | None = 300.0, decode: str = "fast") -> None:
     """Load MODEL_DIR and serve it until interrupted. Binding beyond loopback without an API key warns."""
     from clinicalblip.serve.engine import ServeSettings
 
@@ -84,8 +103,11 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, dtype: str 
               "use the model. Set an API key (--api-key-env VAR) or bind 127.0.0.1.", file=sys.stderr, flush=True)
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if generation_timeout_s is not None and generation_timeout_s <= 0:
+        raise UserError("--generation-timeout must be > 0 seconds")
     settings = ServeSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                             max_file_mb=max_file_mb, max_views=max_views, api_key=key)
+                             max_file_mb=max_file_mb, max_views=max_views, api_key=key,
+                             generation_timeout_s=generation_timeout_s)
     if not in_process:
         import torch
 
@@ -93,7 +115,8 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, dtype: str 
         # worker, which has the --threads.
         torch.set_num_threads(1)
     service = load_service(model_dir, dtype=dtype, quantization=quantization, settings=settings,
-                           in_process=in_process, threads=threads)
+                           in_process=in_process, threads=threads, compile=compile, background_warmup=True,
+                           decode=decode)
     from PIL import Image
 
     # Uploads are checked against max_pixels on their header; PIL's own guard (it raises above twice this) covers
@@ -109,7 +132,15 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, dtype: str 
     print(f"serving {info['kind']} {info['model_dir']} (hash {info['model_hash']}) on http://{host}:{port}/ "
           f"[{rt['dtype']} on {rt['device']}{'' if rt['quantization'] == 'none' else ', ' + rt['quantization']}, "
           f"generation {where}, max batch {max_batch}, max wait {max_wait_ms:g} ms, queue {max_queue}, "
-          f"auth {'on' if key else 'off'}, {http} + {loop}]", flush=True)
+          f"auth {'on' if key else 'off'}, {http} + {loop}, compile {'on' if gen.get('compile') else 'off'}]",
+          flush=True)
+    if gen.get("warming"):
+        print("compiling and warming up the decoding step in the model worker: /health says \"warming\" and "
+              "requests wait until it is done", flush=True)
+    if service.worker is not None:
+        service.worker.on_warm = lambda w: print(f"warm-up done in {w.get('total_s')} s (per batch size: "
+                                                 f"{w.get('batch_seconds')}){' ' + w['error'] if 'error' in w else ''}",
+                                                 flush=True)
     try:
         # uvicorn's access log would print client addresses and query strings; our middleware logs what we allow.
         uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)

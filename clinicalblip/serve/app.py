@@ -29,6 +29,7 @@ from starlette.datastructures import MutableHeaders
 from clinicalblip.serve.batching import Batcher, Job, QueueFull, ServerClosing
 from clinicalblip.serve.engine import DECODING_FIELDS, TEXT_FIELDS, ReportService
 from clinicalblip.serve.forms import FormError, parse_form
+from clinicalblip.serve.worker import WorkerTimeout
 
 log = logging.getLogger("clinicalblip.serve")
 STATIC = files("clinicalblip.serve") / "static"
@@ -67,6 +68,13 @@ _REPORT_SCHEMA = {
                 "temperature": {"type": "number", "exclusiveMinimum": 0, "description": "with do_sample"},
                 "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "description": "with do_sample"},
                 "repetition_penalty": {"type": "number", "exclusiveMinimum": 0},
+                # the prior study (a model trained with data.prior; /v1/model "prior" says what it takes)
+                "prior_images": {"type": "array", "items": {"type": "string", "format": "binary"},
+                                 "description": "the prior study's images (frontal first)"},
+                "prior_views": {"type": "array", "items": {"type": "string"}},
+                "prior_report": {"type": "string", "description": "the prior study's report"},
+                "prior_date": {"type": "string", "format": "date"},
+                "study_date": {"type": "string", "format": "date", "description": "with prior_date: the interval"},
             }}}},
     },
     "responses": {"200": {"description": "the report", "content": {"application/json": {"example": {
@@ -77,12 +85,14 @@ _REPORT_SCHEMA = {
         "findings": {"labeler": "chexpert-rules", "positive": ["Cardiomegaly"], "uncertain": [],
                      "negative": ["Pleural Effusion"], "labels": {"Cardiomegaly": 1}}}}}},
         "4XX": {"description": "bad input: {error: {field, message}, id}"},
-        "503": {"description": "queue full (Retry-After) or shutting down"}},
+        "503": {"description": "queue full (Retry-After) or shutting down"},
+        "504": {"description": "generation exceeded the time limit; the model worker was restarted"}},
 }
 _PREVIEW_SCHEMA = {
     "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-        "type": "object", "required": ["image"],
-        "properties": {"image": {"type": "string", "format": "binary"}}}}}},
+        "type": "object", "required": ["images"],
+        "properties": {"images": {"type": "string", "format": "binary",
+                                  "description": "one image, as in /v1/reports ('image' is accepted too)"}}}}}},
     "responses": {"200": {"description": f"PNG, long side at most {PREVIEW_MAX_SIDE} px",
                           "content": {"image/png": {}}}},
 }
@@ -164,7 +174,8 @@ def create_app(service: ReportService) -> FastAPI:
     @app.get("/health", summary="liveness, and whether the model is loaded")
     async def health():
         loaded = service.model_loaded
-        return {"status": "ok" if loaded else "degraded", "model_loaded": loaded, "queue": len(batcher),
+        status = "warming" if service.warming else "ok" if loaded else "degraded"
+        return {"status": status, "model_loaded": loaded, "queue": len(batcher),
                 "max_queue": batcher.max_queue, "generation": service.generation_info()}
 
     @app.get("/v1/model", summary="base, stages, template and slots, decoding defaults, limits, model card")
@@ -179,7 +190,7 @@ def create_app(service: ReportService) -> FastAPI:
         return await parse_form(request.headers.get("content-type"), request.stream(),
                                 max_file_bytes=s.max_file_bytes, max_text_bytes=s.max_text_bytes,
                                 max_files=max_files, max_fields=8 + len(TEXT_FIELDS) + len(DECODING_FIELDS)
-                                + 2 * service.max_views)
+                                + 2 * service.max_views + 8)
 
     @app.post("/v1/reports", summary="write a report for one study", openapi_extra=_REPORT_SCHEMA)
     async def reports(request: Request):
@@ -188,7 +199,8 @@ def create_app(service: ReportService) -> FastAPI:
         if batcher.full():  # refuse before reading megabytes of upload
             return _error(503, "queue", "the server is busy; retry later", rid, {"Retry-After": str(s.retry_after_s)})
         try:
-            form = await _read_form(request, max_files=service.max_views + 1)
+            form = await _read_form(request, max_files=service.max_views + 1
+                                    + getattr(service.front, "max_prior_views", 0))
             request.state.log_extra = f" in={form.nbytes}B images={len(form.files)}"
             if form.nbytes < INLINE_PREP_BYTES:
                 prepared = service.prepare(form)
@@ -209,6 +221,9 @@ def create_app(service: ReportService) -> FastAPI:
             report = await job.future
         except ServerClosing as exc:
             return _error(503, "server", str(exc), rid)
+        except WorkerTimeout as exc:  # the batch hung: the worker was killed and restarted
+            log.error("request %s: %s", rid, exc)
+            return _error(504, "server", str(exc), rid)
         except Exception as exc:  # generation failed for this batch: one clean 500 per request, type only logged
             log.error("request %s: generation failed: %s", rid, type(exc).__name__)
             return _error(500, "server", "generation failed; the request id is in the server log", rid)
@@ -221,7 +236,8 @@ def create_app(service: ReportService) -> FastAPI:
         out = {"id": rid, "report": report, "prompt": prepared["prompt"], "views": prepared["views"],
                "model_hash": service.facts["model_hash"], "template": prepared["template"],
                "decoding": prepared["decoding"], "timings_ms": timings, "batch_size": job.batch_size,
-               "findings": service.findings(report), "code_version": service.facts["code_version"]}
+               "findings": service.findings(report), "code_version": service.facts["code_version"],
+               "prior": prepared.get("prior")}
         if prepared["ignored"]:
             out["warnings"] = [f"template '{prepared['template']}' has no '{n}' slot: {n} was not used"
                                for n in prepared["ignored"]]
@@ -234,8 +250,9 @@ def create_app(service: ReportService) -> FastAPI:
         rid = request.state.rid
         try:
             form = await _read_form(request, max_files=1)
-            if len(form.files) != 1 or form.files[0].field != "image" or form.fields:
-                raise FormError(422, "image", "send exactly one file in the 'image' field")
+            # 'images' as in /v1/reports; 'image', the first name of this field, is still accepted
+            if len(form.files) != 1 or form.files[0].field not in ("images", "image") or form.fields:
+                raise FormError(422, "images", "send exactly one file in the 'images' field")
             f = form.files[0]
             request.state.log_extra = f" in={len(f.data)}B"
             png = await anyio.to_thread.run_sync(_preview_png, service, f.data, f.filename, limiter=prep_limiter)
@@ -258,7 +275,7 @@ def create_app(service: ReportService) -> FastAPI:
 
 
 def _preview_png(service: ReportService, data: bytes, filename: str) -> bytes:
-    im = service.decode_image(data, filename, "image")
+    im = service.decode_image(data, filename, "images")
     im.thumbnail((PREVIEW_MAX_SIDE, PREVIEW_MAX_SIDE))
     buf = io.BytesIO()
     im.convert("L").save(buf, format="PNG")  # radiographs are grayscale; a third of the bytes

@@ -5,7 +5,6 @@ Nothing here knows about HTTP beyond `FormError` (status, field, message); app.p
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import time
@@ -13,18 +12,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from clinicalblip import __version__
-from clinicalblip.data.images import ImageLoadError, load_image_bytes
+from clinicalblip.data.images import ImageLoadError, dicom_view_position, load_image_bytes
 from clinicalblip.generate import ModelFront, ReportModel, _dir_hash
 from clinicalblip.metrics.labeler import OBSERVATIONS, label_report
 from clinicalblip.prompts import KNOWN_SLOTS, Template, TemplateError, available_templates, load_template
 from clinicalblip.serve.batching import merge_batches
 from clinicalblip.serve.forms import Form, FormError
+from clinicalblip.serve.prior import PRIOR_FIELDS, attach_form_prior
 from clinicalblip.serve.worker import ModelWorker
+from clinicalblip.study import CONTEXT_FIELDS, StudyInputError, check_decoding, check_views, study_record
 
 MB = 2**20
-TEXT_FIELDS = ("indication", "history", "comparison")
+TEXT_FIELDS = CONTEXT_FIELDS  # every template slot but views: indication, history, comparison, age, sex, hints
 DECODING_FIELDS = ("num_beams", "max_new_tokens", "do_sample", "temperature", "top_p", "repetition_penalty")
-FORM_FIELDS = ("images", "views", "template") + TEXT_FIELDS + DECODING_FIELDS
+FORM_FIELDS = ("images", "views", "template") + TEXT_FIELDS + DECODING_FIELDS + PRIOR_FIELDS
 DEFAULT_CARD = (
     "Research on radiology report generation. Not a medical device and not for clinical use: generated reports "
     "can be wrong, omit findings or invent them, and must not be used for diagnosis without review by a "
@@ -47,6 +48,7 @@ class ServeSettings:
     max_new_tokens_limit: int = 512
     max_beams: int = 8
     retry_after_s: int = 1
+    generation_timeout_s: float | None = 300.0  # a batch running longer fails with 504 and the worker restarts
     api_key: str | None = None  # when set, every request needs "Authorization: Bearer <key>"
 
     @property
@@ -94,20 +96,15 @@ def model_facts(rm: ReportModel | ModelFront) -> dict:
     return facts
 
 
-def _parse_number(form: Form, name: str, kind, lo, hi, default, lo_open: bool = False):
+def _parse_number(form: Form, name: str, kind):
+    """A number field as int/float (None when absent); ranges are checked in study.check_decoding."""
     raw = form.one(name)
     if raw is None or raw.strip() == "":
-        return default
+        return None
     try:
-        value = kind(raw.strip())
+        return kind(raw.strip())
     except ValueError:
         raise FormError(422, name, f"'{raw[:40]}' is not {'an integer' if kind is int else 'a number'}") from None
-    if kind is float and not math.isfinite(value):
-        raise FormError(422, name, "must be a finite number")
-    if value < lo or (lo_open and value == lo) or value > hi:
-        left = "(" if lo_open else "["
-        raise FormError(422, name, f"{value} is out of range {left}{lo}, {hi}]")
-    return value
 
 
 def _parse_bool(form: Form, name: str) -> bool:
@@ -158,11 +155,20 @@ class ReportService:
     def model_loaded(self) -> bool:
         return self.worker.alive if self.worker is not None else self.rm is not None
 
+    @property
+    def warming(self) -> bool:
+        """The worker is compiling / warming up: requests queue until it is done."""
+        return self.worker is not None and self.worker.warming
+
     def generation_info(self) -> dict:
         if self.worker is None:
-            return {"mode": "in-process", "pid": os.getpid()}
+            return {"mode": "in-process", "pid": os.getpid(), "compile": bool(getattr(self.rm, "compile", False)),
+                    "warmup": getattr(self, "warmup", None)}
         return {"mode": "worker-process", "pid": self.worker.pid, "alive": self.worker.alive,
-                "restarts": self.worker.restarts}
+                "restarts": self.worker.restarts, "last_restart": self.worker.last_restart,
+                "compile": self.worker.compile, "decode": self.worker.decode, "warming": self.worker.warming,
+                "warmup": self.worker.warmup,
+                "timeout_s": self.worker.timeout_s}
 
     def close(self) -> None:
         """Stop the model worker, if this service has one (services made by with_settings share it)."""
@@ -180,6 +186,8 @@ class ReportService:
             "templates": self.templates,
             "decoding_defaults": {"num_beams": 1, "max_new_tokens": self.front.max_new_tokens, "do_sample": False,
                                   "temperature": 1.0, "top_p": 1.0, "repetition_penalty": 1.0},
+            "prior": {"takes": getattr(self.front, "prior", "none"),
+                      "max_prior_views": getattr(self.front, "max_prior_views", 1)},
             "limits": {"max_views": self.max_views, "max_file_bytes": s.max_file_bytes,
                        "max_text_bytes": s.max_text_bytes, "max_pixels": s.max_pixels,
                        "max_new_tokens": s.max_new_tokens_limit, "max_beams": s.max_beams,
@@ -203,29 +211,17 @@ class ReportService:
         return self._template_cache[name]
 
     def decoding(self, form: Form) -> dict:
-        """Validated generate() settings; absurd values are refused, not clamped."""
+        """Validated generate() settings (the CLI's checks, study.check_decoding); absurd values are refused."""
         s = self.settings
-        num_beams = _parse_number(form, "num_beams", int, 1, s.max_beams, 1)
-        max_new = _parse_number(form, "max_new_tokens", int, 1, s.max_new_tokens_limit,
-                                self.front.max_new_tokens)
-        do_sample = _parse_bool(form, "do_sample")
-        temperature = _parse_number(form, "temperature", float, 0.0, 5.0, None, lo_open=True)
-        top_p = _parse_number(form, "top_p", float, 0.0, 1.0, None, lo_open=True)
-        rep = _parse_number(form, "repetition_penalty", float, 0.0, 10.0, None, lo_open=True)
-        if do_sample and num_beams > 1:
-            raise FormError(422, "num_beams", "beam search and sampling do not combine: use num_beams 1 with "
-                                              "do_sample")
-        if not do_sample:
-            for name, value in (("temperature", temperature), ("top_p", top_p)):
-                if value is not None and value != 1.0:
-                    raise FormError(422, name, "only applies with do_sample=true")
-        out = {"num_beams": num_beams, "max_new_tokens": max_new, "do_sample": do_sample}
-        if do_sample:
-            out["temperature"] = 1.0 if temperature is None else temperature
-            out["top_p"] = 1.0 if top_p is None else top_p
-        if rep is not None:
-            out["repetition_penalty"] = rep
-        return out
+        kinds = {"num_beams": int, "max_new_tokens": int, "temperature": float, "top_p": float,
+                 "repetition_penalty": float}
+        values = {name: _parse_number(form, name, kind) for name, kind in kinds.items()}
+        try:
+            return check_decoding(do_sample=_parse_bool(form, "do_sample"), max_beams=s.max_beams,
+                                  max_new_tokens_limit=s.max_new_tokens_limit,
+                                  default_max_new_tokens=self.front.max_new_tokens, **values)
+        except StudyInputError as exc:
+            raise FormError(422, exc.field, exc.message) from None
 
     def check_fields(self, form: Form) -> None:
         for name in list(form.fields) + [f.field for f in form.files]:
@@ -234,8 +230,8 @@ class ReportService:
                         else f"unknown field '{name[:40]}'")
                 raise FormError(422, name[:40], f"{hint} (known fields: {', '.join(FORM_FIELDS)})")
         for f in form.files:
-            if f.field != "images":
-                raise FormError(422, f.field, "files go in the 'images' field")
+            if f.field not in ("images", "prior_images"):
+                raise FormError(422, f.field, "files go in the 'images' field (the prior study's in 'prior_images')")
         if "images" in form.fields:
             raise FormError(422, "images", "'images' must be uploaded files, not text")
 
@@ -246,46 +242,44 @@ class ReportService:
         try:
             return load_image_bytes(data, name=f"{field}{suffix}", max_pixels=self.settings.max_pixels)
         except ImageLoadError as exc:
-            raise FormError(422, field, str(exc).replace(f"{field}{suffix}", field, 1)) from None
+            # the field is named once, by the error's field: the message does not repeat it
+            name = f"{field}{suffix}"
+            msg = str(exc).replace(f" {name}:", ":", 1).replace(f": {name}", "", 1)
+            msg = msg.removeprefix(f"{name}: ")
+            raise FormError(422, field, msg.replace(name, field)) from None
 
     def prepare(self, form: Form) -> dict:
         """Validate a study form and build its single-study batch (CPU work: run it in a worker thread)."""
         t0 = time.perf_counter()
         self.check_fields(form)
         images = [f for f in form.files if f.field == "images"]
-        if not images:
-            raise FormError(422, "images", "give at least one image (PNG, JPEG or DICOM), one per view")
-        if len(images) > self.max_views:
-            raise FormError(422, "images", f"{len(images)} images given; this model takes at most "
-                                           f"{self.max_views} views per study")
-        views = form.fields.get("views", [])
-        if views and len(views) != len(images):
-            raise FormError(422, "views", f"{len(views)} view(s) for {len(images)} image(s): give one per image "
-                                          "(an empty value for unknown) or none")
-        views = [(v.strip().upper() or None) for v in views] or [None] * len(images)
-        for i, v in enumerate(views):
-            if v is not None and (len(v) > 32 or not all(c.isalnum() or c in " _-" for c in v)):
-                raise FormError(422, "views", f"view {i}: expected a view name such as PA, AP or LATERAL")
-        texts = {}
-        for name in TEXT_FIELDS:
-            value = form.one(name)
-            if value is not None and "\x00" in value:
-                raise FormError(422, name, "contains a NUL character")
-            texts[name] = value
+        try:
+            views = check_views(len(images), form.fields.get("views"), self.max_views)
+        except StudyInputError as exc:
+            raise FormError(422, exc.field, exc.message) from None
+        texts = {name: form.one(name) for name in TEXT_FIELDS}
         tpl = self.template(form.one("template"))
         decoding = self.decoding(form)
         pil = [self.decode_image(f.data, f.filename, f"images[{i}]") for i, f in enumerate(images)]
-        record = {"id": "study", "images": [{"image": im, "view": v} for im, v in zip(pil, views)], **texts}
+        views = [v or dicom_view_position(f.data) for v, f in zip(views, images)]  # as `generate --image` does
+        try:
+            record = study_record(pil, views, texts, key="image")
+        except StudyInputError as exc:
+            raise FormError(422, exc.field, exc.message) from None
+        prior = attach_form_prior(self, record, form)
         collate = self.front.collator(tpl)
         collate.max_views = self.max_views
         with self._collate_lock:
             batch = collate([record])
         ignored = [n for n in TEXT_FIELDS if texts[n] and n not in tpl.slots]
+        if prior in ("report", "both") and "prior" not in tpl.slots:
+            ignored.append("prior")  # the template cannot show the prior report (its images are still used)
         from clinicalblip.data.collate import ordered_images
 
         used = [im.get("view") for im in ordered_images(record, self.max_views)]
         return {"batch": batch, "decoding": decoding, "template": tpl.name, "prompt": batch["prompts"][0],
                 "views": used, "ignored": ignored, "preprocessing_ms": (time.perf_counter() - t0) * 1000,
+                "prior": prior,
                 "image_bytes": [len(f.data) for f in images]}
 
     # ------------------------------------------------------------------ generation (batcher thread)

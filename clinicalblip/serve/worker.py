@@ -27,15 +27,22 @@ from clinicalblip.errors import UserError
 
 log = logging.getLogger("clinicalblip.serve")
 TEST_DIE_FILE = "CLINICALBLIP_TEST_WORKER_DIE_FILE"  # tests: the worker exits mid-batch when this file exists
+TEST_HANG_FILE = "CLINICALBLIP_TEST_WORKER_HANG_FILE"  # tests: the worker hangs mid-batch when this file exists
+TEST_WARM_DELAY = "CLINICALBLIP_TEST_WARMUP_DELAY_S"  # tests: the warm-up takes at least this long
 
 
 class WorkerError(RuntimeError):
     """The model worker could not run a batch: it failed inside generate, or exited."""
 
 
-def load_model(model_dir: str, dtype: str | None, quantization: str, threads: int | None):
+class WorkerTimeout(WorkerError):
+    """A batch ran past the generation time limit: the worker was killed and a new one started."""
+
+
+def load_model(model_dir: str, dtype: str | None, quantization: str, threads: int | None, compile: bool = False,
+               decode: str = "fast"):
     """The ReportModel that serving generates with (in the worker, or in the server with --in-process). dtype None:
-    bf16 on a GPU that supports it, else fp32."""
+    bf16 on a GPU that supports it, else fp32. compile: the decoding step through torch.compile."""
     import torch
 
     from clinicalblip.generate import ReportModel, default_dtype
@@ -44,15 +51,18 @@ def load_model(model_dir: str, dtype: str | None, quantization: str, threads: in
         torch.set_num_threads(threads)
     if dtype is None:
         dtype = default_dtype("cuda" if torch.cuda.is_available() else "cpu")
-    return ReportModel.load(model_dir, dtype=dtype, quantization=quantization)
+    rm = ReportModel.load(model_dir, dtype=dtype, quantization=quantization)
+    rm.compile, rm.decode = compile, decode
+    return rm
 
 
-def _worker_main(conn, model_dir: str, dtype: str | None, quantization: str, threads: int | None) -> None:
+def _worker_main(conn, model_dir: str, dtype: str | None, quantization: str, threads: int | None,
+                 compile: bool = False, warm_batches: tuple = (), decode: str = "fast") -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         import torch
 
-        rm = load_model(model_dir, dtype, quantization, threads)
+        rm = load_model(model_dir, dtype, quantization, threads, compile, decode)
         front = rm.front()
     except UserError as exc:
         conn.send(("failed", "user", str(exc)))
@@ -61,6 +71,15 @@ def _worker_main(conn, model_dir: str, dtype: str | None, quantization: str, thr
         conn.send(("failed", type(exc).__name__, str(exc)))
         return
     conn.send(("ready", front))
+    if warm_batches:
+        from clinicalblip.decode import warm_up
+
+        try:
+            if os.environ.get(TEST_WARM_DELAY):
+                threading.Event().wait(float(os.environ[TEST_WARM_DELAY]))
+            conn.send(("warm", warm_up(rm, warm_batches)))
+        except Exception as exc:  # noqa: BLE001 - a failed warm-up leaves compilation to the first requests
+            conn.send(("warm", {"error": f"{type(exc).__name__}: {exc}"}))
     while True:
         try:
             msg = conn.recv()
@@ -73,6 +92,10 @@ def _worker_main(conn, model_dir: str, dtype: str | None, quantization: str, thr
         if die and os.path.exists(die):
             os.unlink(die)
             os._exit(3)
+        hang = os.environ.get(TEST_HANG_FILE)
+        if hang and os.path.exists(hang):
+            os.unlink(hang)
+            threading.Event().wait()  # a generation that never returns
         try:
             batch = {k: torch.from_numpy(v) for k, v in arrays.items()}
             d = dict(decoding)
@@ -86,8 +109,17 @@ class ModelWorker:
     """One worker process holding the model. `generate` is called by one thread at a time (the batcher's)."""
 
     def __init__(self, model_dir: str, dtype: str | None = None, quantization: str = "none",
-                 threads: int | None = None):
+                 threads: int | None = None, compile: bool = False, warm_batches: tuple = (),
+                 timeout_s: float | None = None, decode: str = "fast"):
         self.model_dir, self.dtype, self.quantization, self.threads = model_dir, dtype, quantization, threads
+        # compile: torch.compile the decoding step; warm_batches: batch sizes generated once after loading, so
+        # that compilation happens before the first request; timeout_s: the longest a batch may take
+        self.compile, self.warm_batches, self.timeout_s = compile, tuple(warm_batches), timeout_s
+        self.decode = decode  # fast: clinicalblip.decode; hf: plain transformers generate (for comparisons)
+        self.warming = False
+        self.warmup: dict | None = None  # what the last warm-up took (seconds per batch size, total)
+        self.last_restart: str | None = None
+        self.on_warm = None  # called with the warm-up record when a background warm-up ends
         self._ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child; spawn is also safe with threads
         self._proc = None
         self._conn = None
@@ -97,12 +129,14 @@ class ModelWorker:
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self):
+    def start(self, background_warmup: bool = False):
         """Start the process and wait until the model is loaded; returns its ModelFront. A model that cannot be
-        loaded raises UserError with the worker's message."""
+        loaded raises UserError with the worker's message. With warm_batches, the warm-up runs after loading:
+        waited for here, or (background_warmup) in a thread while `warming` is True and batches wait for it."""
         parent, child = self._ctx.Pipe()
         proc = self._ctx.Process(target=_worker_main, name="clinicalblip-model",
-                                 args=(child, self.model_dir, self.dtype, self.quantization, self.threads),
+                                 args=(child, self.model_dir, self.dtype, self.quantization, self.threads,
+                                       self.compile, self.warm_batches, self.decode),
                                  daemon=True)
         proc.start()
         child.close()
@@ -124,7 +158,29 @@ class ModelWorker:
             kind, message = reply[1], reply[2]
             raise UserError(message if kind == "user" else f"loading {self.model_dir} failed: {kind}: {message}")
         self._proc, self._conn, self.front = proc, parent, reply[1]
+        if self.warm_batches:
+            self.warming = True
+            if background_warmup:
+                self._lock.acquire()  # batches wait until the warm-up is done; released by the thread
+                threading.Thread(target=self._finish_warmup, args=(True,), name="clinicalblip-warmup",
+                                 daemon=True).start()
+            else:
+                self._finish_warmup(False)
         return self.front
+
+    def _finish_warmup(self, release: bool) -> None:
+        try:
+            reply = self._conn.recv()
+            self.warmup = reply[1] if reply[0] == "warm" else {"error": "unexpected reply"}
+            log.info("model worker warm-up: %s", self.warmup)
+            if self.on_warm is not None:
+                self.on_warm(self.warmup)
+        except (EOFError, OSError):
+            self.warmup = {"error": "the worker exited during warm-up"}
+        finally:
+            self.warming = False
+            if release:
+                self._lock.release()
 
     @property
     def pid(self) -> int | None:
@@ -152,6 +208,7 @@ class ModelWorker:
         conn.close()
 
     def _restart(self, why: str) -> None:
+        self.last_restart = why
         old = self._proc
         code = old.exitcode if old is not None else None
         log.error("model worker (pid %s) %s, exit code %s: starting a new one", old.pid if old else "-", why, code)
@@ -175,6 +232,12 @@ class ModelWorker:
                 self._restart("is not running")
             try:
                 self._conn.send((arrays, decoding))
+                if self.timeout_s is not None and not self._conn.poll(self.timeout_s):
+                    self._proc.kill()  # a hung generation: nothing else would ever free the worker
+                    self._proc.join(5)
+                    self._restart(f"exceeded the generation time limit of {self.timeout_s:g} s")
+                    raise WorkerTimeout(f"generation exceeded the time limit of {self.timeout_s:g} s; the model "
+                                        "worker was restarted")
                 reply = self._conn.recv()
             except (EOFError, OSError):
                 self._proc.join(5)
