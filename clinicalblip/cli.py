@@ -669,8 +669,8 @@ def _add_merge(sub) -> None:
     p = sub.add_parser("merge", help="fold a stage chain into one plain transformers checkpoint")
     p.add_argument("stage_dir", help="the last stage folder of the chain (its parents are found from stage.json)")
     p.add_argument("--out", required=True, help="release folder")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="dtype of the released weights (default fp32)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="dtype of the released weights (default: the dtype the base checkpoint is stored in)")
     p.add_argument("--tolerance", type=float, default=None, help="max |logit diff| allowed in verification")
     p.add_argument("--metrics", help="a metrics.json from `clinicalblip eval` to put in the model card (its "
                                      "provenance.model_hash must be a stage of this chain)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -30,6 +31,17 @@ def is_builtin(base: str) -> bool:
     return base in TINY_PRESETS or base in SHAPE_PRESETS
 
 
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Create floating-point tensors in `dtype` inside the block (torch's process-wide default, restored after)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def build_base(base: str, dtype: str = "fp32", corpus: list[str] | None = None, seed: int = 0,
                trust_remote_code: bool = False, layers: int = 0):
     """Return (model, processor) for a base: 'tiny'/'tiny-t5', 'shape-*', a local folder, or a hub id."""
@@ -38,7 +50,8 @@ def build_base(base: str, dtype: str = "fp32", corpus: list[str] | None = None, 
                         f"not to '{base}'; use model.layers=0")
     if is_tiny(base):
         processor = build_tiny_processor(base, corpus=corpus)
-        model = build_tiny_model(processor, base, seed=seed).to(torch_dtype(dtype))
+        with default_dtype(torch_dtype(dtype)):  # created in `dtype`: no fp32 copy first
+            model = build_tiny_model(processor, base, seed=seed)
         return model, processor
     if base in SHAPE_PRESETS:
         processor = build_shape_processor(base, corpus=corpus)
@@ -105,8 +118,13 @@ def quantize_from_model(model, quantization: str, dtype: str):
 
 
 def load_pretrained(path_or_id: str, dtype: str = "fp32", trust_remote_code: bool = False,
-                    quantization: str = "none"):
-    """Load model + processor from a folder or hub id (weights through safetensors only)."""
+                    quantization: str = "none", fp32_components: tuple[str, ...] = ()):
+    """Load model + processor from a folder or hub id (weights through safetensors only).
+
+    The weights arrive in `dtype` directly (never a full fp32 copy first). `fp32_components` (e.g. the parts a
+    stage trains `full`) are then read again from the checkpoint in fp32, so the optimizer starts from their
+    stored values rather than from a bf16 rounding of them.
+    """
     local = Path(path_or_id)
     if local.exists() and not (local / "config.json").is_file():
         raise UserError(f"{path_or_id}: not an InstructBLIP checkpoint folder (no config.json)")
@@ -126,7 +144,69 @@ def load_pretrained(path_or_id: str, dtype: str = "fp32", trust_remote_code: boo
     except OSError as exc:
         hint = "" if local.exists() else " (not a local folder; hub ids need network access and HF_HUB_OFFLINE unset)"
         raise UserError(f"cannot load model '{path_or_id}'{hint}: {str(exc).splitlines()[0]}") from None
+    if fp32_components and dtype != "fp32":
+        restore_fp32(model, checkpoint_folder(path_or_id), fp32_components)
     return _plain_cpu_4bit(model) if qcfg else model, processor
+
+
+def checkpoint_folder(path_or_id: str) -> Path | None:
+    """The local folder holding a checkpoint's weight files: the folder itself or a hub id's cached snapshot."""
+    local = Path(path_or_id)
+    return local if local.is_dir() else hub_snapshot(path_or_id)
+
+
+def _weight_files(folder: Path | None) -> list[Path]:
+    return sorted(folder.glob("*.safetensors")) if folder is not None else []
+
+
+def restore_fp32(model, folder: Path | None, components: tuple[str, ...]) -> int:
+    """Make every parameter of `components` fp32, read from the checkpoint's safetensors where it is stored.
+
+    Only those tensors are read (safe_open, one at a time); a parameter the checkpoint lacks is upcast.
+    Returns how many tensors came from the checkpoint.
+    """
+    from safetensors import safe_open
+
+    own = {n: p for n, p in model.named_parameters() if n.split(".", 1)[0] in components}
+    restored = 0
+    for f in _weight_files(folder):
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():
+                p = own.get(key)
+                if p is None or p.dtype == torch.float32:
+                    continue
+                t = fh.get_tensor(key)
+                if tuple(t.shape) == tuple(p.shape) and t.is_floating_point():
+                    p.data = t.to(torch.float32)
+                    restored += 1
+    for p in own.values():
+        if p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.to(torch.float32)
+    return restored
+
+
+SAFETENSORS_DTYPES = {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}
+
+
+def stored_dtype(path_or_id: str) -> str | None:
+    """The dtype most of a checkpoint's floating-point weights are stored in (None when it cannot be read).
+
+    Read from the safetensors headers only (no tensor is loaded).
+    """
+    sizes: dict[str, int] = {}
+    for f in _weight_files(checkpoint_folder(path_or_id)):
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+        except (OSError, ValueError):
+            continue
+        for key, entry in header.items():
+            if key != "__metadata__" and entry.get("dtype") in SAFETENSORS_DTYPES:
+                start, end = entry["data_offsets"]
+                name = SAFETENSORS_DTYPES[entry["dtype"]]
+                sizes[name] = sizes.get(name, 0) + end - start
+    return max(sizes, key=sizes.get) if sizes else None
 
 
 def is_decoder_only(model) -> bool:

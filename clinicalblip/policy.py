@@ -151,7 +151,8 @@ def trainable_report(model, cfg: StageConfig) -> dict:
         comp = component_of(name)
         if comp not in report:
             continue
-        report[comp]["trainable" if p.requires_grad else "frozen"] += p.numel()
+        # a ZeRO-3 partitioned parameter holds 1/N (or nothing) here; ds_numel is its real size
+        report[comp]["trainable" if p.requires_grad else "frozen"] += getattr(p, "ds_numel", p.numel())
     report["total"] = {
         "trainable": sum(v["trainable"] for v in report.values()),
         "frozen": sum(v["frozen"] for v in report.values()),

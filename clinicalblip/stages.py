@@ -239,18 +239,23 @@ def check_base(chain: list[dict], base_path: str) -> None:
 
 
 def load_stage_model(stage_dir: str | os.PathLike, dtype: str = "fp32", keep_last_unmerged: bool = False,
-                     quantization: str = "none"):
+                     quantization: str = "none", fp32_components: tuple[str, ...] = ()):
     """Load base + every stage of the chain. Returns (model, processor, chain).
 
+    The base is loaded in `dtype` and every stage is applied in it (LoRA merged module by module): no fp32 copy
+    of a bf16 chain exists at any time. `fp32_components` stay fp32 (a child stage's fully trained parts: the
+    base's stored values, then each stage's fp32 weights copied in at full precision); otherwise the whole
+    model ends in `dtype`, a live last adapter included.
     With keep_last_unmerged, the last stage's LoRA stays a live adapter (a PeftModel): the 'adapter chain'
     that merge checks compare against. With quantization (4bit | 8bit), the chain is loaded as a QLoRA stage
-    trained on it: everything before the last stage's adapter merged in full precision, quantized in memory,
-    and the last adapter live on top (dtype is then the compute dtype, bf16 when fp32 is asked).
+    trained on it: everything before the last stage's adapter merged in the compute dtype (bf16 when fp32 is
+    asked), quantized in memory, and the last adapter live on top.
     """
     chain = stage_chain(stage_dir)
     base = base_location(chain)
     check_base(chain, base)
-    model, _ = load_pretrained(base, dtype="fp32")
+    compute = ("bf16" if dtype == "fp32" else dtype) if quantization != "none" else dtype
+    model, _ = load_pretrained(base, dtype=compute, fp32_components=fp32_components)
     for i, st in enumerate(chain):
         if i < len(chain) - 1:
             model = _apply_stage(model, st, merge=True)
@@ -258,16 +263,16 @@ def load_stage_model(stage_dir: str | os.PathLike, dtype: str = "fp32", keep_las
     if quantization != "none":
         from clinicalblip.model import quantize_from_model
 
-        model = quantize_from_model(_apply_full(model, last), quantization, "bf16" if dtype == "fp32" else dtype)
+        model = quantize_from_model(_apply_full(model, last), quantization, compute)
         model = _apply_adapter(model, last, merge=False)
     else:
         model = _apply_stage(model, last, merge=not keep_last_unmerged)
     from transformers import InstructBlipProcessor
 
     processor = InstructBlipProcessor.from_pretrained(Path(chain[-1]["dir"]) / "processor")
-    if dtype != "fp32" and quantization == "none":
+    if dtype != "fp32" and quantization == "none" and not fp32_components:
         from clinicalblip.model import torch_dtype
 
-        model = model.to(torch_dtype(dtype))
+        model = model.to(torch_dtype(dtype))  # a live adapter's LoRA weights; the rest is in dtype already
     model.eval()
     return model, processor, chain

@@ -49,7 +49,7 @@ from clinicalblip.model import (
 )
 from clinicalblip.prompts import Template, load_template, target_text
 from clinicalblip.policy import apply_trainable, component_of, core_model, format_report
-from clinicalblip.shapes import full_depth_line
+from clinicalblip.shapes import _no_zero3, full_depth_line
 from clinicalblip.stages import load_stage_model, read_stage, write_stage
 
 # Keys that may change between a run and its resume (they do not change what is trained).
@@ -350,6 +350,21 @@ def _model(run: Run, records: Records) -> Built:
     """The parent chain (merged) or the base, then this stage's trainable policy and precision."""
     if run.zero != 3:
         return _load_model(run, records)
+    if not run.cfg.parent and run.cfg.model.quantization == "none":
+        # A root stage loads partitioned: transformers reads the checkpoint under zero.Init, so each rank holds
+        # its 1/N of the base, never a whole copy.
+        built = _load_model(run, records)
+        low = torch_dtype(run.cfg.model.dtype)
+        for p in built.model.parameters():
+            # The base arrived partitioned in model.dtype; the new LoRA weights (fp32) are partitioned later
+            # by deepspeed.initialize, whose optimizer groups need one dtype: cast them as the engine would.
+            if not hasattr(p, "ds_id") and p.is_floating_point() and p.dtype != low:
+                p.data = p.data.to(low)
+        params = list(built.model.parameters())
+        sharded = sum(1 for p in params if hasattr(p, "ds_id"))
+        run.log(f"ZeRO-3: base loaded partitioned (zero.Init), {sharded} of {len(params)} tensors sharded over "
+                f"{run.accelerator.num_processes} ranks")
+        return built
     # Under ZeRO-3, transformers partitions weights while loading (zero.Init, switched on by the config that
     # accelerate registers, whatever zero3_init_flag says); a parent's weights and LoRA could then not be
     # applied. Every rank loads whole weights instead, and deepspeed.initialize partitions them.
@@ -365,8 +380,13 @@ def _model(run: Run, records: Records) -> Built:
 def _load_model(run: Run, records: Records) -> Built:
     cfg, out_dir, main, acc = run.cfg, run.out_dir, run.main, run.accelerator
     quant = cfg.model.quantization
+    # Everything arrives in the training dtype (no fp32 copy of a bf16 model at any time). The parts trained
+    # `full` are read in fp32 for the optimizer, from the checkpoint's stored values. Under DeepSpeed the engine
+    # casts the whole module to bf16 and keeps its own fp32 master weights: everything loads in bf16 there.
+    fp32_parts = () if run.zero or quant != "none" or cfg.model.dtype == "fp32" else \
+        tuple(c for c in COMPONENTS if getattr(cfg.trainable, c) == "full")
     if cfg.parent:
-        model, processor, chain = load_stage_model(cfg.parent)
+        model, processor, chain = load_stage_model(cfg.parent, dtype=cfg.model.dtype, fp32_components=fp32_parts)
         if quant != "none":
             # QLoRA child: the merged parent chain is quantized in memory (no full-precision copy on disk).
             model = quantize_from_model(model, quant, cfg.model.dtype)
@@ -379,10 +399,13 @@ def _load_model(run: Run, records: Records) -> Built:
         saved_base = out_dir / "base"
         if is_builtin(cfg.model.base):
             if not ((saved_base / "config.json").is_file() and cfg.train.resume != "none"):
-                # Built once, on the main process, and saved with the stage (the chain stays self-contained).
+                # Built once, on the main process, in the training dtype, and saved with the stage (the chain
+                # stays self-contained).
                 if main:
-                    model, processor = build_base(cfg.model.base, dtype="fp32", corpus=_corpus(records.train),
-                                                  seed=cfg.train.seed, layers=cfg.model.layers)
+                    with _no_zero3():  # built whole on the main process, saved, then loaded partitioned
+                        model, processor = build_base(cfg.model.base, dtype=cfg.model.dtype,
+                                                      corpus=_corpus(records.train), seed=cfg.train.seed,
+                                                      layers=cfg.model.layers)
                     model.save_pretrained(saved_base)
                     processor.save_pretrained(saved_base)
                     give_umask_mode(saved_base)  # safetensors writes 0600
@@ -390,12 +413,13 @@ def _load_model(run: Run, records: Records) -> Built:
                 acc.wait_for_everyone()
             # Every rank loads the saved copy: the very same base everywhere, and under ZeRO-3 a model built
             # from config after the Accelerator exists would be partitioned half-initialised.
-            model, processor = load_pretrained(str(saved_base), quantization=quant,
-                                               dtype="fp32" if quant == "none" else cfg.model.dtype)
+            model, processor = load_pretrained(str(saved_base), quantization=quant, dtype=cfg.model.dtype,
+                                               fp32_components=fp32_parts)
             base = {"name": cfg.model.base, "path": "base", "fingerprint": fingerprint(saved_base)}
         else:
-            model, processor = load_pretrained(cfg.model.base, dtype="fp32" if quant == "none" else cfg.model.dtype,
-                                               trust_remote_code=cfg.model.trust_remote_code, quantization=quant)
+            model, processor = load_pretrained(cfg.model.base, dtype=cfg.model.dtype, quantization=quant,
+                                               trust_remote_code=cfg.model.trust_remote_code,
+                                               fp32_components=fp32_parts)
             base = describe_base(cfg.model.base)  # a hub id is pinned to its cached snapshot's commit
         parent_desc = "none (base)"
     model.train()
@@ -411,6 +435,9 @@ def _load_model(run: Run, records: Records) -> Built:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # with a frozen embedding layer, checkpointed blocks need inputs that require grad (PEFT's note)
         model.enable_input_require_grads()
+    # New LoRA weights draw from the seed, not from whatever loading consumed (a ZeRO-3 partitioned load
+    # initialises modules before it copies the weights in): every backend starts from the same adapter.
+    set_seed(cfg.train.seed)
     model, report = apply_trainable(model, cfg)
     if cfg.model.dtype != "fp32" and not run.zero:
         # Frozen weights in the low-precision dtype (half the memory); trainable ones fp32 for the optimizer.
