@@ -30,7 +30,7 @@ HARNESS = r"""
 const fs = require("fs"), vm = require("vm");
 const els = {};
 function el(id) {
-  if (!els[id]) els[id] = { id, hidden: false, textContent: "", value: "", src: "",
+  if (!els[id]) els[id] = { id, hidden: false, textContent: "", value: "", src: "", dataset: {}, files: [],
     removeAttribute(a) { if (a === "src") this.src = ""; }, addEventListener() {} };
   return els[id];
 }
