@@ -239,19 +239,7 @@ async function onCompare() {
   try {
     // Sent together, so the server batches them into one generate call.
     const [a, b] = await Promise.all([generate(true), generate(false)]);
-    $("compare-with-head").textContent = "With the indication";
-    $("compare-without-head").textContent = "Without the indication";
-    const diff = new Set(Object.keys(a.findings.labels).filter((o) => a.findings.labels[o] !== b.findings.labels[o]));
-    $("report-with").textContent = a.report;
-    $("report-without").textContent = b.report;
-    badges($("findings-with"), a.findings, diff);
-    badges($("findings-without"), b.findings, diff);
-    const parts = [...diff].map((o) => `${o} (${VALUE_NAME[String(a.findings.labels[o])]} with, ` +
-      `${VALUE_NAME[String(b.findings.labels[o])]} without)`);
-    $("compare-summary").textContent = parts.length ? "Findings that change with the indication: " + parts.join("; ")
-      : "The indication does not change any labeled finding for this study.";
-    $("compare").hidden = false; $("result").hidden = true;
-    $("status").textContent = `reports ${a.id} and ${b.id}`;
+    showCompare(a, b, "the indication");
   } catch (e) { showError(e.message); $("status").textContent = "failed"; }
   finally { busy(false); }
 }
